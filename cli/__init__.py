@@ -1,0 +1,1 @@
+"""The ``mesimp`` command line (installed as ``mesimp.cli``)."""

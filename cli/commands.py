@@ -1,0 +1,244 @@
+"""The commands. Each one: parse, call the library, print (text or ``--json``)."""
+
+from __future__ import annotations
+
+import click
+from mesimp.cli.main import KType, cli, emit_json
+
+
+@cli.command()
+@click.option(
+    "--data",
+    type=click.Path(),
+    default=None,
+    help="IDX directory or .npz file. Default: $MESIMP_DATA, ~/.cache/mesimp, "
+    "/usr/share/datasets/fashion-mnist.",
+)
+@click.option(
+    "--model", type=click.Choice(["mlp"]), default="mlp", show_default=True, help="Model family."
+)
+@click.option("--hidden", type=int, default=500, show_default=True, help="Hidden width.")
+@click.option("--layers", type=int, default=2, show_default=True, help="Hidden layers.")
+@click.option("--dropout", type=float, default=0.0, show_default=True)
+@click.option(
+    "--k",
+    "k",
+    type=KType(),
+    default=0,
+    show_default=True,
+    help="meProp k: an int (0 = dense backprop) or a fraction of the active width (e.g. 0.04).",
+)
+@click.option(
+    "--selection",
+    type=click.Choice(["topk", "unified", "random"]),
+    default="topk",
+    show_default=True,
+    help="topk: per example (the paper); unified: one set per minibatch (dense "
+    "GEMMs on k rows, fastest); random: the random-k baseline.",
+)
+@click.option(
+    "--msbp",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="MSBP memory ratio alpha (0 = off; the paper uses 0.8).",
+)
+@click.option(
+    "--sparse-update/--dense-update",
+    default=True,
+    show_default=True,
+    help="Row-sparse optimizer update of only the selected rows (fast), or a "
+    "zero-filled dense gradient stepped by the dense optimizer (exact).",
+)
+@click.option(
+    "--optimizer", type=click.Choice(["adam", "adagrad", "sgd"]), default="adam", show_default=True
+)
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Learning rate.")
+@click.option("--epochs", type=int, default=5, show_default=True)
+@click.option("--batch-size", type=int, default=50, show_default=True)
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option(
+    "--evals-per-epoch",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Dev/test evaluations (and best-on-dev checkpoints) per epoch.",
+)
+@click.option(
+    "--dev-size",
+    type=int,
+    default=5000,
+    show_default=True,
+    help="Dev split: the first N training examples (as in the paper).",
+)
+@click.option(
+    "--simplify/--no-simplify",
+    default=False,
+    show_default=True,
+    help="meSimp: mask rarely-updated hidden neurons during training.",
+)
+@click.option(
+    "--prune-rate",
+    type=float,
+    default=0.08,
+    show_default=True,
+    help="meSimp: drop a neuron selected in fewer than this fraction of examples "
+    "since the last simplification point.",
+)
+@click.option(
+    "--simplify-per-epoch",
+    type=int,
+    default=4,
+    show_default=True,
+    help="meSimp: simplification points per epoch.",
+)
+@click.option(
+    "--cycle-epochs",
+    type=int,
+    default=1,
+    show_default=True,
+    help="meSimp: epochs per cycle; cycles alternate simplifying and plain meProp, "
+    "and the optimizer is reset once at each cycle start (0 = always simplify).",
+)
+@click.option(
+    "--min-width",
+    type=int,
+    default=1,
+    show_default=True,
+    help="meSimp: no hidden layer shrinks below this width.",
+)
+@click.option(
+    "--init",
+    type=click.Path(),
+    default=None,
+    help="Start from this checkpoint's weights and widths (e.g. a shrunk model).",
+)
+@click.option("--threads", type=int, default=None, help="torch CPU threads.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(),
+    default="models/mlp.pt",
+    show_default=True,
+    help="Checkpoint path (best on dev); the metrics log goes next to it.",
+)
+@click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
+def train(
+    model,
+    hidden,
+    layers,
+    dropout,
+    k,
+    selection,
+    msbp,
+    sparse_update,
+    optimizer,
+    lr,
+    epochs,
+    batch_size,
+    seed,
+    evals_per_epoch,
+    dev_size,
+    simplify,
+    prune_rate,
+    simplify_per_epoch,
+    cycle_epochs,
+    min_width,
+    init,
+    threads,
+    data,
+    output,
+    progress,
+    as_json,
+):
+    """Train an MLP with meProp (and optionally meSimp) on image data.
+
+    \b
+    Examples:
+      mesimp train                       # dense baseline, 784-500-500-10, 5 epochs
+      mesimp train --k 20 -o models/k20.pt
+      mesimp train --k 20 --selection unified --msbp 0.8
+      mesimp train --k 160 --simplify --prune-rate 0.08 --cycle-epochs 1 --epochs 6
+    """
+    from mesimp.simplify import SimplifyConfig
+    from mesimp.train import TrainConfig
+    from mesimp.train import train as run_train
+
+    simp = (
+        SimplifyConfig(
+            prune_rate=prune_rate,
+            points_per_epoch=simplify_per_epoch,
+            cycle_epochs=cycle_epochs,
+            min_width=min_width,
+        )
+        if simplify
+        else None
+    )
+    config = TrainConfig(
+        data=data,
+        hidden=hidden,
+        layers=layers,
+        dropout=dropout,
+        k=k,
+        selection=selection,
+        msbp=msbp,
+        sparse_update=sparse_update,
+        optimizer=optimizer,
+        lr=lr,
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        evals_per_epoch=evals_per_epoch,
+        dev_size=dev_size,
+        output=output,
+        init=init,
+        simplify=simp,
+        threads=threads,
+    )
+    result = run_train(config, progress=progress)
+    if as_json:
+        emit_json(result)
+    else:
+        b = result["best"]
+        click.echo(
+            f"test accuracy {b['test_accuracy']:.4f} (dev {b['dev_accuracy']:.4f}, "
+            f"epoch {b['epoch']:.2f}); widths {result['active_widths']}; "
+            f"train time {result['train_time_s']:.1f}s"
+        )
+        click.echo(f"checkpoint: {result['checkpoint']}  metrics: {result['metrics_log']}")
+
+
+@cli.command()
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the info object as JSON.")
+def info(path, as_json):
+    """Show a checkpoint's architecture, size, accuracy and update counters."""
+    from mesimp.checkpoint import load_checkpoint, model_from_checkpoint
+    from mesimp.info import model_info
+
+    ckpt = load_checkpoint(path)
+    result = model_info(model_from_checkpoint(ckpt), ckpt)
+    result["path"] = str(path)
+    if as_json:
+        emit_json(result)
+        return
+    click.echo(
+        f"{path}: {result['model']}  hidden_sizes {result['hidden_sizes']}  "
+        f"active {result['active_widths']}"
+    )
+    click.echo(
+        f"params {result['params']:,}  MACs/example {result['macs']:,}  "
+        f"dev {_fmt(result['dev_accuracy'])}  test {_fmt(result['test_accuracy'])}"
+    )
+    for c in result["counters"]:
+        click.echo(
+            f"  {c['name']}: k={c['k']} {c['selection']} active={c['active']} "
+            f"examples={c['ref']} never-selected={c['never_selected']} "
+            f"freq min/median/max={_fmt(c['freq_min'])}/{_fmt(c['freq_median'])}/"
+            f"{_fmt(c['freq_max'])}"
+        )
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.4f}"

@@ -1,0 +1,144 @@
+"""Versioned checkpoints that load with ``torch.load(weights_only=True)``.
+
+Layout (all plain types and tensors, so no pickle code ever runs on load)::
+
+    {"format": "mesimp.checkpoint", "version": 1, "mesimp_version": str,
+     "arch": {...},                       # rebuild the module from this
+     "state_dict": {...},                 # nn.Linear-compatible keys
+     "meprop": {"config": {...} | None,   # MePropConfig as a dict
+                "layers": {name: {"hits": int64[n], "ref": int64[], "mask": bool[n]}}},
+     "train": {...}}                      # metrics, seed, config, data, epoch...
+
+meProp counters and masks live in ``meprop`` rather than in ``state_dict`` so that
+``state_dict`` loads unchanged into a plain PyTorch model built from ``arch``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mesimp._version import __version__
+from mesimp.atomic import atomic_write
+from mesimp.errors import CheckpointError
+from mesimp.layers import MePropConfig, MePropLinear, meprop_
+from mesimp.models import arch_from_dict, build_model
+
+FORMAT = "mesimp.checkpoint"
+VERSION = 1
+
+
+def meprop_state(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """Counters and masks of every ``MePropLinear`` in ``model``, keyed by module name."""
+    return {
+        name: mod.meprop_state()
+        for name, mod in model.named_modules()
+        if isinstance(mod, MePropLinear)
+    }
+
+
+def make_checkpoint(
+    model: nn.Module,
+    arch: dict[str, Any],
+    meprop_config: MePropConfig | None = None,
+    train: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The checkpoint dict for ``model`` (tensors are detached CPU copies)."""
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "mesimp_version": __version__,
+        "arch": dict(arch),
+        "state_dict": state,
+        "meprop": {
+            "config": meprop_config.to_dict() if meprop_config is not None else None,
+            "layers": meprop_state(model),
+        },
+        "train": dict(train or {}),
+    }
+
+
+def save_checkpoint(path: str | os.PathLike, ckpt: dict[str, Any]) -> Path:
+    """Write ``ckpt`` atomically (temp file + fsync + rename)."""
+    return atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load and validate a checkpoint with ``weights_only=True``; never runs pickled code."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file")
+    if p.is_dir():
+        raise CheckpointError(f"{p}: is a directory, not a checkpoint")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except (
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+        RuntimeError,
+        EOFError,
+        OSError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        KeyError,
+        IndexError,
+    ) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{p}: not a loadable mesimp checkpoint ({first[:200]})") from e
+    return validate_checkpoint(ckpt, p)
+
+
+def validate_checkpoint(ckpt: Any, where: str | os.PathLike = "checkpoint") -> dict[str, Any]:
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{where}: not a mesimp checkpoint (no format={FORMAT!r} field)")
+    version = ckpt.get("version")
+    if not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{where}: invalid checkpoint version {version!r}")
+    if version > VERSION:
+        raise CheckpointError(
+            f"{where}: checkpoint version {version} is newer than supported version {VERSION};"
+            " upgrade mesimp"
+        )
+    for key, typ in (("arch", dict), ("state_dict", dict)):
+        if not isinstance(ckpt.get(key), typ):
+            raise CheckpointError(f"{where}: checkpoint field {key!r} is missing or malformed")
+    ckpt.setdefault("meprop", {"config": None, "layers": {}})
+    ckpt.setdefault("train", {})
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], meprop: bool | None = None) -> nn.Module:
+    """Rebuild the model and load its weights.
+
+    With ``meprop=None`` (default) the model gets ``MePropLinear`` layers exactly
+    when the checkpoint holds meProp layer state, so masks and counters come back
+    and the model computes what it computed in training. ``meprop=False`` returns
+    the plain PyTorch model (masks are then *not* applied).
+    """
+    arch = arch_from_dict(ckpt["arch"])
+    model = build_model(arch)
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint weights do not match its arch: {first}") from e
+    layers = ckpt.get("meprop", {}).get("layers") or {}
+    if meprop is None:
+        meprop = bool(layers)
+    if meprop:
+        cfg_dict = ckpt.get("meprop", {}).get("config")
+        config = MePropConfig.from_dict(cfg_dict) if cfg_dict else MePropConfig()
+        names = set(layers) or None
+        meprop_(model, config, filter_fn=(lambda n, m: n in names) if names else None)
+        for name, mod in model.named_modules():
+            if isinstance(mod, MePropLinear) and name in layers:
+                mod.load_meprop_state(layers[name])
+    return model

@@ -1,0 +1,6 @@
+"""Data loading: IDX files and image classification datasets (Fashion-MNIST by default)."""
+
+from mesimp.data.idx import load_idx
+from mesimp.data.images import ImageDataset, default_data_dirs, find_image_data, load_image_dataset
+
+__all__ = ["ImageDataset", "default_data_dirs", "find_image_data", "load_idx", "load_image_dataset"]

@@ -1,0 +1,70 @@
+"""A summary of a checkpoint: what ``mesimp info`` prints and ``shrink`` reports."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from mesimp.layers import MePropLinear
+from mesimp.models import count_macs, count_params, hidden_sizes, linear_layers
+
+
+def layer_table(model: nn.Module) -> list[dict[str, Any]]:
+    """Per Linear layer: name, in/out widths, active outputs, params and MACs."""
+    rows = []
+    for name, m in linear_layers(model):
+        active = m.active_width if isinstance(m, MePropLinear) else m.out_features
+        rows.append(
+            {
+                "name": name,
+                "in_features": m.in_features,
+                "out_features": m.out_features,
+                "active": active,
+                "params": sum(p.numel() for p in m.parameters()),
+                "macs": m.in_features * m.out_features,
+            }
+        )
+    return rows
+
+
+def counter_summary(model: nn.Module) -> list[dict[str, Any]]:
+    """Update counts per meProp layer: examples seen and selection-frequency quantiles."""
+    out = []
+    for name, m in model.named_modules():
+        if not isinstance(m, MePropLinear):
+            continue
+        ref = int(m.ref)
+        active = m.hits[m.mask].double()
+        freq = (active / ref) if ref and active.numel() else active.new_zeros(0)
+        out.append(
+            {
+                "name": name,
+                "ref": ref,
+                "active": m.active_width,
+                "k": m.k,
+                "selection": m.meprop_config.selection,
+                "never_selected": int((active == 0).sum()) if ref else None,
+                "freq_min": float(freq.min()) if freq.numel() else None,
+                "freq_median": float(freq.median()) if freq.numel() else None,
+                "freq_max": float(freq.max()) if freq.numel() else None,
+            }
+        )
+    return out
+
+
+def model_info(model: nn.Module, ckpt: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``info`` JSON object (see README: "info --json schema")."""
+    metrics = ((ckpt or {}).get("train") or {}).get("metrics") or {}
+    return {
+        "model": ((ckpt or {}).get("arch") or {}).get("model", type(model).__name__.lower()),
+        "arch": (ckpt or {}).get("arch"),
+        "hidden_sizes": hidden_sizes(model),
+        "active_widths": [r["active"] for r in layer_table(model)[:-1]],
+        "params": count_params(model),
+        "macs": count_macs(model),
+        "dev_accuracy": metrics.get("dev_accuracy"),
+        "test_accuracy": metrics.get("test_accuracy"),
+        "layers": layer_table(model),
+        "counters": counter_summary(model),
+    }

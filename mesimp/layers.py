@@ -1,0 +1,198 @@
+"""``MePropLinear``, a drop-in ``nn.Linear`` with a meProp backward, and ``meprop_``.
+
+Counters and the mask are *non-persistent* buffers: the layer's ``state_dict`` has
+exactly ``nn.Linear``'s keys (``weight``, ``bias``), so weights move freely between
+``MePropLinear`` and ``nn.Linear``. Checkpoints save counters and masks separately
+(``mesimp.checkpoint``), which is what meSimp and ``shrink`` read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mesimp.meprop import MePropConfig, MePropLinearFunction, MePropState
+
+__all__ = ["MePropConfig", "MePropLinear", "meprop_"]
+
+
+class MePropLinear(nn.Linear):
+    """``nn.Linear`` whose backward propagates only k entries of the output gradient.
+
+    Same ``[out, in]`` weight layout, same init, same ``state_dict`` keys. With
+    ``k == 0`` or ``k >= out_features`` (and no mask) it *is* ``nn.Linear``.
+    Inputs of any leading shape work: ``[in]``, ``[B, in]``, ``[B, T, in]``; each row
+    of the flattened input counts as one example for the counters.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        k: int | float = 0,
+        selection: str = "topk",
+        msbp_alpha: float = 0.0,
+        sparse_grad: bool = True,
+        config: MePropConfig | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.meprop_config = config or MePropConfig(
+            k=k, selection=selection, msbp_alpha=msbp_alpha, sparse_grad=sparse_grad
+        )
+        dev = self.weight.device
+        self.register_buffer(
+            "hits", torch.zeros(out_features, dtype=torch.long, device=dev), persistent=False
+        )
+        self.register_buffer("ref", torch.zeros((), dtype=torch.long, device=dev), persistent=False)
+        self.register_buffer(
+            "mask", torch.ones(out_features, dtype=torch.bool, device=dev), persistent=False
+        )
+        self._state = MePropState(self.hits, self.ref, self.mask)
+        self._active = out_features
+
+    # -- construction -----------------------------------------------------------------
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: MePropConfig) -> MePropLinear:
+        """Wrap an existing ``nn.Linear``, sharing its parameters (no copy)."""
+        new = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            device=torch.device("meta"),
+            config=config,
+        )
+        new.weight = linear.weight
+        new.bias = linear.bias
+        dev = linear.weight.device
+        new.hits = torch.zeros(new.out_features, dtype=torch.long, device=dev)
+        new.ref = torch.zeros((), dtype=torch.long, device=dev)
+        new.mask = torch.ones(new.out_features, dtype=torch.bool, device=dev)
+        new._state = MePropState(new.hits, new.ref, new.mask)
+        return new
+
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` sharing this layer's parameters (masks are not applied)."""
+        lin = nn.Linear(self.in_features, self.out_features, self.bias is not None, device="meta")
+        lin.weight = self.weight
+        lin.bias = self.bias
+        return lin
+
+    # -- counters and mask ------------------------------------------------------------
+    @property
+    def active_width(self) -> int:
+        return self._active
+
+    @property
+    def k(self) -> int:
+        """The effective k now (0 = off)."""
+        return self.meprop_config.resolve_k(self._active)
+
+    @property
+    def counting(self) -> bool:
+        return self._state.count
+
+    @counting.setter
+    def counting(self, on: bool) -> None:
+        self._state.count = bool(on)
+
+    def reset_counters(self) -> None:
+        self.hits.zero_()
+        self.ref.zero_()
+
+    def reset_memory(self) -> None:
+        self._state.memory = None
+
+    def apply_mask(self, keep: torch.Tensor) -> None:
+        """Mask every neuron where ``keep`` is False. A masked neuron never comes back."""
+        keep = keep.to(device=self.mask.device, dtype=torch.bool)
+        self.mask.logical_and_(keep)
+        self._active = int(self.mask.sum())
+        self._state.memory = None
+
+    def meprop_state(self) -> dict[str, torch.Tensor]:
+        return {
+            "hits": self.hits.detach().cpu().clone(),
+            "ref": self.ref.detach().cpu().clone(),
+            "mask": self.mask.detach().cpu().clone(),
+        }
+
+    def load_meprop_state(self, state: dict[str, torch.Tensor]) -> None:
+        for name in ("hits", "ref", "mask"):
+            if name in state:
+                getattr(self, name).copy_(state[name])
+        self._active = int(self.mask.sum())
+
+    # -- forward ----------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        masked = self._active < self.out_features
+        k = self.k
+        if k == 0 or (k >= self.out_features and not masked) or not torch.is_grad_enabled():
+            out = F.linear(x, self.weight, self.bias)
+            return out * self.mask if masked else out
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        cfg = self.meprop_config
+        out = MePropLinearFunction.apply(
+            x2,
+            self.weight,
+            self.bias,
+            k,
+            cfg.selection,
+            cfg.msbp_alpha,
+            cfg.sparse_grad,
+            self._state,
+            masked,
+        )
+        return out.reshape(*lead, self.out_features)
+
+    def _apply(self, fn, recurse=True):  # keep the backward's view of the buffers current
+        result = super()._apply(fn, recurse)
+        self._state = MePropState(self.hits, self.ref, self.mask)
+        return result
+
+    def extra_repr(self) -> str:
+        c = self.meprop_config
+        s = f"{super().extra_repr()}, k={c.k}, selection={c.selection}"
+        if c.msbp_alpha:
+            s += f", msbp_alpha={c.msbp_alpha}"
+        if self._active < self.out_features:
+            s += f", active={self._active}"
+        return s
+
+
+def meprop_(
+    model: nn.Module,
+    config: MePropConfig,
+    filter_fn: Callable[[str, nn.Linear], bool] | None = None,
+    skip_output: bool = True,
+) -> nn.Module:
+    """Swap ``model``'s ``nn.Linear`` layers for ``MePropLinear`` in place (torchao style).
+
+    The last ``nn.Linear`` in module order is taken as the output layer and skipped by
+    default: the paper sparsifies hidden layers, and meSimp never prunes outputs.
+    ``filter_fn(name, module)`` narrows the choice further. Parameters are shared, so
+    call this before building the optimizer or after; both work.
+    """
+    linears = [
+        (n, m)
+        for n, m in model.named_modules()
+        if type(m) is nn.Linear or isinstance(m, MePropLinear)
+    ]
+    if skip_output and linears:
+        linears = linears[:-1]
+    for name, mod in linears:
+        if isinstance(mod, MePropLinear) or (filter_fn is not None and not filter_fn(name, mod)):
+            continue
+        new = MePropLinear.from_linear(mod, config)
+        new.train(mod.training)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+    return model

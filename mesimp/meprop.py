@@ -1,0 +1,189 @@
+"""meProp: dense forward, top-k sparsified backward for ``y = x W^T + b``.
+
+Backward, for the 2-D view ``dy: [N, n]`` of the output gradient:
+
+* choose the selected set S (never a masked neuron):
+    - ``topk``    per example (the paper): the k largest ``|dy[i]|`` of each row;
+    - ``unified`` one set per minibatch: the k largest column sums of ``|dy|``;
+    - ``random``  per example, k uniformly random active neurons (the baseline);
+* keep dy only on S, then ``dx = dy_S W_S``, ``dW`` has nonzero rows only in S,
+  ``db = sum_i dy_S``. This equals plain autograd run on the masked ``dy``.
+
+Speed: the GEMMs only touch the columns/rows that were selected in the batch (the
+union U over examples for per-example selection; exactly k for ``unified``). The
+weight gradient is returned as a row-sparse COO tensor holding only those rows,
+so a row-sparse optimizer (``mesimp.optim.RowSparseAdam``, or torch's Adagrad/SGD)
+updates only k rows instead of sweeping all of W. With ``sparse_grad=False`` it is
+returned dense (zero-filled), for the exact dense optimizers.
+
+MSBP (memorized sparse backprop): with ``msbp_alpha > 0`` the layer keeps a memory
+``m`` of the *output gradient* residual: ``u = dy + m; s = select(u);
+m = alpha * (u - s)``. We store the residual of ``dy`` (shape ``[N, n]``) rather
+than of ``dW`` (``[n, in]``) because ``dy`` is the quantity being sparsified: the
+memory costs N*n floats, and the backward stays sparse (forming the dense ``dW``
+residual would cost the full dense backward we are trying to avoid). The memory is
+positional within the minibatch; when the batch shape changes it is dropped.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from mesimp.errors import BadInputError
+
+SELECTIONS = ("topk", "unified", "random")
+
+
+@dataclass
+class MePropConfig:
+    """How a layer sparsifies its backward pass.
+
+    ``k``: an int (0 = off, plain ``nn.Linear``; capped at the active width) or a
+    float fraction in (0, 1] of the *active* width. ``sparse_grad`` chooses the
+    row-sparse weight gradient (fast) over a zero-filled dense one (exact for any
+    dense optimizer, no speed-up in the update).
+    """
+
+    k: int | float = 0
+    selection: str = "topk"
+    msbp_alpha: float = 0.0
+    sparse_grad: bool = True
+
+    def __post_init__(self) -> None:
+        k = self.k
+        if isinstance(k, bool) or not isinstance(k, (int, float)):
+            raise BadInputError(f"k must be an int or a fraction, got {k!r}")
+        if isinstance(k, float):
+            if k.is_integer() and k > 1:
+                self.k = int(k)
+            elif not 0.0 < k <= 1.0:
+                raise BadInputError(f"k as a fraction must be in (0, 1], got {k}")
+        if isinstance(self.k, int) and self.k < 0:
+            raise BadInputError(f"k must be >= 0, got {self.k}")
+        if self.selection not in SELECTIONS:
+            raise BadInputError(
+                f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}"
+            )
+        if not 0.0 <= self.msbp_alpha <= 1.0:
+            raise BadInputError(f"msbp alpha must be in [0, 1], got {self.msbp_alpha}")
+
+    def resolve_k(self, active_width: int) -> int:
+        """The k used now. Int k is capped at the active width; a fraction scales with it.
+
+        Capping matters for meSimp: as a layer shrinks, a fixed k would otherwise
+        exceed the active width and "select" masked neurons (the C# reference did).
+        """
+        if active_width <= 0:
+            return 0
+        if isinstance(self.k, float):
+            return min(active_width, max(1, math.ceil(self.k * active_width - 1e-9)))
+        return min(self.k, active_width)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MePropConfig:
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+class MePropState:
+    """Mutable per-layer state the backward pass updates: counters, mask, MSBP memory.
+
+    ``hits[j]`` counts, per example (row of the 2-D input), how often output neuron
+    j was selected; ``ref`` counts the examples. meSimp reads them.
+    """
+
+    def __init__(self, hits: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> None:
+        self.hits = hits
+        self.ref = ref
+        self.mask = mask
+        self.memory: torch.Tensor | None = None
+        self.count = True
+
+
+def select(u: torch.Tensor, k: int, selection: str, mask: torch.Tensor | None) -> torch.Tensor:
+    """Indices of the selected outputs: ``[k]`` for unified, ``[N, k]`` otherwise.
+
+    Masked neurons get score -1, below any ``|grad|`` or uniform draw, so with
+    ``k <= active width`` they are never chosen, ties included.
+    """
+    if selection == "unified":
+        score = u.abs().sum(0)
+    elif selection == "topk":
+        score = u.abs()
+    else:
+        score = torch.rand(u.shape, dtype=u.dtype, device=u.device)
+    if mask is not None:
+        score = score.masked_fill(~mask, -1.0)
+    idx = score.topk(k, dim=-1, sorted=False).indices
+    return idx
+
+
+class MePropLinearFunction(torch.autograd.Function):
+    """``y = (x W^T + b) * mask`` with a meProp backward. x is 2-D here."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, k, selection, alpha, sparse_grad, state, masked):
+        out = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+        if masked:
+            out.mul_(state.mask)
+        ctx.save_for_backward(x, weight)
+        ctx.meprop = (k, selection, alpha, sparse_grad, state, masked, bias is not None)
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        k, selection, alpha, sparse_grad, state, masked, has_bias = ctx.meprop
+        n = weight.shape[0]
+        rows = dy.shape[0]
+        u = dy
+        if alpha > 0 and state.memory is not None and state.memory.shape == dy.shape:
+            u = dy + state.memory
+        idx = select(u, k, selection, state.mask if masked else None)
+
+        if selection == "unified":
+            sel = idx.sort().values  # sorted unique rows make a coalesced COO gradient
+            u_sel = u.index_select(1, sel)
+            if state.count:
+                state.hits.index_add_(0, sel, state.hits.new_full(sel.shape, rows))
+            if alpha > 0:
+                state.memory = u.mul(alpha).index_fill_(1, sel, 0.0)
+        else:
+            vals = u.gather(1, idx)
+            counts = torch.bincount(idx.reshape(-1), minlength=n)
+            sel = counts.nonzero().squeeze(1)  # union over the batch, sorted
+            # Scatter into the compact [rows, |U|] layout: position of neuron j in U.
+            pos = torch.empty(n, dtype=torch.long, device=dy.device)
+            pos[sel] = torch.arange(sel.numel(), device=dy.device)
+            u_sel = dy.new_zeros(rows, sel.numel()).scatter_(1, pos[idx], vals)
+            if state.count:
+                state.hits.add_(counts)
+            if alpha > 0:
+                state.memory = u.scatter(1, idx, 0.0).mul_(alpha)
+        if state.count:
+            state.ref.add_(rows)
+
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = u_sel @ weight.index_select(0, sel)
+        if ctx.needs_input_grad[1]:
+            rows_w = u_sel.t() @ x
+            if sparse_grad:
+                grad_w = torch.sparse_coo_tensor(
+                    sel.unsqueeze(0),
+                    rows_w,
+                    weight.shape,
+                    is_coalesced=True,
+                    check_invariants=False,
+                )
+            else:
+                grad_w = weight.new_zeros(weight.shape).index_copy_(0, sel, rows_w)
+        if has_bias and ctx.needs_input_grad[2]:
+            grad_b = dy.new_zeros(n).index_copy_(0, sel, u_sel.sum(0))
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
