@@ -1,0 +1,218 @@
+"""Shrink: turn masks into a physically smaller dense network of plain ``nn.Linear``.
+
+For every hidden layer l with kept neurons K: keep rows K of ``W_l`` and ``b_l``
+and columns K of ``W_{l+1}``. Masked neurons output exactly 0 (``(xW^T+b)*mask``)
+and ReLU(0) = 0, so the next layer never saw them: the shrunk model computes the
+same function as the masked one. ``shrink_checkpoint`` checks that on real inputs
+and refuses to write a model that disagrees.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mesimp.checkpoint import (
+    load_checkpoint,
+    make_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
+from mesimp.data import ImageDataset, load_image_dataset
+from mesimp.errors import BadInputError, DataError, VerificationError
+from mesimp.info import model_info
+from mesimp.layers import MePropLinear
+from mesimp.models import MLPConfig, build_model, linear_layers
+from mesimp.simplify import check_prune_rate, keep_rule, keep_with_min_width
+from mesimp.train import evaluate
+
+TOLERANCE = 1e-5
+
+
+def prune_linear_out(layer: nn.Linear, keep: torch.Tensor) -> nn.Linear:
+    """A new ``nn.Linear`` with only the output neurons (rows) in ``keep`` (indices)."""
+    new = nn.Linear(layer.in_features, len(keep), layer.bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(layer.weight[keep])
+        if layer.bias is not None:
+            new.bias.copy_(layer.bias[keep])
+    return new
+
+
+def prune_linear_in(layer: nn.Linear, keep: torch.Tensor) -> nn.Linear:
+    """A new ``nn.Linear`` reading only the inputs (columns) in ``keep`` (indices)."""
+    new = nn.Linear(len(keep), layer.out_features, layer.bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(layer.weight[:, keep])
+        if layer.bias is not None:
+            new.bias.copy_(layer.bias)
+    return new
+
+
+def layer_masks(model: nn.Module) -> list[torch.Tensor]:
+    """The keep-mask of each hidden Linear (all True for plain layers)."""
+    return [
+        m.mask.clone()
+        if isinstance(m, MePropLinear)
+        else torch.ones(m.out_features, dtype=torch.bool)
+        for _, m in linear_layers(model)[:-1]
+    ]
+
+
+def shrink_mlp(model: nn.Module, keeps: list[torch.Tensor]) -> tuple[nn.Module, dict[str, Any]]:
+    """Physically remove the neurons not in ``keeps`` (one bool mask per hidden layer).
+
+    Returns the plain ``nn.Sequential`` MLP and its ``arch`` dict.
+    """
+    config: MLPConfig = model.config
+    linears = linear_layers(model)
+    if len(keeps) != len(linears) - 1:
+        raise BadInputError(f"expected {len(linears) - 1} hidden masks, got {len(keeps)}")
+    widths = [int(k.sum()) for k in keeps]
+    arch = MLPConfig(
+        in_features=config.in_features,
+        hidden_sizes=widths or [],
+        out_features=config.out_features,
+        dropout=config.dropout,
+    ).to_dict()
+    if any(w == 0 for w in widths):  # MLPConfig refuses zero widths; build it by hand
+        arch["hidden_sizes"] = widths
+    new_linears: list[nn.Linear] = []
+    prev_keep: torch.Tensor | None = None
+    for i, (_, lin) in enumerate(linears):
+        plain = lin.to_linear() if isinstance(lin, MePropLinear) else lin
+        if prev_keep is not None:
+            plain = prune_linear_in(plain, prev_keep)
+        if i < len(keeps):
+            idx = keeps[i].nonzero().squeeze(1)
+            plain = prune_linear_out(plain, idx)
+            prev_keep = idx
+        new_linears.append(plain)
+    out = _assemble(arch, new_linears)
+    return out, arch
+
+
+def _assemble(arch: dict[str, Any], linears: list[nn.Linear]) -> nn.Module:
+    """Build the plain model for ``arch`` and put ``linears`` in its Linear slots."""
+    if all(w > 0 for w in arch["hidden_sizes"]):
+        model = build_model(arch)
+    else:
+        model = build_model({**arch, "hidden_sizes": [1] * len(arch["hidden_sizes"])})
+    slots = [n for n, _ in linear_layers(model)]
+    for name, lin in zip(slots, linears, strict=True):
+        setattr(model, name, lin)
+    model.config = MLPConfig.__new__(MLPConfig)
+    model.config.__dict__.update(arch)
+    return model
+
+
+def post_hoc_keeps(model: nn.Module, prune_rate: float, min_width: int) -> list[torch.Tensor]:
+    """Apply the meSimp rule to the saved counters of a plain meProp checkpoint."""
+    check_prune_rate(prune_rate)
+    keeps = []
+    for name, m in linear_layers(model)[:-1]:
+        if not isinstance(m, MePropLinear) or int(m.ref) == 0:
+            raise BadInputError(
+                f"layer {name} has no update counters; --prune-rate needs a checkpoint "
+                "trained with meProp (--k > 0)"
+            )
+        keep = keep_rule(m.hits, m.ref, prune_rate)
+        keeps.append(keep_with_min_width(m.hits, m.mask, keep, min_width))
+    return keeps
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _load_data(data: str | None, in_features: int) -> ImageDataset | None:
+    """The dataset for verification, or None when no default location has it."""
+    try:
+        ds = load_image_dataset(data)
+    except DataError:
+        if data is not None:
+            raise
+        return None
+    if ds.x_test.shape[1] != in_features:
+        raise BadInputError(f"data has {ds.x_test.shape[1]} features, model expects {in_features}")
+    return ds
+
+
+def shrink_checkpoint(
+    path: str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    prune_rate: float | None = None,
+    min_width: int = 1,
+    data: str | None = None,
+) -> dict[str, Any]:
+    """Shrink a checkpoint, verify it against the masked model, write it; return a report.
+
+    Masks come from the checkpoint (meSimp training) or, with ``prune_rate``, from
+    the rule applied post hoc to its counters (plain meProp training).
+    """
+    src = load_checkpoint(path)
+    model = model_from_checkpoint(src)
+    if prune_rate is not None:
+        for (_, m), keep in zip(
+            linear_layers(model)[:-1], post_hoc_keeps(model, prune_rate, min_width), strict=True
+        ):
+            m.apply_mask(keep)
+    keeps = layer_masks(model)
+    for (name, _), keep in zip(linear_layers(model)[:-1], keeps, strict=True):
+        if int(keep.sum()) == 0 and min_width > 0:
+            raise BadInputError(
+                f"layer {name} would have zero width; use a lower --prune-rate or --min-width >= 1"
+            )
+    out_path = Path(output) if output else Path(path).with_name(Path(path).stem + ".small.pt")
+    small, arch = shrink_mlp(model, keeps)
+    model.eval()
+    small.eval()
+    ds = _load_data(data, model.config.in_features)
+    if ds is not None:
+        x, source = ds.x_test[:2000], f"{ds.name} test[:2000]"
+    else:
+        x, source = torch.rand(2000, model.config.in_features), "random inputs"
+    with torch.no_grad():
+        diff = float((model(x) - small(x)).abs().max()) if len(x) else 0.0
+    if not diff <= TOLERANCE:
+        raise VerificationError(
+            f"shrunk model disagrees with the masked model: max_abs_diff "
+            f"{diff:.3g} > {TOLERANCE}; nothing written"
+        )
+    train_meta = dict(src.get("train") or {})
+    if ds is not None:  # the masks may have changed (post hoc rule): measure again
+        train_meta["metrics"] = {
+            **(train_meta.get("metrics") or {}),
+            "dev_accuracy": evaluate(small, ds.x_dev, ds.y_dev),
+            "test_accuracy": evaluate(small, ds.x_test, ds.y_test),
+        }
+    train_meta["shrunk_from"] = {
+        "path": str(path),
+        "sha256": sha256_file(path),
+        "prune_rate": prune_rate,
+        "min_width": min_width,
+    }
+    cfg = src["meprop"].get("config")
+    ckpt = make_checkpoint(small, arch, None, train_meta)
+    ckpt["meprop"]["config"] = cfg
+    save_checkpoint(out_path, ckpt)
+    before, after = model_info(model, src), model_info(small, ckpt)
+    return {
+        "path": str(out_path),
+        "source": str(path),
+        "before": before,
+        "after": after,
+        "max_abs_diff": diff,
+        "verified_on": source,
+        "params_ratio": before["params"] / max(after["params"], 1),
+        "macs_ratio": before["macs"] / max(after["macs"], 1),
+    }
