@@ -101,7 +101,7 @@ def build_optimizer(
     SGD accept both gradient layouts.
     """
     params = list(params)
-    if lr <= 0:
+    if not lr > 0:
         raise BadInputError(f"learning rate must be > 0, got {lr}")
     if name == "adam":
         if sparse_update:

@@ -1,0 +1,282 @@
+"""RowSparseAdam and build_optimizer against independent references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mesimp.errors import BadInputError
+from mesimp.layers import MePropLinear, meprop_
+from mesimp.meprop import MePropConfig
+from mesimp.optim import RowSparseAdam, build_optimizer
+
+DT = torch.float64
+B1, B2 = 0.9, 0.999
+
+
+def sparse_rows(rows: list[int], vals: torch.Tensor, shape) -> torch.Tensor:
+    """A row-sparse COO gradient; ``rows`` may repeat and be unsorted (uncoalesced)."""
+    return torch.sparse_coo_tensor(torch.tensor([rows]), vals, shape, check_invariants=True)
+
+
+class LazyAdamRef:
+    """Plain-tensor lazy Adam: per-param step count, update only rows present in the grad.
+
+    Dense grads take the ordinary Adam update of the whole tensor (eps added after the
+    bias-corrected square root, as torch.optim.Adam does).
+    """
+
+    def __init__(self, params, lr, eps=1e-8):
+        self.params = [p.detach().clone() for p in params]
+        self.lr, self.eps = lr, eps
+        self.step_n = [0] * len(self.params)
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+
+    def step(self, grads):
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            self.step_n[i] += 1
+            t = self.step_n[i]
+            p, m, v = self.params[i], self.m[i], self.v[i]
+            if g.is_sparse:
+                dense_g = torch.zeros_like(p)
+                idx, vals = g._indices()[0].tolist(), g._values()
+                for j, r in enumerate(idx):  # sum duplicates by hand
+                    dense_g[r] += vals[j]
+                rows = sorted(set(idx))
+            else:
+                dense_g = g
+                rows = list(range(p.shape[0]))
+            for r in rows:
+                m[r] = B1 * m[r] + (1 - B1) * dense_g[r]
+                v[r] = B2 * v[r] + (1 - B2) * dense_g[r] * dense_g[r]
+                mhat = m[r] / (1 - B1**t)
+                denom = (v[r] / (1 - B2**t)).sqrt() + self.eps
+                p[r] = p[r] - self.lr * mhat / denom
+
+
+def _close(a, b, tol=1e-12):
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+# --------------------------------------------------------------------------------------
+# 1. lazy sparse Adam vs a hand-written reference
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fused", [None, False])
+def test_row_sparse_adam_matches_lazy_reference(fused):
+    g = torch.Generator().manual_seed(0)
+    w = nn.Parameter(torch.randn(8, 3, dtype=DT, generator=g))
+    b = nn.Parameter(torch.randn(8, dtype=DT, generator=g))
+    ref = LazyAdamRef([w, b], lr=0.05)
+    opt = RowSparseAdam([w, b], lr=0.05, fused=fused)
+    schedule = [
+        [1, 4, 6],
+        [4, 0],
+        [7, 1, 1, 3],  # duplicate row: an uncoalesced gradient
+        [2],
+        [4, 5, 6],
+    ]
+    for step, rows in enumerate(schedule):
+        gw = sparse_rows(rows, torch.randn(len(rows), 3, dtype=DT, generator=g), w.shape)
+        gb = torch.randn(8, dtype=DT, generator=g) if step != 3 else None  # b skips a step
+        w.grad, b.grad = gw, gb
+        opt.step()
+        ref.step([gw, gb])
+        _close(w.detach(), ref.params[0])
+        _close(b.detach(), ref.params[1])
+    # the per-param step counts are the number of steps each param took part in
+    assert float(opt.state[w]["step"]) == 5.0
+    assert float(opt.state[b]["step"]) == 4.0
+    _close(opt.state[w]["exp_avg"], ref.m[0])
+    _close(opt.state[w]["exp_avg_sq"], ref.v[0])
+    # the sparse grad is handed back after the step
+    assert w.grad is gw
+
+
+# --------------------------------------------------------------------------------------
+# 2. dense grads: exactly torch.optim.Adam
+# --------------------------------------------------------------------------------------
+def test_row_sparse_adam_dense_equals_adam():
+    g = torch.Generator().manual_seed(1)
+    init = [torch.randn(5, 4, dtype=DT, generator=g), torch.randn(5, dtype=DT, generator=g)]
+    pa = [nn.Parameter(t.clone()) for t in init]
+    pb = [nn.Parameter(t.clone()) for t in init]
+    oa = RowSparseAdam(pa, lr=0.03)
+    ob = torch.optim.Adam(pb, lr=0.03)
+    for _ in range(6):
+        grads = [torch.randn(t.shape, dtype=DT, generator=g) for t in init]
+        for p, q, gr in zip(pa, pb, grads, strict=True):
+            p.grad, q.grad = gr.clone(), gr.clone()
+        oa.step()
+        ob.step()
+        for p, q in zip(pa, pb, strict=True):
+            _close(p.detach(), q.detach())
+    # same state_dict layout as Adam's
+    sa, sb = oa.state_dict(), ob.state_dict()
+    assert sa["state"].keys() == sb["state"].keys()
+    for i in sa["state"]:
+        assert sa["state"][i].keys() == sb["state"][i].keys()
+
+
+def test_sparse_then_dense_continues_one_adam():
+    """A param that gets a sparse grad then dense ones (k switched off) stays one Adam."""
+    g = torch.Generator().manual_seed(2)
+    w = nn.Parameter(torch.randn(4, 3, dtype=DT, generator=g))
+    ref = LazyAdamRef([w], lr=0.1)
+    opt = RowSparseAdam([w], lr=0.1)
+    grads = [
+        sparse_rows([0, 2], torch.randn(2, 3, dtype=DT, generator=g), w.shape),
+        torch.randn(4, 3, dtype=DT, generator=g),
+        torch.randn(4, 3, dtype=DT, generator=g),
+        sparse_rows([3], torch.randn(1, 3, dtype=DT, generator=g), w.shape),
+    ]
+    for gr in grads:
+        w.grad = gr
+        opt.step()
+        ref.step([gr])
+        _close(w.detach(), ref.params[0])
+    assert float(opt.state[w]["step"]) == 4.0
+
+
+# --------------------------------------------------------------------------------------
+# 3. absent rows are bit-unchanged
+# --------------------------------------------------------------------------------------
+def test_absent_rows_bit_unchanged():
+    g = torch.Generator().manual_seed(3)
+    w = nn.Parameter(torch.randn(6, 4, generator=g))
+    opt = RowSparseAdam([w], lr=0.1)
+    w.grad = torch.randn(6, 4, generator=g)  # every row gets nonzero moments
+    opt.step()
+    before = w.detach().clone()
+    m_before = opt.state[w]["exp_avg"].clone()
+    v_before = opt.state[w]["exp_avg_sq"].clone()
+    for rows in ([1, 4], [4]):
+        w.grad = sparse_rows(rows, torch.randn(len(rows), 4, generator=g), w.shape)
+        opt.step()
+    absent = [0, 2, 3, 5]
+    assert torch.equal(w.detach()[absent], before[absent])
+    assert torch.equal(opt.state[w]["exp_avg"][absent], m_before[absent])
+    assert torch.equal(opt.state[w]["exp_avg_sq"][absent], v_before[absent])
+    assert not torch.equal(w.detach()[[1, 4]], before[[1, 4]])
+
+
+# --------------------------------------------------------------------------------------
+# 4. vs torch.optim.SparseAdam
+# --------------------------------------------------------------------------------------
+def test_matches_torch_sparse_adam():
+    g = torch.Generator().manual_seed(4)
+    init = torch.randn(10, 3, dtype=DT, generator=g)
+    a = nn.Parameter(init.clone())
+    b = nn.Parameter(init.clone())
+    # SparseAdam adds eps before the bias correction of the denominator, Adam after; a
+    # tiny eps makes that difference negligible.
+    oa = RowSparseAdam([a], lr=0.02, eps=1e-14)
+    ob = torch.optim.SparseAdam([b], lr=0.02, eps=1e-14)
+    for _ in range(6):
+        n = int(torch.randint(1, 6, (1,), generator=g))
+        rows = torch.randint(0, 10, (n,), generator=g).tolist()
+        vals = torch.randn(n, 3, dtype=DT, generator=g)
+        a.grad = sparse_rows(rows, vals, a.shape)
+        b.grad = sparse_rows(rows, vals.clone(), b.shape)
+        oa.step()
+        ob.step()
+        _close(a.detach(), b.detach(), tol=1e-10)
+
+
+# --------------------------------------------------------------------------------------
+# 5. build_optimizer
+# --------------------------------------------------------------------------------------
+def _params():
+    return [nn.Parameter(torch.zeros(2, 2))]
+
+
+@pytest.mark.parametrize(
+    "name, sparse, cls",
+    [
+        ("adam", True, RowSparseAdam),
+        ("adam", False, torch.optim.Adam),
+        ("adagrad", True, torch.optim.Adagrad),
+        ("adagrad", False, torch.optim.Adagrad),
+        ("sgd", True, torch.optim.SGD),
+        ("sgd", False, torch.optim.SGD),
+    ],
+)
+def test_build_optimizer_types(name, sparse, cls):
+    opt = build_optimizer(name, _params(), 0.1, sparse_update=sparse)
+    assert type(opt) is cls
+    assert opt.param_groups[0]["lr"] == 0.1
+
+
+def test_build_optimizer_accepts_generator():
+    opt = build_optimizer("adam", (p for p in _params()), 0.1)
+    assert len(opt.param_groups[0]["params"]) == 1
+
+
+@pytest.mark.parametrize(
+    "name, lr",
+    [("adam", 0.0), ("adam", -1e-3), ("sgd", -1.0), ("rmsprop", 0.1), ("Adam", 0.1), ("", 0.1)],
+)
+def test_build_optimizer_rejects(name, lr):
+    with pytest.raises(BadInputError):
+        build_optimizer(name, _params(), lr)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adagrad"])
+def test_build_optimizer_rejects_nan_lr(name):
+    with pytest.raises(BadInputError):
+        build_optimizer(name, _params(), float("nan"))
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+@pytest.mark.parametrize("name", ["adagrad", "sgd", "adam"])
+def test_sparse_meprop_grads_step(name):
+    torch.manual_seed(0)
+    layer = MePropLinear(5, 6, k=2, bias=False)
+    opt = build_optimizer(name, layer.parameters(), 0.1)
+    before = layer.weight.detach().clone()
+    x = torch.randn(1, 5)
+    layer(x).sum().backward()
+    gw = layer.weight.grad
+    assert gw.is_sparse
+    touched = sorted(set(gw.coalesce().indices()[0].tolist()))
+    assert len(touched) == 2
+    expected_sgd = before - 0.1 * gw.to_dense()
+    opt.step()
+    after = layer.weight.detach()
+    untouched = [r for r in range(6) if r not in touched]
+    assert torch.equal(after[untouched], before[untouched])
+    assert not torch.equal(after[touched], before[touched])
+    if name == "sgd":
+        torch.testing.assert_close(after, expected_sgd)
+
+
+# --------------------------------------------------------------------------------------
+# 6. end to end
+# --------------------------------------------------------------------------------------
+def test_end_to_end_loss_decreases():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)
+    )
+    meprop_(model, MePropConfig(k=2))
+    assert isinstance(model[0], MePropLinear) and isinstance(model[2], MePropLinear)
+    opt = build_optimizer("adam", model.parameters(), 1e-2)
+    assert isinstance(opt, RowSparseAdam)
+    x = torch.randn(16, 6)
+    y = torch.randint(0, 3, (16,))
+    losses = []
+    for _ in range(40):
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        assert model[0].weight.grad.is_sparse
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.6 * losses[0], losses
+    assert int(model[0].ref) == 40 * 16
