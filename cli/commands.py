@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import click
-from mesimp.cli.main import KType, cli, emit_json
+from mesimp.cli.main import IntList, KType, cli, emit_json
 
 
 @cli.command()
@@ -17,8 +17,20 @@ from mesimp.cli.main import KType, cli, emit_json
 @click.option(
     "--model", type=click.Choice(["mlp"]), default="mlp", show_default=True, help="Model family."
 )
-@click.option("--hidden", type=int, default=500, show_default=True, help="Hidden width.")
-@click.option("--layers", type=int, default=2, show_default=True, help="Hidden layers.")
+@click.option(
+    "--hidden",
+    type=IntList(),
+    default="500",
+    show_default=True,
+    help="Hidden width, or a width per layer (e.g. 154,60; overrides --layers).",
+)
+@click.option(
+    "--layers",
+    type=int,
+    default=2,
+    show_default=True,
+    help="Number of hidden layers (with a single --hidden width).",
+)
 @click.option("--dropout", type=float, default=0.0, show_default=True)
 @click.option(
     "--k",
@@ -307,3 +319,28 @@ def shrink(path, output, prune_rate, min_width, data, as_json):
     )
     click.echo(f"verified on {r['verified_on']}: max_abs_diff {r['max_abs_diff']:.2e}")
     click.echo(f"wrote {r['path']}")
+
+
+@cli.command(short_help="Plot a run's active widths and accuracy to a PNG.")
+@click.argument("run", type=click.Path())
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(),
+    default=None,
+    help="PNG path. Default: RUN.widths.png next to the metrics log.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def report(run, output, as_json):
+    """Draw the active width per hidden layer over training (meSimp), with dev accuracy.
+
+    RUN is a checkpoint (RUN.pt) or its metrics log (RUN.metrics.jsonl).
+    Needs matplotlib (pip install 'mesimp[plot]').
+    """
+    from mesimp.report import plot_run
+
+    r = plot_run(run, output)
+    if as_json:
+        emit_json(r)
+    else:
+        click.echo(f"wrote {r['path']} (final widths {r['final_widths']})")

@@ -48,6 +48,23 @@ class KType(click.ParamType):
             self.fail(f"{value!r} is neither an int nor a fraction", param, ctx)
 
 
+class IntList(click.ParamType):
+    """A comma-separated list of positive ints: ``500`` or ``154,60``."""
+
+    name = "N[,N...]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        try:
+            items = [int(v) for v in str(value).split(",") if v.strip()]
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of ints", param, ctx)
+        if not items or any(v <= 0 for v in items):
+            self.fail(f"{value!r}: every value must be > 0", param, ctx)
+        return items
+
+
 def emit_json(obj: Any) -> None:
     """One JSON document on stdout (logs and progress go to stderr)."""
     click.echo(json.dumps(obj, indent=2, default=str))
@@ -74,12 +91,25 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj["debug"] = debug
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: usage errors become one line too (``error: ...``, exit 2)."""
     from mesimp.cli import commands  # noqa: F401  (registers the commands)
 
-    cli(prog_name="mesimp")
+    try:
+        rv = cli.main(args=argv, prog_name="mesimp", standalone_mode=False)
+    except click.ClickException as e:
+        hint = (
+            f" (see 'mesimp {e.ctx.command_path.split(' ', 1)[-1]} --help')"
+            if getattr(e, "ctx", None) and " " in e.ctx.command_path
+            else ""
+        )
+        click.echo(f"error: {e.format_message()}{hint}", err=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 if __name__ == "__main__":
     main()
-    sys.exit(0)

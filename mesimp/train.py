@@ -45,7 +45,7 @@ class TrainConfig:
     """Everything a run depends on; stored in the checkpoint under ``train.config``."""
 
     data: str | None = None
-    hidden: int = 500
+    hidden: int | list[int] = 500  # one width for every layer, or a width per layer
     layers: int = 2
     dropout: float = 0.0
     k: int | float = 0
@@ -66,7 +66,8 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.hidden <= 0:
+        widths = self.hidden if isinstance(self.hidden, list) else [self.hidden]
+        if not widths or any(h <= 0 for h in widths):
             raise BadInputError(f"--hidden must be > 0, got {self.hidden}")
         if self.layers < 0:
             raise BadInputError(f"--layers must be >= 0, got {self.layers}")
@@ -74,6 +75,11 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 raise BadInputError(f"--{name.replace('_', '-')} must be > 0")
         self.meprop_config()  # validates k, selection, msbp
+
+    def hidden_sizes(self) -> list[int]:
+        if isinstance(self.hidden, list):
+            return list(self.hidden)
+        return [self.hidden] * self.layers
 
     def meprop_config(self) -> MePropConfig:
         return MePropConfig(
@@ -127,7 +133,7 @@ def _build(config: TrainConfig, in_features: int, num_classes: int) -> tuple[nn.
     else:
         arch = MLPConfig(
             in_features=in_features,
-            hidden_sizes=[config.hidden] * config.layers,
+            hidden_sizes=config.hidden_sizes(),
             out_features=num_classes,
             dropout=config.dropout,
         ).to_dict()

@@ -108,8 +108,8 @@ def _graph_params(proto: Any) -> int:
     return sum(math.prod(t.dims) for t in proto.graph.initializer if len(t.dims) >= 1)
 
 
-def _input_signature(proto: Any, path: Path) -> tuple[str, tuple[int, ...], bool]:
-    """(input name, per-example shape, batch axis dynamic?) of a single-input float model."""
+def _input_signature(proto: Any, path: Path) -> tuple[str, tuple[int, ...], int | None]:
+    """(input name, per-example shape, fixed batch size or None) of a one-input float model."""
     init_names = {t.name for t in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in init_names]
     if len(inputs) != 1:
@@ -126,27 +126,23 @@ def _input_signature(proto: Any, path: Path) -> tuple[str, tuple[int, ...], bool
         if not d.HasField("dim_value"):
             raise BadInputError(f"{path}: input {inp.name!r} has a non-fixed feature axis")
         rest.append(int(d.dim_value))
-    batch_dynamic = not dims[0].HasField("dim_value")
-    if not batch_dynamic and dims[0].dim_value != 1:
-        pass  # a fixed batch is checked against the batch sizes in bench()
-    return inp.name, tuple(rest), batch_dynamic
+    fixed = int(dims[0].dim_value) if dims[0].HasField("dim_value") else None
+    return inp.name, tuple(rest), fixed
 
 
 def load_model_info(path: str | os.PathLike) -> dict[str, Any]:
     """What bench reports per model: path, MACs and params from the graph, metadata."""
     p = Path(path)
     proto = _load_onnx(p)
-    name, shape, dynamic = _input_signature(proto, p)
+    name, shape, fixed = _input_signature(proto, p)
     meta = {m.key: m.value for m in proto.metadata_props}
     info: dict[str, Any] = {
         "path": str(p),
         "macs": graph_macs(proto),
         "params": _graph_params(proto),
         "size_bytes": p.stat().st_size,
-        "input": {"name": name, "shape": list(shape), "dynamic_batch": dynamic},
+        "input": {"name": name, "shape": list(shape), "batch": fixed},
     }
-    if not dynamic:
-        info["input"]["batch"] = int(proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value)
     if "hidden_sizes" in meta:
         try:
             info["hidden_sizes"] = json.loads(meta["hidden_sizes"])
@@ -303,12 +299,11 @@ def bench(
         for p, info in zip(paths, infos, strict=True):
             info["accuracy"] = _accuracy(_session(p, max(threads)), x_all, y_all)
 
-    n_models = len(paths)
     results: list[dict[str, Any]] = []
     bar = tqdm(
-        total=len(threads) * len(batch_sizes) * n_models,
+        total=len(threads) * len(batch_sizes),
         desc="bench",
-        unit="run-set",
+        unit="config",
         file=sys.stderr,
         disable=not progress,
         leave=False,
@@ -332,7 +327,7 @@ def bench(
                     if "accuracy" in info:
                         row["accuracy"] = info["accuracy"]
                     results.append(row)
-                    bar.update(1)
+                bar.update(1)
             del sessions
     finally:
         bar.close()
