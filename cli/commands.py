@@ -43,10 +43,10 @@ from mesimp.cli.main import IntList, KType, cli, emit_json
 @click.option(
     "--selection",
     type=click.Choice(["topk", "unified", "random"]),
-    default="topk",
+    default="unified",
     show_default=True,
-    help="topk: per example (the paper); unified: one set per minibatch (dense "
-    "GEMMs on k rows, fastest); random: the random-k baseline.",
+    help="unified: one set per minibatch (dense GEMMs on k rows; fastest and, with Adam, "
+    "the stable one); topk: per example (the paper's version); random: the random-k baseline.",
 )
 @click.option(
     "--msbp",
@@ -277,7 +277,8 @@ def _fmt(x) -> str:
     type=int,
     default=1,
     show_default=True,
-    help="Keep at least this many neurons per hidden layer (0 allows a layer to vanish).",
+    help="Keep at least this many neurons per hidden layer with --prune-rate (a zero-width "
+    "result is always refused).",
 )
 @click.option(
     "--data",

@@ -16,18 +16,22 @@ from mesimp.errors import BadInputError
 
 
 def check_writable(path: str | os.PathLike) -> Path:
-    """Fail early (before hours of training) if ``path`` cannot be written."""
+    """Fail early (before hours of training) if ``path`` cannot be written.
+
+    Creates missing parent directories, then proves writability by creating and
+    removing a temp file there (``os.access`` says yes to root on read-only mounts).
+    """
     p = Path(path)
     parent = p.parent if str(p.parent) else Path(".")
     if p.is_dir():
         raise BadInputError(f"output path {p} is a directory")
-    if not parent.exists():
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise BadInputError(f"cannot create output directory {parent}: {e.strerror}") from e
-    if not os.access(parent, os.W_OK):
-        raise BadInputError(f"output directory {parent} is not writable")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".probe", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise BadInputError(f"cannot write {p}: {e.strerror or e}") from e
     return p
 
 

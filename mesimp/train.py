@@ -49,7 +49,7 @@ class TrainConfig:
     layers: int = 2
     dropout: float = 0.0
     k: int | float = 0
-    selection: str = "topk"
+    selection: str = "unified"
     msbp: float = 0.0
     sparse_update: bool = True
     optimizer: str = "adam"
@@ -75,6 +75,8 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 raise BadInputError(f"--{name.replace('_', '-')} must be > 0")
         self.meprop_config()  # validates k, selection, msbp
+        if self.simplify is not None and self.k == 0:
+            raise BadInputError("--simplify needs meProp counts: set --k > 0 (e.g. --k 60)")
 
     def hidden_sizes(self) -> list[int]:
         if isinstance(self.hidden, list):
@@ -160,10 +162,10 @@ def train(
     model is the best one of the final (smallest) architecture.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    out = check_writable(config.output)
-    mlog = check_writable(metrics_path(out))
     if config.threads:
         torch.set_num_threads(config.threads)
+    out = check_writable(config.output)  # before the data: fail fast on a bad -o
+    mlog = check_writable(metrics_path(out))
     data = load_image_dataset(config.data, dev_size=config.dev_size)
     seed_everything(config.seed)
     model, arch = _build(config, data.x_train.shape[1], data.num_classes)
