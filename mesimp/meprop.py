@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from mesimp.errors import BadInputError
 
@@ -156,12 +157,9 @@ class MePropLinearFunction(torch.autograd.Function):
                 state.memory = u.mul(alpha).index_fill_(1, sel, 0.0)
         else:
             vals = u.gather(1, idx)
-            counts = torch.bincount(idx.reshape(-1), minlength=n)
+            flat = idx.reshape(-1)
+            counts = torch.bincount(flat, minlength=n)
             sel = counts.nonzero().squeeze(1)  # union over the batch, sorted
-            # Scatter into the compact [rows, |U|] layout: position of neuron j in U.
-            pos = torch.empty(n, dtype=torch.long, device=dy.device)
-            pos[sel] = torch.arange(sel.numel(), device=dy.device)
-            u_sel = dy.new_zeros(rows, sel.numel()).scatter_(1, pos[idx], vals)
             if state.count:
                 state.hits.add_(counts)
             if alpha > 0:
@@ -170,10 +168,34 @@ class MePropLinearFunction(torch.autograd.Function):
             state.ref.add_(rows)
 
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = u_sel @ weight.index_select(0, sel)
+        if selection == "unified":
+            # One set for the batch: dense GEMMs on the k selected rows of W.
+            if ctx.needs_input_grad[0]:
+                grad_x = u_sel @ weight.index_select(0, sel)
+            if ctx.needs_input_grad[1]:
+                rows_w = u_sel.t() @ x
+            if has_bias and ctx.needs_input_grad[2]:
+                grad_b = dy.new_zeros(n).index_copy_(0, sel, u_sel.sum(0))
+        else:
+            # Per example: the union of selected rows covers most of W at b=50, so GEMMs
+            # on it are nearly dense. embedding_bag does b*k*d work instead:
+            # dx[i] = sum_j vals[i, j] W[idx[i, j]]   (one bag per example), and
+            # dW[j] = sum_{e: idx_e = j} vals_e x[example_e]  (one bag per selected neuron).
+            if ctx.needs_input_grad[0]:
+                grad_x = F.embedding_bag(idx, weight, per_sample_weights=vals, mode="sum")
+            if ctx.needs_input_grad[1]:
+                order = flat.argsort()
+                cnt = counts.index_select(0, sel)
+                rows_w = F.embedding_bag(
+                    order.div(k, rounding_mode="floor"),
+                    x,
+                    cnt.cumsum(0).sub_(cnt),
+                    per_sample_weights=vals.reshape(-1)[order],
+                    mode="sum",
+                )
+            if has_bias and ctx.needs_input_grad[2]:
+                grad_b = dy.new_zeros(n).index_add_(0, flat, vals.reshape(-1))
         if ctx.needs_input_grad[1]:
-            rows_w = u_sel.t() @ x
             if sparse_grad:
                 grad_w = torch.sparse_coo_tensor(
                     sel.unsqueeze(0),
@@ -184,6 +206,4 @@ class MePropLinearFunction(torch.autograd.Function):
                 )
             else:
                 grad_w = weight.new_zeros(weight.shape).index_copy_(0, sel, rows_w)
-        if has_bias and ctx.needs_input_grad[2]:
-            grad_b = dy.new_zeros(n).index_copy_(0, sel, u_sel.sum(0))
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
