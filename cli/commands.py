@@ -134,6 +134,28 @@ from mesimp.cli.main import IntList, KType, cli, emit_json
     show_default=True,
     help="Checkpoint path (best on dev); the metrics log goes next to it.",
 )
+@click.option(
+    "--resume",
+    type=click.Path(),
+    default=None,
+    help="Continue an interrupted run from RUN.last.pt (or RUN.pt next to it), bit-identical "
+    "to an uninterrupted run. The checkpoint's config is used: other options given must "
+    "agree with it (--threads, --save-every, --keep-last may change).",
+)
+@click.option(
+    "--save-every",
+    type=int,
+    default=500,
+    show_default=True,
+    help="Write the resume checkpoint RUN.last.pt every N steps (and at every evaluation "
+    "and on SIGINT/SIGTERM); 0 = only then.",
+)
+@click.option(
+    "--keep-last/--no-keep-last",
+    default=False,
+    show_default=True,
+    help="Keep RUN.last.pt (final weights and optimizer state) when the run finishes.",
+)
 @click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 def train(
@@ -161,6 +183,9 @@ def train(
     threads,
     data,
     output,
+    resume,
+    save_every,
+    keep_last,
     progress,
     as_json,
 ):
@@ -172,11 +197,25 @@ def train(
       mesimp train --k 20 -o models/k20.pt
       mesimp train --k 20 --selection unified --msbp 0.8
       mesimp train --k 160 --simplify --prune-rate 0.08 --cycle-epochs 1 --epochs 6
+      mesimp train --resume models/mlp.last.pt   # after Ctrl-C, SIGTERM or a crash
     """
     from mesimp.simplify import SimplifyConfig
-    from mesimp.train import TrainConfig
+    from mesimp.train import TrainConfig, resume_config
     from mesimp.train import train as run_train
 
+    if resume is not None:
+        # The checkpoint's config wins; options typed on the command line must agree.
+        ctx = click.get_current_context()
+        given = {
+            name: value
+            for name, value in ctx.params.items()
+            if name not in ("resume", "progress", "as_json", "model")
+            and ctx.get_parameter_source(name)
+            in (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+        }
+        config = resume_config(resume, given)
+        _train_report(run_train(config, progress=progress, resume=resume), as_json)
+        return
     simp = (
         SimplifyConfig(
             prune_rate=prune_rate,
@@ -189,7 +228,7 @@ def train(
     )
     config = TrainConfig(
         data=data,
-        hidden=hidden,
+        hidden=hidden if len(hidden) > 1 else hidden[0],
         layers=layers,
         dropout=dropout,
         k=k,
@@ -207,8 +246,13 @@ def train(
         init=init,
         simplify=simp,
         threads=threads,
+        save_every=save_every,
+        keep_last=keep_last,
     )
-    result = run_train(config, progress=progress)
+    _train_report(run_train(config, progress=progress), as_json)
+
+
+def _train_report(result, as_json):
     if as_json:
         emit_json(result)
     else:

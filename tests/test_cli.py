@@ -299,3 +299,28 @@ def test_malformed_npz_variants_exit_2(tmp_path, capsys):
     np.savez(p, images=np.zeros((3, 4), dtype=np.uint8))
     code, _out, err = run_main(capsys, *TRAIN, "--data", p, "-o", tmp_path / "m.pt")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "x_train" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ([], [500, 500]),
+        (["--hidden", "16", "--layers", "3"], [16, 16, 16]),
+        (["--hidden", "12,7"], [12, 7]),
+    ],
+)
+def test_train_hidden_and_layers_compose(tmp_path, tiny_npz, monkeypatch, args, expected):
+    """The default is the paper's 784-500-500-10; --hidden N[,N] and --layers combine."""
+    import importlib
+
+    train_module = importlib.import_module("mesimp.train")
+    seen = {}
+
+    def fake_train(config, progress=True):
+        seen["hidden_sizes"] = config.hidden_sizes()
+        raise SystemExit(0)
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    r = invoke("train", "--data", tiny_npz, "-o", tmp_path / "m.pt", *args)
+    assert r.exit_code == 0, r.stderr
+    assert seen["hidden_sizes"] == expected
