@@ -278,8 +278,8 @@ def markdown(results: list[dict], best: dict[int, str], args: argparse.Namespace
     lines.append("")
     lines.append(
         "Speedup = dense time / meProp time, each the best of the interleaved "
-        "rounds. The FLOP limit counts k per example; the reference backward's GEMMs "
-        "for per-example selection run over the union |U|."
+        "rounds. The FLOP limit counts k per example; per-example selection updates "
+        "the union |U| of selected rows (its optimizer step scales with |U|, not k)."
     )
     lines.append("")
     lines.append(
