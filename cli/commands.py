@@ -6,7 +6,7 @@ import click
 from mesimp.cli.main import IntList, KType, cli, emit_json
 
 
-@cli.command()
+@cli.command(short_help="Train an MLP with meProp, optionally meSimp, on image data.")
 @click.option(
     "--data",
     type=click.Path(),
@@ -145,7 +145,7 @@ from mesimp.cli.main import IntList, KType, cli, emit_json
 @click.option(
     "--save-every",
     type=int,
-    default=500,
+    default=1000,
     show_default=True,
     help="Write the resume checkpoint RUN.last.pt every N steps (and at every evaluation "
     "and on SIGINT/SIGTERM); 0 = only then.",
@@ -265,7 +265,7 @@ def _train_report(result, as_json):
         click.echo(f"checkpoint: {result['checkpoint']}  metrics: {result['metrics_log']}")
 
 
-@cli.command()
+@cli.command(short_help="Show a checkpoint's size, widths, accuracy and update counters.")
 @click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the info object as JSON.")
 def info(path, as_json):
@@ -389,3 +389,6 @@ def report(run, output, as_json):
         emit_json(r)
     else:
         click.echo(f"wrote {r['path']} (final widths {r['final_widths']})")
+
+
+from mesimp.cli import export_bench  # noqa: E402,F401  (registers export, bench)

@@ -4,8 +4,10 @@ The public API; every name here is re-exported from the module that owns it.
 """
 
 from mesimp._version import __version__
+from mesimp.bench import bench
 from mesimp.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from mesimp.errors import BadInputError, CheckpointError, DataError, MesimpError
+from mesimp.export import export_onnx
 from mesimp.layers import MePropLinear, meprop_
 from mesimp.meprop import MePropConfig
 from mesimp.models import MLP, MLPConfig, build_model
@@ -15,6 +17,8 @@ from mesimp.train import TrainConfig, train
 
 __all__ = [
     "__version__",
+    "bench",
+    "export_onnx",
     "BadInputError",
     "CheckpointError",
     "DataError",

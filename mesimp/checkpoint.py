@@ -7,10 +7,15 @@ Layout (all plain types and tensors, so no pickle code ever runs on load)::
      "state_dict": {...},                 # nn.Linear-compatible keys
      "meprop": {"config": {...} | None,   # MePropConfig as a dict
                 "layers": {name: {"hits": int64[n], "ref": int64[], "mask": bool[n]}}},
-     "train": {...}}                      # metrics, seed, config, data, epoch...
+     "train": {...},                      # metrics, seed, config, data, epoch...
+     "resume": {...}}                     # only in RUN.last.pt: see mesimp.train
 
 meProp counters and masks live in ``meprop`` rather than in ``state_dict`` so that
 ``state_dict`` loads unchanged into a plain PyTorch model built from ``arch``.
+
+``resume`` (optional, added without a version bump: older readers ignore it, and a
+checkpoint without it is simply not resumable) holds the optimizer state, RNG
+states, data order and loop position that ``mesimp train --resume`` needs.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from torch import nn
 
 from mesimp._version import __version__
 from mesimp.atomic import atomic_write
-from mesimp.errors import CheckpointError
+from mesimp.errors import CheckpointError, MesimpError
 from mesimp.layers import MePropConfig, MePropLinear, meprop_
 from mesimp.models import arch_from_dict, build_model
 
@@ -65,8 +70,50 @@ def make_checkpoint(
     }
 
 
-def save_checkpoint(path: str | os.PathLike, ckpt: dict[str, Any]) -> Path:
-    """Write ``ckpt`` atomically (temp file + fsync + rename)."""
+class NonFiniteError(MesimpError):
+    """NaN/Inf where only finite numbers make sense (weights, optimizer state, a loss)."""
+
+
+@torch.no_grad()
+def first_nonfinite(obj: Any, where: str = "") -> str | None:
+    """The key path of the first floating-point tensor in ``obj`` holding NaN or Inf.
+
+    Walks dicts, lists and tuples. The fast path is one ``sum()`` per tensor (finite
+    sum => all finite); only a non-finite sum, which huge finite values can also
+    produce, pays for the exact ``isfinite`` check.
+    """
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point() or obj.is_complex():
+            t = obj.coalesce().values() if obj.is_sparse else obj
+            if t.numel() and not bool(torch.isfinite(t.sum())) and not bool(t.isfinite().all()):
+                return where or "tensor"
+        return None
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return None
+    for key, value in items:
+        bad = first_nonfinite(value, f"{where}.{key}" if where else str(key))
+        if bad is not None:
+            return bad
+    return None
+
+
+def save_checkpoint(
+    path: str | os.PathLike, ckpt: dict[str, Any], *, allow_nonfinite: bool = False
+) -> Path:
+    """Write ``ckpt`` atomically (temp file + fsync + rename).
+
+    Refuses (``NonFiniteError``, nothing written, the old file kept) a checkpoint
+    whose tensors hold NaN or Inf: a diverged run must never overwrite the last good
+    checkpoint. ``allow_nonfinite=True`` skips the check.
+    """
+    if not allow_nonfinite:
+        bad = first_nonfinite(ckpt)
+        if bad is not None:
+            raise NonFiniteError(f"refusing to save {path}: {bad} holds NaN/Inf values")
     return atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
 
 

@@ -1,0 +1,129 @@
+"""``mesimp export`` and ``mesimp bench``: parse, call the library, print."""
+
+from __future__ import annotations
+
+import click
+from mesimp.cli.main import IntList, cli, emit_json
+
+
+@cli.command(short_help="Export a checkpoint to one verified ONNX file (optionally int8).")
+@click.argument("path", type=click.Path())
+@click.option("--onnx", "to_onnx", is_flag=True, help="Export to ONNX (the only format).")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(),
+    default=None,
+    help="Output file. Default: IN.onnx (IN.int8.onnx with --int8).",
+)
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset.")
+@click.option(
+    "--int8",
+    is_flag=True,
+    help="Dynamic int8 quantization (onnxruntime quantize_dynamic); reports int8 "
+    "test accuracy next to fp32.",
+)
+@click.option(
+    "--data",
+    type=click.Path(),
+    default=None,
+    help="Data for the parity check and accuracy (default: the usual locations).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the export report as JSON.")
+def export(path, to_onnx, output, opset, int8, data, as_json):
+    """Export IN.pt to a single ONNX file with a dynamic batch axis.
+
+    The file passes onnx.checker (full_check), and onnxruntime's outputs on real test
+    images are compared with PyTorch's (max_abs_diff <= 1e-4, else nothing is written).
+    metadata_props record the mesimp version, hidden_sizes and the checkpoint's sha256.
+
+    \b
+    Examples:
+      mesimp export models/mlp.pt --onnx                 # -> models/mlp.onnx
+      mesimp export models/mlp.small.pt --onnx --int8    # -> models/mlp.small.int8.onnx
+    """
+    from mesimp.errors import BadInputError
+    from mesimp.export import export_onnx
+
+    if not to_onnx:
+        raise BadInputError("say which format: --onnx (the only one supported)")
+    r = export_onnx(path, output, opset=opset, int8=int8, data=data)
+    if as_json:
+        emit_json(r)
+        return
+    acc = f"fp32 accuracy {r['fp32_accuracy']:.4f}" if r.get("fp32_accuracy") is not None else ""
+    if r.get("int8"):
+        acc += f", int8 accuracy {r['int8_accuracy']:.4f}"
+    click.echo(
+        f"wrote {r['path']} ({r['size_bytes']:,} bytes, opset {r['opset']}); "
+        f"hidden {r['hidden_sizes']}; max_abs_diff {r['max_abs_diff']:.2e}; {acc}"
+    )
+
+
+@cli.command(short_help="Time ONNX models in onnxruntime: latency, throughput, speed-up.")
+@click.argument("models", nargs=-1, required=True, type=click.Path())
+@click.option(
+    "--data",
+    type=click.Path(),
+    default=None,
+    help="Image data: real test inputs, and accuracy per model.",
+)
+@click.option("--batch-sizes", type=IntList(), default="1,32,256,4096", show_default=True)
+@click.option(
+    "--threads",
+    type=IntList(),
+    default="1,2",
+    show_default=True,
+    help="intra_op_num_threads values.",
+)
+@click.option(
+    "--repeat",
+    type=int,
+    default=None,
+    help="Timed runs per model and configuration (default: ~0.5 s worth).",
+)
+@click.option("--warmup", type=int, default=5, show_default=True, help="Untimed runs first.")
+@click.option("--markdown", type=click.Path(), default=None, help="Also write a Markdown table.")
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(),
+    default=None,
+    help="Also write a PNG: latency vs batch size, one line per model.",
+)
+@click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def bench(
+    models, data, batch_sizes, threads, repeat, warmup, markdown, plot_path, progress, as_json
+):
+    """Benchmark ONNX models on CPU with onnxruntime, interleaved in one run.
+
+    Reports P50/P90/P99 latency, throughput (batch / P50), speed-up against the FIRST
+    model and its MAC ratio, and with --data the test accuracy.
+
+    \b
+    Examples:
+      mesimp bench models/mlp.onnx models/mlp.small.onnx
+      mesimp bench models/mlp.onnx models/mlp.small.onnx --data /usr/share/datasets/fashion-mnist \\
+          --batch-sizes 1,256 --threads 1 --markdown bench.md --plot bench.png
+    """
+    from mesimp.bench import bench as run_bench
+    from mesimp.bench import format_table, plot, write_markdown
+
+    r = run_bench(
+        list(models),
+        data=data,
+        batch_sizes=batch_sizes,
+        threads=threads,
+        repeat=repeat,
+        warmup=warmup,
+        progress=progress,
+    )
+    if markdown:
+        write_markdown(r, markdown)
+    if plot_path:
+        plot(r, plot_path)
+    if as_json:
+        emit_json(r)
+    else:
+        click.echo(format_table(r))
