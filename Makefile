@@ -29,13 +29,13 @@ data:
 
 # The main job, end to end on Fashion-MNIST (784-500-500-10, 8 epochs each):
 # a dense baseline; meSimp (unified k=60, prune rate 0.01) for 6 epochs, shrunk and
-# fine-tuned 2 epochs; both exported to ONNX (fp32 + int8) and timed in onnxruntime.
+# rounded to multiples of 16 (onnxruntime GEMM blocks), fine-tuned 2 epochs; both exported to ONNX (fp32 + int8) and timed in onnxruntime.
 M := models/fmnist
 demo: setup
 	$(BIN)/mesimp train --epochs 8 -o $(M)-dense.pt $(DEMO_ARGS)
 	$(BIN)/mesimp train --k 60 --simplify --prune-rate 0.01 --epochs 6 -o $(M)-mesimp.pt $(DEMO_ARGS)
 	$(BIN)/mesimp report $(M)-mesimp.pt
-	$(BIN)/mesimp shrink $(M)-mesimp.pt -o $(M)-small.pt
+	$(BIN)/mesimp shrink $(M)-mesimp.pt --round-to 16 -o $(M)-small.pt
 	$(BIN)/mesimp train --init $(M)-small.pt --epochs 2 -o $(M)-small-ft.pt $(DEMO_ARGS)
 	$(BIN)/mesimp export $(M)-dense.pt --onnx
 	$(BIN)/mesimp export $(M)-small-ft.pt --onnx

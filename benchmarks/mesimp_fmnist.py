@@ -56,8 +56,11 @@ def one_seed(args: argparse.Namespace, seed: int, out: Path) -> dict[str, dict]:
         simplify=simp,
     )
     if args.finetune_epochs:
-        shrink_checkpoint(
-            out / f"mesimp-{seed}.pt", out / f"mesimp-{seed}.small.pt", data=args.data
+        rep = shrink_checkpoint(
+            out / f"mesimp-{seed}.pt",
+            out / f"mesimp-{seed}.small.pt",
+            data=args.data,
+            round_to=args.round_to,
         )
         ft = _run(
             out,
@@ -65,7 +68,7 @@ def one_seed(args: argparse.Namespace, seed: int, out: Path) -> dict[str, dict]:
             **{**common, "epochs": args.finetune_epochs},
             init=str(out / f"mesimp-{seed}.small.pt"),
         )
-        ms = {**ft, "time": ms["time"] + ft["time"], "widths": ms["widths"]}
+        ms = {**ft, "time": ms["time"] + ft["time"], "widths": rep["after"]["hidden_sizes"]}
     rows["meSimp"] = ms
     rows["dense at meSimp widths"] = _run(out, f"same-{seed}", **{**common, "hidden": ms["widths"]})
     return rows
@@ -82,6 +85,7 @@ def main() -> None:
     p.add_argument("--cycle-epochs", type=int, default=1)
     p.add_argument("--finetune-epochs", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--round-to", type=int, default=1, help="shrink --round-to (with fine-tune)")
     p.add_argument("--hidden", type=int, default=500)
     p.add_argument("--data", default=None)
     p.add_argument("--threads", type=int, default=1)
@@ -102,7 +106,8 @@ def main() -> None:
         f"Fashion-MNIST, MLP 784-{args.hidden}-{args.hidden}-10, {args.epochs} epochs, "
         f"b={args.batch_size}, Adam 1e-3, seeds {seeds}; meSimp: {args.selection} "
         f"k={args.k}, prune rate {args.prune_rate}, {args.points} points/epoch, "
-        f"cycle {args.cycle_epochs} epoch(s), fine-tune {args.finetune_epochs} epoch(s)\n"
+        f"cycle {args.cycle_epochs} epoch(s), fine-tune {args.finetune_epochs} epoch(s), "
+        f"round-to {args.round_to}\n"
     )
     print("| run | kept widths | kept % | test accuracy | train time (s) |")
     print("|---|---|---|---|---|")

@@ -27,7 +27,8 @@ from mesimp.checkpoint import (
 from mesimp.data import ImageDataset, load_image_dataset
 from mesimp.errors import BadInputError, DataError, VerificationError
 from mesimp.info import model_info
-from mesimp.layers import MePropLinear
+from mesimp.layers import MePropLinear, meprop_
+from mesimp.meprop import MePropConfig
 from mesimp.models import MLPConfig, build_model, linear_layers
 from mesimp.simplify import check_prune_rate, keep_rule, keep_with_min_width
 from mesimp.train import evaluate
@@ -104,6 +105,26 @@ def _assemble(arch: dict[str, Any], linears: list[nn.Linear]) -> nn.Module:
     return model
 
 
+def round_keeps(layer: MePropLinear, multiple: int) -> torch.Tensor:
+    """The layer's active units, cut down to a multiple of ``multiple`` (never below it).
+
+    onnxruntime's CPU GEMMs work in column blocks of 16, so widths 83 and 96 cost the
+    same (measured: 784-83-66-10 and 784-96-80-10 both 0.19 ms at batch 256, while
+    784-80-64-10 takes 0.16 ms). Rounding down keeps the units selected most often
+    (by ``hits``; by weight-row norm when there are no counts); fine-tune afterwards.
+    """
+    active = layer.mask
+    width = int(active.sum())
+    target = max(multiple, width // multiple * multiple) if width > multiple else width
+    if target >= width:
+        return active.clone()
+    score = layer.hits.double() if int(layer.ref) > 0 else layer.weight.detach().norm(dim=1)
+    score = torch.where(active, score.double(), torch.tensor(-1.0, dtype=torch.double))
+    keep = torch.zeros_like(active)
+    keep[torch.argsort(score, descending=True, stable=True)[:target]] = True
+    return keep
+
+
 def post_hoc_keeps(model: nn.Module, prune_rate: float, min_width: int) -> list[torch.Tensor]:
     """Apply the meSimp rule to the saved counters of a plain meProp checkpoint."""
     check_prune_rate(prune_rate)
@@ -169,12 +190,16 @@ def shrink_checkpoint(
     prune_rate: float | None = None,
     min_width: int = 1,
     data: str | None = None,
+    round_to: int = 1,
 ) -> dict[str, Any]:
     """Shrink a checkpoint, verify it against the masked model, write it; return a report.
 
     Masks come from the checkpoint (meSimp training) or, with ``prune_rate``, from
-    the rule applied post hoc to its counters (plain meProp training).
+    the rule applied post hoc to its counters (plain meProp training). ``round_to``
+    then rounds each width *down* to a multiple (see ``round_keeps``).
     """
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise BadInputError(f"--round-to must be an int >= 1, got {round_to!r}")
     src = load_checkpoint(path)
     model = model_from_checkpoint(src)
     if prune_rate is not None:
@@ -182,6 +207,10 @@ def shrink_checkpoint(
             linear_layers(model)[:-1], post_hoc_keeps(model, prune_rate, min_width), strict=True
         ):
             m.apply_mask(keep)
+    if round_to > 1:
+        meprop_(model, MePropConfig())  # k=0: plain Linear math, but maskable
+        for _, m in linear_layers(model)[:-1]:
+            m.apply_mask(round_keeps(m, round_to))
     keeps = layer_masks(model)
     for (name, _), keep in zip(linear_layers(model)[:-1], keeps, strict=True):
         if int(keep.sum()) == 0:
@@ -213,6 +242,7 @@ def shrink_checkpoint(
             "test_accuracy": evaluate(small, ds.x_test, ds.y_test),
         }
     train_meta["shrunk_from"] = {
+        "round_to": round_to,
         "path": str(path),
         "sha256": sha256_file(path),
         "prune_rate": prune_rate,

@@ -340,3 +340,56 @@ def test_unwritable_output_is_refused(ckpts, tmp_path, verify_npz):
     with pytest.raises(BadInputError):
         shrink_checkpoint(ckpts["mesimp"], tmp_path / "adir", data=str(verify_npz))
     assert files_in(tmp_path) == {"adir"}
+
+
+def test_round_keeps_cuts_to_a_multiple_keeping_the_most_selected():
+    """Rounding down to a multiple of 16 keeps the most-hit active units, hand-checked."""
+    from mesimp.shrink import round_keeps
+
+    layer = MePropLinear(4, 40, k=3)
+    keep = torch.ones(40, dtype=torch.bool)
+    keep[[0, 1, 2]] = False  # 37 active units
+    layer.apply_mask(keep)
+    hits = torch.arange(40)  # unit j was selected j times
+    hits[5] = 1000  # an active unit with many hits must survive
+    layer.hits.copy_(hits)
+    layer.ref.fill_(1)
+    kept = round_keeps(layer, 16)
+    assert int(kept.sum()) == 32
+    expected = set(range(8, 40)) | {5}  # the 32 largest hit counts among active units
+    expected.discard(8)
+    assert set(kept.nonzero().squeeze(1).tolist()) == expected
+    assert not kept[[0, 1, 2]].any()  # masked units never come back
+
+
+@pytest.mark.parametrize(
+    ("width", "multiple", "expected"), [(10, 16, 10), (16, 16, 16), (17, 16, 16), (35, 8, 32)]
+)
+def test_round_keeps_widths(width, multiple, expected):
+    from mesimp.shrink import round_keeps
+
+    layer = MePropLinear(4, width, k=2)
+    assert int(round_keeps(layer, multiple).sum()) == expected
+
+
+def test_shrink_round_to_verifies_and_rejects_bad_values(tmp_path, masked_ckpt_for_round):
+    from mesimp.errors import BadInputError
+    from mesimp.shrink import shrink_checkpoint
+
+    src = masked_ckpt_for_round
+    r = shrink_checkpoint(src, tmp_path / "r.pt", round_to=8, data=None)
+    assert all(w % 8 == 0 for w in r["after"]["hidden_sizes"])
+    assert r["max_abs_diff"] <= 1e-5
+    with pytest.raises(BadInputError):
+        shrink_checkpoint(src, tmp_path / "bad.pt", round_to=0)
+    assert not (tmp_path / "bad.pt").exists()
+
+
+@pytest.fixture
+def masked_ckpt_for_round(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(MLPConfig(in_features=784, hidden_sizes=[30, 21], out_features=10))
+    meprop_(model, MePropConfig(k=5))
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, make_checkpoint(model, model.config.to_dict(), MePropConfig(k=5)))
+    return path
