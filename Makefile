@@ -28,8 +28,9 @@ data:
 	fi
 
 # The main job, end to end on Fashion-MNIST (784-500-500-10, 8 epochs each):
-# a dense baseline; meSimp (unified k=60, prune rate 0.01) for 6 epochs, shrunk and
-# rounded to multiples of 16 (onnxruntime GEMM blocks), fine-tuned 2 epochs; both exported to ONNX (fp32 + int8) and timed in onnxruntime.
+# a dense baseline; meSimp (unified k=60, prune rate 0.01) for 6 epochs, shrunk with
+# widths rounded down to multiples of 16 (onnxruntime's GEMM blocks), fine-tuned 2
+# epochs; both exported to ONNX (fp32 + int8) and timed in onnxruntime.
 M := models/fmnist
 demo: setup
 	$(BIN)/mesimp train --epochs 8 -o $(M)-dense.pt $(DEMO_ARGS)

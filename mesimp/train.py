@@ -19,6 +19,8 @@ Crash safety (see README, "Resume and crash safety"):
   the epoch and step; ``save_checkpoint`` refuses non-finite tensors, so the last
   good checkpoints are never overwritten by a diverged model.
 * ``RUN.last.pt`` is removed when the run finishes (``keep_last`` keeps it).
+* One process per output (an advisory lock), so a resume cannot race the run it
+  resumes; temp files a ``kill -9`` left behind are removed at the next start.
 """
 
 from __future__ import annotations
