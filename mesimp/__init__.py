@@ -13,7 +13,7 @@ from mesimp.meprop import MePropConfig
 from mesimp.models import MLP, MLPConfig, build_model
 from mesimp.optim import RowSparseAdam, build_optimizer
 from mesimp.simplify import SimplifyConfig
-from mesimp.train import TrainConfig, train
+from mesimp.train import TrainConfig, TrainingDiverged, TrainingInterrupted, resume_config, train
 
 __all__ = [
     "__version__",
@@ -37,4 +37,7 @@ __all__ = [
     "model_from_checkpoint",
     "save_checkpoint",
     "train",
+    "resume_config",
+    "TrainingDiverged",
+    "TrainingInterrupted",
 ]

@@ -41,7 +41,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 def width_history(records: list[dict[str, Any]]) -> dict[str, list]:
     """Steps and widths per layer at every eval and simplification point."""
-    pts = [r for r in records if r["event"] in ("eval", "simplify") and "widths" in r]
+    pts = [r for r in records if r["event"] in ("start", "eval", "simplify") and "widths" in r]
     return {"step": [r["step"] for r in pts], "widths": [r["widths"] for r in pts]}
 
 

@@ -756,6 +756,8 @@ def _train(
             "try a lower --lr"
         )
 
+    if not records:  # a fresh run: the widths at step 0, so plots start at the full width
+        records.append({"event": "start", "epoch": 0, "step": 0, "widths": active_widths(model)})
     for epoch in range(start_epoch, config.epochs):
         if start_step == 0:
             if schedule is not None and schedule.cycle_starts(epoch):
