@@ -92,7 +92,7 @@ from mesimp.cli.main import IntList, KType, cli, emit_json
 @click.option(
     "--prune-rate",
     type=float,
-    default=0.08,
+    default=0.01,
     show_default=True,
     help="meSimp: drop a neuron selected in fewer than this fraction of examples "
     "since the last simplification point.",
@@ -196,7 +196,7 @@ def train(
       mesimp train                       # dense baseline, 784-500-500-10, 5 epochs
       mesimp train --k 20 -o models/k20.pt
       mesimp train --k 20 --selection unified --msbp 0.8
-      mesimp train --k 160 --simplify --prune-rate 0.08 --cycle-epochs 1 --epochs 6
+      mesimp train --k 60 --simplify --prune-rate 0.01 --epochs 6   # meSimp
       mesimp train --resume models/mlp.last.pt   # after Ctrl-C, SIGTERM or a crash
     """
     from mesimp.simplify import SimplifyConfig

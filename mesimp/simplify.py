@@ -45,7 +45,7 @@ class SimplifyConfig:
     ``min_width``: no layer goes below this many units.
     """
 
-    prune_rate: float = 0.08
+    prune_rate: float = 0.01
     points_per_epoch: int = 4
     cycle_epochs: int = 1
     min_width: int = 1
