@@ -7,6 +7,8 @@ count) and returns the ``bench --json`` object (schema below). What is measured:
   the thread count, ``inter_op_num_threads=1``, sequential execution, all graph
   optimizations on. Each timed sample is one ``session.run`` on a prepared batch
   (host wall time with ``time.perf_counter``; input conversion is not timed).
+* **No spinning.** ``session.intra_op.allow_spinning = 0``: idle sessions' worker
+  threads would otherwise spin and steal cores from the model being timed.
 * **Interleaving.** Machines are noisy, so the models of one (batch, threads)
   configuration are measured in the same loop: ``rounds`` rounds, each running every
   model for a block of ``repeat / rounds`` timed runs after one untimed run (which
@@ -163,6 +165,11 @@ def _session(path: Path, threads: int) -> Any:
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
+    # Worker threads of a session keep spinning after its run; with several sessions
+    # timed in turn on the same cores, that spinning stole the second core from the
+    # next model (measured: a 784-80-64 MLP at batch 256 and 2 threads took 0.163 ms
+    # interleaved with the dense model vs 0.087 ms alone). No spinning = fair turns.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
