@@ -29,15 +29,11 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import random
-import signal
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
-from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +57,14 @@ from mesimp.layers import MePropLinear, meprop_
 from mesimp.meprop import MePropConfig
 from mesimp.models import MLPConfig, build_model, count_macs, count_params, hidden_sizes
 from mesimp.optim import build_optimizer, reset_optimizer_state
+from mesimp.runsafety import (
+    StopSignals,
+    nonfinite_grad,
+    remove_stale_temp_files,
+    rng_state,
+    run_lock,
+    set_rng_state,
+)
 from mesimp.simplify import (
     SimplifyConfig,
     SimplifySchedule,
@@ -205,42 +209,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-# --------------------------------------------------------------------------------------
-# RNG state as plain types and tensors (loadable with weights_only=True)
-# --------------------------------------------------------------------------------------
-def rng_state() -> dict[str, Any]:
-    """torch (CPU), numpy (legacy global) and python ``random`` states."""
-    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
-    version, py_state, gauss_next = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": {
-            "name": str(name),
-            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        },
-        "python": {"version": int(version), "state": list(py_state), "gauss_next": gauss_next},
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state(
-        (
-            n["name"],
-            n["keys"].numpy().astype(np.uint32),
-            n["pos"],
-            n["has_gauss"],
-            n["cached_gaussian"],
-        )
-    )
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
 
 
 # --------------------------------------------------------------------------------------
@@ -413,115 +381,6 @@ def _build_resumed(config: TrainConfig, ckpt: dict[str, Any]) -> tuple[nn.Module
     return model, arch
 
 
-@contextlib.contextmanager
-def _run_lock(out: Path) -> Iterator[None]:
-    """One training process per output: an advisory ``flock`` on ``.RUN.pt.lock``.
-
-    Two processes writing the same RUN.pt/RUN.last.pt (say, ``--resume`` while the
-    interrupted run is in fact still going, because it ignored SIGINT as background
-    jobs do) would interleave their files. The kernel drops the lock when a process
-    dies, even by ``kill -9``, so a lock file left behind is harmless; a finished run
-    removes it. Best effort: a no-op where ``fcntl`` is missing (Windows).
-    """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not on POSIX
-        yield
-        return
-    lock = out.with_name(f".{out.name}.lock")
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        os.close(fd)
-        raise MesimpError(
-            f"{out} is being written by another running 'mesimp train' (it holds {lock}); "
-            "stop it first, or choose another -o"
-        ) from e
-    try:
-        yield
-    finally:
-        lock.unlink(missing_ok=True)  # while still holding it: no one can grab a stale one
-        os.close(fd)
-
-
-def _remove_stale_temp_files(*paths: Path) -> None:
-    """Remove the temp files that a killed run (``kill -9`` mid-write) left next to its
-    outputs: ``.NAME.XXXXXXXX.tmp``, as ``mesimp.atomic`` names them. The files
-    themselves are intact (writes are atomic); this only stops the litter piling up.
-    Safe because the run lock is held: no other process is writing these files."""
-    for p in paths:
-        for tmp in p.parent.glob(f".{glob_escape(p.name)}.*.tmp"):
-            tmp.unlink(missing_ok=True)
-
-
-# --------------------------------------------------------------------------------------
-# signals and finite checks
-# --------------------------------------------------------------------------------------
-class _StopSignals:
-    """Records SIGINT/SIGTERM instead of dying, so the loop can stop after a step.
-
-    Installed only for the duration of ``train()`` and only in the main thread; a
-    signal that was ignored (``nohup``, a background job) stays ignored. A second
-    signal stops at once with ``KeyboardInterrupt`` (RUN.last.pt keeps its previous
-    content: writes are atomic).
-    """
-
-    SIGNALS = ("SIGINT", "SIGTERM")
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handler(self, signum, _frame) -> None:
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[_StopSignals]:
-        if threading.current_thread() is threading.main_thread():
-            for name in self.SIGNALS:
-                sig = getattr(signal, name, None)
-                if sig is None:
-                    continue
-                previous = signal.getsignal(sig)
-                if previous is signal.SIG_IGN:
-                    continue
-                self._previous[sig] = previous
-                signal.signal(sig, self._handler)
-        try:
-            yield self
-        finally:
-            for sig, previous in self._previous.items():
-                signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
-            self._previous.clear()
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signum).name if self.signum is not None else ""
-
-
-def _nonfinite_grad(named: list[tuple[str, nn.Parameter]]) -> str | None:
-    """Name of the first parameter whose gradient holds NaN/Inf, else None.
-
-    One ``sum()`` per gradient and one sync (row-sparse gradients only sum their k
-    rows). A non-finite sum is confirmed exactly, since huge but finite values could
-    overflow it.
-    """
-    grads = [
-        (n, p.grad._values() if p.grad.is_sparse else p.grad)
-        for n, p in named
-        if p.grad is not None
-    ]
-    if not grads or bool(torch.isfinite(torch.stack([g.sum() for _, g in grads])).all()):
-        return None
-    for n, g in grads:
-        if not bool(torch.isfinite(g).all()):
-            return n
-    return None
-
-
 # --------------------------------------------------------------------------------------
 # the loop
 # --------------------------------------------------------------------------------------
@@ -545,7 +404,7 @@ def train(
     Raises ``TrainingInterrupted`` on SIGINT/SIGTERM (after writing RUN.last.pt) and
     ``TrainingDiverged`` on a NaN/Inf loss or gradient.
     """
-    stop = _StopSignals()
+    stop = StopSignals()
     log = log or (lambda m: print(m, file=sys.stderr))
     # signals from the start, so that a signal during set-up is graceful too; the
     # ExitStack releases the run lock however _train ends
@@ -558,7 +417,7 @@ def _train(
     progress: bool,
     log: Callable[[str], None],
     resume: str | Path | None,
-    stop: _StopSignals,
+    stop: StopSignals,
     on_exit: contextlib.ExitStack,
 ) -> dict[str, Any]:
     rckpt: dict[str, Any] | None = None
@@ -581,7 +440,7 @@ def _train(
     out = check_writable(config.output)  # before the data: fail fast on a bad -o
     mlog = check_writable(metrics_path(out))
     last = check_writable(resume_path(out))
-    on_exit.enter_context(_run_lock(out))
+    on_exit.enter_context(run_lock(out))
     data = load_image_dataset(config.data, dev_size=config.dev_size)
     fingerprint = _data_fingerprint(data)
     if rckpt is not None and rckpt["resume"].get("data_fingerprint") != fingerprint:
@@ -591,7 +450,7 @@ def _train(
         )
     if rckpt is None and last.exists():
         log(f"note: {last} (an unfinished run's state) will be replaced by this run's")
-    _remove_stale_temp_files(out, mlog, last)
+    remove_stale_temp_files(out, mlog, last)
     seed_everything(config.seed)
     if rckpt is None:
         model, arch = _build(config, data.x_train.shape[1], data.num_classes)
@@ -649,26 +508,30 @@ def _train(
     def write_log() -> None:
         atomic_write_text(mlog, "".join(json.dumps(r) + "\n" for r in records))
 
-    def save_resume(epoch: int, step: int, complete: bool = False) -> None:
-        nonlocal last_saved
-        ckpt = make_checkpoint(
+    def checkpoint_now(epoch_float: float, metrics: dict[str, Any]) -> dict[str, Any]:
+        """The model as a checkpoint, with the run's metadata (best and resume alike)."""
+        return make_checkpoint(
             model,
             arch,
             _meprop_cfg(model),
             train={
                 "config": config.to_dict(),
-                "epoch": epoch + step / steps_per_epoch,
+                "epoch": epoch_float,
                 "step": global_step,
                 "seed": config.seed,
                 "data": data.summary(),
                 "metrics": {
-                    k: last_eval[k]
+                    k: metrics[k]
                     for k in ("dev_accuracy", "test_accuracy", "train_loss")
-                    if k in last_eval
+                    if k in metrics
                 },
                 "optimizer_resets": resets,
             },
         )
+
+    def save_resume(epoch: int, step: int, complete: bool = False) -> None:
+        nonlocal last_saved
+        ckpt = checkpoint_now(epoch + step / steps_per_epoch, last_eval)
         ckpt["resume"] = {
             "version": RESUME_VERSION,
             "epoch": epoch,  # 0-based epoch in progress ...
@@ -718,23 +581,7 @@ def _train(
             if best is None or score > best["score"]:
                 best = {"score": score, **rec}
                 best_widths = rec["widths"]
-                ckpt = make_checkpoint(
-                    model,
-                    arch,
-                    _meprop_cfg(model),
-                    train={
-                        "config": config.to_dict(),
-                        "epoch": rec["epoch"],
-                        "step": global_step,
-                        "seed": config.seed,
-                        "data": data.summary(),
-                        "metrics": {
-                            k: rec[k] for k in ("dev_accuracy", "test_accuracy", "train_loss")
-                        },
-                        "optimizer_resets": resets,
-                    },
-                )
-                save_checkpoint(out, ckpt)
+                save_checkpoint(out, checkpoint_now(rec["epoch"], rec))
             write_log()
             bar.set_postfix(loss=f"{rec['train_loss']:.4f}", dev=f"{rec['dev_accuracy']:.4f}")
         if not final or config.keep_last:
@@ -798,7 +645,7 @@ def _train(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             check = (global_step + 1) % GRAD_CHECK_EVERY == 0
-            bad = _nonfinite_grad(named_params) if check else None
+            bad = nonfinite_grad(named_params) if check else None
             if bad is not None:
                 bar.close()
                 raise diverged(f"the gradient of {bad} holds NaN/Inf", epoch, step, global_step + 1)
