@@ -117,6 +117,8 @@ def _input_signature(proto: Any, path: Path) -> tuple[str, tuple[int, ...], int 
     if len(inputs) != 1:
         raise BadInputError(f"{path}: expected one input, the model has {len(inputs)}")
     inp = inputs[0]
+    if not isinstance(inp.name, str):  # protobuf hands back bytes for invalid UTF-8
+        raise BadInputError(f"{path}: the input name {inp.name!r} is not valid UTF-8")
     tt = inp.type.tensor_type
     if tt.elem_type != 1:  # onnx.TensorProto.FLOAT
         raise BadInputError(f"{path}: input {inp.name!r} is not float32")
@@ -137,7 +139,8 @@ def load_model_info(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     proto = _load_onnx(p)
     name, shape, fixed = _input_signature(proto, p)
-    meta = {m.key: m.value for m in proto.metadata_props}
+    # (protobuf hands back bytes, not str, for invalid UTF-8: such entries are skipped)
+    meta = {m.key: m.value for m in proto.metadata_props if isinstance(m.value, str)}
     info: dict[str, Any] = {
         "path": str(p),
         "macs": graph_macs(proto),
@@ -148,7 +151,7 @@ def load_model_info(path: str | os.PathLike) -> dict[str, Any]:
     if "hidden_sizes" in meta:
         try:
             info["hidden_sizes"] = json.loads(meta["hidden_sizes"])
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: deeply nested "[[[[..."
             pass
     if "quantization" in meta:
         info["quantization"] = meta["quantization"]
@@ -174,6 +177,18 @@ def _session(path: Path, threads: int) -> Any:
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
         raise BadInputError(f"{path}: onnxruntime cannot load it ({_one_line(e)})") from e
+
+
+def _ort_errors() -> tuple[type[BaseException], ...]:
+    """onnxruntime's own error types (Fail, InvalidArgument, RuntimeException, ...): they
+    derive from Exception directly, with no common base to catch instead."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return tuple(
+        v
+        for v in vars(state).values()
+        if isinstance(v, type) and issubclass(v, Exception) and v.__module__ == state.__name__
+    )
 
 
 def _batch(pool: np.ndarray, b: int) -> np.ndarray:
@@ -284,6 +299,7 @@ def bench(
     features = math.prod(shape)
 
     ds = None
+    opened: dict[int, list[Any]] = {}  # thread count -> sessions opened ahead of the loop
     if data is not None:
         from mesimp.data import load_image_dataset
 
@@ -297,14 +313,27 @@ def bench(
             raise BadInputError(f"the data at {ds.source} has an empty test split")
         pool = ds.x_test.numpy().reshape(-1, *shape)
     else:
-        pool = np.random.default_rng(0).random((max(batch_sizes), *shape), dtype=np.float32)
+        # Open the models before allocating their inputs: onnxruntime refuses a graph whose
+        # declared input does not fit its weights, and such a (forged) input shape must
+        # not make bench allocate gigabytes first. The sessions are reused below.
+        opened[threads[0]] = [_session(p, threads[0]) for p in paths]
+        try:
+            pool = np.random.default_rng(0).random((max(batch_sizes), *shape), dtype=np.float32)
+        except (MemoryError, ValueError) as e:  # a huge or negative declared input shape
+            raise BadInputError(
+                f"{paths[0]}: cannot allocate inputs of shape {[max(batch_sizes), *shape]} "
+                f"({_one_line(e)})"
+            ) from e
 
     macs0 = infos[0]["macs"]
     if ds is not None:
         x_all = np.ascontiguousarray(ds.x_test.numpy().reshape(-1, *shape), dtype=np.float32)
         y_all = ds.y_test.numpy()
         for p, info in zip(paths, infos, strict=True):
-            info["accuracy"] = _accuracy(_session(p, max(threads)), x_all, y_all)
+            try:
+                info["accuracy"] = _accuracy(_session(p, max(threads)), x_all, y_all)
+            except _ort_errors() as e:  # loads, but fails to run (e.g. a forged Gemm attribute)
+                raise BadInputError(f"{p}: onnxruntime cannot run it ({_one_line(e)})") from e
 
     results: list[dict[str, Any]] = []
     bar = tqdm(
@@ -318,12 +347,18 @@ def bench(
     used_repeats: dict[tuple[int, int], int] = {}
     try:
         for t in threads:
-            sessions = [_session(p, t) for p in paths]
+            sessions = opened.pop(t, None) or [_session(p, t) for p in paths]
             name = sig0["name"]
             for b in batch_sizes:
                 feed = {name: _batch(pool, b)}
                 bar.set_postfix_str(f"batch {b}, {t} thread{'s' if t > 1 else ''}")
-                times = _time_interleaved(sessions, feed, repeat, warmup)
+                try:
+                    times = _time_interleaved(sessions, feed, repeat, warmup)
+                except _ort_errors() as e:  # loads, but fails to run (e.g. a forged attribute)
+                    names = ", ".join(map(str, paths))
+                    raise BadInputError(
+                        f"onnxruntime cannot run {names} at batch size {b} ({_one_line(e)})"
+                    ) from e
                 used_repeats[(b, t)] = len(times[0])
                 p50_first = None
                 for i, (p, info) in enumerate(zip(paths, infos, strict=True)):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import struct
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         AttributeError,
         KeyError,
         IndexError,
+        struct.error,  # a truncated BINUNICODE/BINBYTES length field inside data.pkl
+        AssertionError,  # torch's persistent_load raises it for a malformed persistent id
     ) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{p}: not a loadable mesimp checkpoint ({first[:200]})") from e
@@ -148,7 +151,8 @@ def validate_checkpoint(ckpt: Any, where: str | os.PathLike = "checkpoint") -> d
         raise CheckpointError(f"{where}: not a mesimp checkpoint (no format={FORMAT!r} field)")
     version = ckpt.get("version")
     if not isinstance(version, int) or version < 1:
-        raise CheckpointError(f"{where}: invalid checkpoint version {version!r}")
+        shown = " ".join(repr(version).split())[:80]  # a tensor's repr spans lines
+        raise CheckpointError(f"{where}: invalid checkpoint version {shown}")
     if version > VERSION:
         raise CheckpointError(
             f"{where}: checkpoint version {version} is newer than supported version {VERSION};"
@@ -170,22 +174,66 @@ def model_from_checkpoint(ckpt: dict[str, Any], meprop: bool | None = None) -> n
     and the model computes what it computed in training. ``meprop=False`` returns
     the plain PyTorch model (masks are then *not* applied).
     """
-    arch = arch_from_dict(ckpt["arch"])
+    try:
+        arch = arch_from_dict(ckpt["arch"])
+        # Built on the meta device first (no memory): a forged arch with huge sizes must
+        # be refused against the stored weights before anything is allocated.
+        with torch.device("meta"):
+            skeleton = build_model(arch)
+    except MesimpError as e:
+        if "\n" not in str(e):
+            raise
+        # models.py puts the raw value in its message: a tensor's repr spans lines
+        raise CheckpointError(" ".join(str(e).split())[:300]) from e
+    except (TypeError, ValueError, OverflowError, RuntimeError) as e:
+        # hidden_sizes=["x"] (ValueError), in_features=2.5 (TypeError), 2**70 (Overflow/Runtime)
+        raise CheckpointError(f"checkpoint 'arch' is malformed: {_first_line(e)}") from e
+    _check_weight_shapes(skeleton, ckpt["state_dict"])
     model = build_model(arch)
     try:
         model.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, KeyError, TypeError) as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"checkpoint weights do not match its arch: {first}") from e
-    layers = ckpt.get("meprop", {}).get("layers") or {}
-    if meprop is None:
-        meprop = bool(layers)
-    if meprop:
-        cfg_dict = ckpt.get("meprop", {}).get("config")
-        config = MePropConfig.from_dict(cfg_dict) if cfg_dict else MePropConfig()
-        names = set(layers) or None
-        meprop_(model, config, filter_fn=(lambda n, m: n in names) if names else None)
-        for name, mod in model.named_modules():
-            if isinstance(mod, MePropLinear) and name in layers:
-                mod.load_meprop_state(layers[name])
+        raise CheckpointError(f"checkpoint weights do not match its arch: {_first_line(e)}") from e
+    try:
+        layers = ckpt.get("meprop", {}).get("layers") or {}
+        if meprop is None:
+            meprop = bool(layers)
+        if meprop:
+            cfg_dict = ckpt.get("meprop", {}).get("config")
+            config = MePropConfig.from_dict(cfg_dict) if cfg_dict else MePropConfig()
+            names = set(layers) or None
+            meprop_(model, config, filter_fn=(lambda n, m: n in names) if names else None)
+            for name, mod in model.named_modules():
+                if isinstance(mod, MePropLinear) and name in layers:
+                    mod.load_meprop_state(layers[name])
+    except (AttributeError, TypeError, ValueError, RuntimeError) as e:
+        # "meprop"/"config"/"layers" not dicts (AttributeError, TypeError), a bad config
+        # value (BadInputError is a ValueError), counters or masks of the wrong shape or
+        # type (RuntimeError from copy_).
+        raise CheckpointError(f"checkpoint 'meprop' state is malformed: {_first_line(e)}") from e
     return model
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
+def _check_weight_shapes(skeleton: nn.Module, state_dict: dict[str, Any]) -> None:
+    """``state_dict`` has exactly ``skeleton``'s keys and shapes (skeleton is on "meta")."""
+    want = skeleton.state_dict()
+    missing = [k for k in want if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in want]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint weights do not match its arch: missing keys {missing[:4]!r}, "
+            f"unexpected keys {unexpected[:4]!r}"[:300]
+        )
+    for key, ref in want.items():
+        got = state_dict[key]
+        if not isinstance(got, torch.Tensor) or got.shape != ref.shape:
+            what = list(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            raise CheckpointError(
+                f"checkpoint weights do not match its arch: {key} is {what}, "
+                f"the arch needs {list(ref.shape)}"
+            )
