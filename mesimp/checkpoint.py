@@ -163,6 +163,10 @@ def validate_checkpoint(ckpt: Any, where: str | os.PathLike = "checkpoint") -> d
             raise CheckpointError(f"{where}: checkpoint field {key!r} is missing or malformed")
     ckpt.setdefault("meprop", {"config": None, "layers": {}})
     ckpt.setdefault("train", {})
+    if not isinstance(ckpt["train"], dict):
+        raise CheckpointError(f"{where}: checkpoint field 'train' is malformed")
+    if not isinstance(ckpt["train"].get("metrics", {}), dict):
+        raise CheckpointError(f"{where}: checkpoint field 'train.metrics' is malformed")
     return ckpt
 
 
