@@ -265,19 +265,29 @@ def _train_report(result, as_json):
         click.echo(f"checkpoint: {result['checkpoint']}  metrics: {result['metrics_log']}")
 
 
-@cli.command(short_help="Show a checkpoint's size, widths, accuracy and update counters.")
+@cli.command(short_help="Show a checkpoint's or ONNX file's size, widths and accuracy.")
 @click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the info object as JSON.")
 def info(path, as_json):
-    """Show a checkpoint's architecture, size, accuracy and update counters."""
-    from mesimp.checkpoint import load_checkpoint, model_from_checkpoint
-    from mesimp.info import model_info
+    """Show a checkpoint's architecture, size, accuracy and update counters, or an ONNX
+    file's widths, size and metadata (for IN.onnx)."""
+    from mesimp.info import path_info
 
-    ckpt = load_checkpoint(path)
-    result = model_info(model_from_checkpoint(ckpt), ckpt)
-    result["path"] = str(path)
+    result = path_info(path)
     if as_json:
         emit_json(result)
+        return
+    if result["format"] == "onnx":
+        click.echo(
+            f"{path}: onnx  hidden_sizes {result['hidden_sizes']}  "
+            f"input {result['input']['name']} {result['input']['shape']}"
+        )
+        click.echo(
+            f"params {result['params']:,}  MACs/example {result['macs']:,}  "
+            f"{result['size_bytes']:,} bytes"
+        )
+        for k, v in sorted(result["metadata"].items()):
+            click.echo(f"  {k}: {v[:120]}")
         return
     click.echo(
         f"{path}: {result['model']}  hidden_sizes {result['hidden_sizes']}  "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 from torch import nn
@@ -67,4 +69,50 @@ def model_info(model: nn.Module, ckpt: dict[str, Any] | None = None) -> dict[str
         "test_accuracy": metrics.get("test_accuracy"),
         "layers": layer_table(model),
         "counters": counter_summary(model),
+    }
+
+
+def onnx_info(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``info`` object of an ONNX file: sizes read from the graph, plus its metadata."""
+    import onnx
+
+    from mesimp.bench import load_model_info
+
+    base = load_model_info(path)  # refuses non-ONNX files with a one-line BadInputError
+    meta = {m.key: m.value for m in onnx.load(str(path), load_external_data=False).metadata_props}
+    arch = json_or_none(meta.get("arch"))
+    return {
+        "path": str(path),
+        "format": "onnx",
+        "model": arch.get("model", "onnx") if isinstance(arch, dict) else "onnx",
+        "hidden_sizes": base.get("hidden_sizes"),
+        "params": base["params"],
+        "macs": base["macs"],
+        "size_bytes": base["size_bytes"],
+        "input": base["input"],
+        "quantization": base.get("quantization"),
+        "metadata": {k: v for k, v in meta.items() if isinstance(v, str)},
+    }
+
+
+def json_or_none(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+def path_info(path: str | os.PathLike) -> dict[str, Any]:
+    """``mesimp info`` for a checkpoint (``.pt``) or an ONNX file (``.onnx``)."""
+    if str(path).endswith(".onnx"):
+        return onnx_info(path)
+    from mesimp.checkpoint import load_checkpoint, model_from_checkpoint
+
+    ckpt = load_checkpoint(path)
+    return {
+        "path": str(path),
+        "format": "checkpoint",
+        **model_info(model_from_checkpoint(ckpt), ckpt),
     }

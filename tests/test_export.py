@@ -421,3 +421,30 @@ def test_failed_parity_raises_and_writes_nothing(tmp_path, models, data, monkeyp
     with pytest.raises(VerificationError, match="differ"):
         export_onnx(ckpt, tmp_path / "m.onnx", data=data.npz)
     assert _files(tmp_path) == {"m.pt"}
+
+
+@pytest.mark.parametrize("name", ["shrunk", "int8"])
+def test_info_on_an_onnx_file(name, models, exported, capsys):
+    """`mesimp info X.onnx --json`: widths, params and MACs counted from the graph by hand."""
+    path = exported[name]["path"]
+    code, out, err = _run_main(capsys, "info", path, "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    weights = _gemm_weights(onnx.load(path)) if name == "shrunk" else None
+    src = models["shrunk" if name == "shrunk" else "dense"].ckpt
+    arch = torch.load(src, weights_only=True)["arch"]
+    sizes = [arch["in_features"], *arch["hidden_sizes"], arch["out_features"]]
+    assert doc["format"] == "onnx" and doc["hidden_sizes"] == arch["hidden_sizes"]
+    assert doc["macs"] == sum(a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+    assert doc["params"] == doc["macs"] + sum(sizes[1:])
+    assert doc["metadata"]["source_sha256"] == hashlib.sha256(Path(src).read_bytes()).hexdigest()
+    if weights is not None:
+        assert [w.shape[0] for w, _ in weights][:-1] == arch["hidden_sizes"]
+
+
+def test_info_refuses_a_non_onnx_file(tmp_path, capsys):
+    bad = tmp_path / "x.onnx"
+    bad.write_text("not a model")
+    code, out, err = _run_main(capsys, "info", bad)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error:")
