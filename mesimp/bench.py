@@ -303,7 +303,7 @@ def bench(
     if data is not None:
         from mesimp.data import load_image_dataset
 
-        ds = load_image_dataset(data)
+        ds = load_image_dataset(data, dev_size=0)  # only the test split is used
         if ds.x_test.shape[1] != features:
             raise BadInputError(
                 f"the models take {features} input features ({sig0['name']!r} {list(shape)}) "

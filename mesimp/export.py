@@ -254,7 +254,7 @@ def _check_data(data: str | os.PathLike | None, in_features: int, int8: bool) ->
     from mesimp.data import load_image_dataset
 
     try:
-        ds = load_image_dataset(data)
+        ds = load_image_dataset(data, dev_size=0)  # only the test split is used
     except DataError:
         if data is not None or int8:
             raise  # asked for it (or int8 accuracy needs it): the user must hear why

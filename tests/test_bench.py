@@ -347,3 +347,20 @@ def test_cli_refuses(case, onnx_models, tmp_path, capsys, verify_npz):
     assert (says if case != "batch 0" else "every value must be > 0") in lines[0]
     assert "Traceback" not in err and out == ""
     assert _files(out_dir) == set()  # no report written
+
+
+def test_bench_accepts_data_with_few_training_examples(tmp_path, onnx_models):
+    """bench only needs the test split: a data file with 100 training images must work."""
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "small.npz"
+    np.savez(
+        npz,
+        x_train=rng.integers(0, 255, (100, 28, 28), dtype=np.uint8),
+        y_train=rng.integers(0, 10, 100),
+        x_test=rng.integers(0, 255, (50, 28, 28), dtype=np.uint8),
+        y_test=rng.integers(0, 10, 50),
+    )
+    r = bench(
+        [onnx_models.narrow], data=npz, batch_sizes=(4,), threads=(1,), repeat=3, progress=False
+    )
+    assert 0.0 <= r["results"][0]["accuracy"] <= 1.0
