@@ -126,9 +126,22 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if p.is_dir():
         raise CheckpointError(f"{p}: is a directory, not a checkpoint")
     try:
+        with open(p, "rb") as f:
+            head = f.read(2)
+    except OSError as e:
+        raise CheckpointError(f"{p}: cannot read it ({e.strerror or e})") from e
+    # torch.save writes a zip archive (PK..); very old files are a bare pickle (0x80).
+    if head != b"PK" and head[:1] != b"\x80":
+        raise CheckpointError(f"{p}: not a PyTorch checkpoint (unrecognized file header)")
+    try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's own message suggests weights_only=False: exactly what we must not do.
+        raise CheckpointError(
+            f"{p}: refused: it holds pickled objects that safe loading (weights_only) does "
+            "not allow; nothing in it was run"
+        ) from e
     except (
-        pickle.UnpicklingError,
         zipfile.BadZipFile,
         RuntimeError,
         EOFError,

@@ -380,7 +380,7 @@ def test_int8_export(exported, data):
 # --------------------------------------------------------------------------------------
 EXPORT_BAD = {  # case -> what the one-line message says
     "no --onnx": "--onnx",
-    "text file": "not a loadable mesimp checkpoint",
+    "text file": "not a PyTorch checkpoint",
     "torch file, not a checkpoint": "not a mesimp checkpoint",
     "missing checkpoint": "no such file",
     "output under a file": "cannot write",
