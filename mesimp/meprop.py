@@ -9,12 +9,13 @@ Backward, for the 2-D view ``dy: [N, n]`` of the output gradient:
 * keep dy only on S, then ``dx = dy_S W_S``, ``dW`` has nonzero rows only in S,
   ``db = sum_i dy_S``. This equals plain autograd run on the masked ``dy``.
 
-Speed: the GEMMs only touch the columns/rows that were selected in the batch (the
-union U over examples for per-example selection; exactly k for ``unified``). The
-weight gradient is returned as a row-sparse COO tensor holding only those rows,
-so a row-sparse optimizer (``mesimp.optim.RowSparseAdam``, or torch's Adagrad/SGD)
-updates only k rows instead of sweeping all of W. With ``sparse_grad=False`` it is
-returned dense (zero-filled), for the exact dense optimizers.
+Speed: ``unified`` runs dense GEMMs on exactly the k selected rows of W; per-example
+selection computes dx and dW with ``embedding_bag`` over the b*k selected entries
+(b*k*d work). The weight gradient is returned as a row-sparse COO tensor holding
+only the selected rows (k for ``unified``, the union U over the batch otherwise), so
+a row-sparse optimizer (``mesimp.optim.RowSparseAdam``, or torch's Adagrad/SGD)
+updates only those rows instead of sweeping all of W. With ``sparse_grad=False`` it
+is returned dense (zero-filled), for the exact dense optimizers.
 
 MSBP (memorized sparse backprop): with ``msbp_alpha > 0`` the layer keeps a memory
 ``m`` of the *output gradient* residual: ``u = dy + m; s = select(u);
