@@ -1,0 +1,364 @@
+"""MePropLSTM tests against nn.LSTM and an independent masked-dense reference.
+
+The reference re-implements the LSTM step loop with plain autograd and a hook on each
+step's gate pre-activation that keeps the gradient only on the units it selects itself
+(argsort of the per-unit sum of |grad| over the four gates); it never calls
+``mesimp.meprop.select`` or ``mesimp.lstm``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mesimp.errors import BadInputError
+from mesimp.lstm import MePropLSTM, prune_lstm_hidden
+from mesimp.meprop import MePropConfig
+from mesimp.shrink import prune_linear_in
+
+DT = torch.float64
+IN, H, B, T = 4, 6, 3, 5
+NAMES = ["weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"]
+
+
+def _distinct_params(m: nn.Module, seed: int = 0) -> None:
+    """Random weights with no exact ties anywhere (so top-k selections are unique)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.6)
+
+
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone().requires_grad_(True)
+
+
+# --------------------------------------------------------------------------------------
+# independent reference
+# --------------------------------------------------------------------------------------
+def _unit_keep(grad: torch.Tensor, k: int, selection: str, keep: torch.Tensor | None):
+    """0/1 [B, h] mask of the selected units, from the gradient at one step's gates."""
+    b, h = grad.shape[0], grad.shape[1] // 4
+    score = grad.reshape(b, 4, h).abs().sum(1)
+    if selection == "unified":
+        score = score.sum(0, keepdim=True).expand(b, h).clone()
+    if keep is not None:
+        score[:, ~keep] = -float("inf")
+    out = torch.zeros(b, h, dtype=grad.dtype)
+    order = score.argsort(dim=1, descending=True)[:, :k]
+    for i in range(b):
+        for j in order[i].tolist():
+            out[i, j] = 1.0
+    return out
+
+
+def _mask_units(grad, k, selection, keep):
+    b, h = grad.shape[0], grad.shape[1] // 4
+    sel = _unit_keep(grad, k, selection, keep)  # [B, h]
+    return (grad.reshape(b, 4, h) * sel.unsqueeze(1)).reshape(b, 4 * h)
+
+
+def ref_forward(params, x_tbi, k=0, selection="topk", keep=None, h0=None, c0=None):
+    """Plain LSTM loop on [T, B, in]; with k > 0 each step's gate grad is unit-masked."""
+    w_ih, w_hh, b_ih, b_hh = params
+    tb, bb = x_tbi.shape[0], x_tbi.shape[1]
+    h_size = w_hh.shape[1]
+    m = None if keep is None else keep.to(x_tbi.dtype)
+    h = x_tbi.new_zeros(bb, h_size) if h0 is None else h0
+    c = x_tbi.new_zeros(bb, h_size) if c0 is None else c0
+    if m is not None:
+        h, c = h * m, c * m
+    outs = []
+    for t in range(tb):
+        gates = x_tbi[t] @ w_ih.t() + b_ih + h @ w_hh.t() + b_hh
+        if k:
+            gates.register_hook(lambda g: _mask_units(g, k, selection, keep))
+        i, f, gg, o = (gates[:, j * h_size : (j + 1) * h_size] for j in range(4))
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(gg)
+        if m is not None:
+            c = c * m
+        h = torch.sigmoid(o) * torch.tanh(c)
+        if m is not None:
+            h = h * m
+        outs.append(h)
+    return torch.stack(outs, 0), h, c
+
+
+def _layer_and_ref_grads(layer, x_bti, g_out, k, selection, keep=None):
+    """Grads of (params, x) from the layer and from the reference, same upstream g_out."""
+    xl = _leaf(x_bti)
+    out, _ = layer(xl)
+    out.backward(g_out)
+    got = [getattr(layer, n).grad.clone() for n in NAMES] + [xl.grad]
+
+    params = [_leaf(getattr(layer, n)) for n in NAMES]
+    xr = _leaf(x_bti)
+    out_r, _, _ = ref_forward(params, xr.transpose(0, 1), k, selection, keep)
+    out_r.transpose(0, 1).backward(g_out)
+    want = [p.grad for p in params] + [xr.grad]
+    return out, out_r.transpose(0, 1), got, want
+
+
+# --------------------------------------------------------------------------------------
+# k = 0 is nn.LSTM
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("k", [0, H])
+def test_dense_matches_nn_lstm(batch_first, with_state, k):
+    torch.manual_seed(0)
+    ours = MePropLSTM(IN, H, batch_first=batch_first, k=k, dtype=DT)
+    torch.manual_seed(0)
+    theirs = nn.LSTM(IN, H, batch_first=batch_first, dtype=DT)
+    for n in NAMES:  # same seed, same init rule and order
+        assert torch.equal(getattr(ours, n), getattr(theirs, n))
+    shape = (B, T, IN) if batch_first else (T, B, IN)
+    x = torch.randn(shape, dtype=DT)
+    hx = (torch.randn(1, B, H, dtype=DT), torch.randn(1, B, H, dtype=DT)) if with_state else None
+
+    x1, x2 = _leaf(x), _leaf(x)
+    hx1 = tuple(_leaf(t) for t in hx) if hx else None
+    hx2 = tuple(_leaf(t) for t in hx) if hx else None
+    o1, (h1, c1) = ours(x1, hx1)
+    o2, (h2, c2) = theirs(x2, hx2)
+    for a, b in [(o1, o2), (h1, h2), (c1, c2)]:
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    g = torch.randn_like(o1)
+    (o1 * g).sum().add(h1.sum() + c1.pow(2).sum()).backward()
+    (o2 * g).sum().add(h2.sum() + c2.pow(2).sum()).backward()
+    for n in NAMES:
+        torch.testing.assert_close(
+            getattr(ours, n).grad, getattr(theirs, n).grad, rtol=0, atol=1e-12
+        )
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=0, atol=1e-12)
+    if hx:
+        for a, b in zip(hx1, hx2, strict=True):
+            torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-12)
+    assert int(ours.ref) == 0  # the dense path does not count
+
+
+def test_float32_matches_nn_lstm_and_unbatched():
+    torch.manual_seed(1)
+    ours = MePropLSTM(IN, H)
+    theirs = nn.LSTM(IN, H, batch_first=True)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(B, 7, IN)
+    o1, (h1, c1) = ours(x)
+    o2, (h2, c2) = theirs(x)
+    assert (o1 - o2).abs().max() <= 1e-6
+    assert (c1 - c2).abs().max() <= 1e-6
+    u1, (uh1, _) = ours(x[0])
+    u2, (uh2, _) = theirs(x[0])
+    assert u1.shape == u2.shape and uh1.shape == uh2.shape
+    assert (u1 - u2).abs().max() <= 1e-6
+
+
+# --------------------------------------------------------------------------------------
+# meProp gradient vs the independent reference
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("selection", ["topk", "unified"])
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_sparse_grads_match_reference(selection, k):
+    layer = MePropLSTM(IN, H, k=k, selection=selection, dtype=DT)
+    _distinct_params(layer, seed=k)
+    g = torch.Generator().manual_seed(10 + k)
+    x = torch.randn(B, T, IN, generator=g, dtype=DT)
+    g_out = torch.randn(B, T, H, generator=g, dtype=DT)
+    out, out_r, got, want = _layer_and_ref_grads(layer, x, g_out, k, selection)
+    torch.testing.assert_close(out, out_r, rtol=0, atol=1e-12)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # and it really is sparse: not the dense gradient
+    dense = MePropLSTM(IN, H, k=0, dtype=DT)
+    dense.load_state_dict(layer.state_dict())
+    dense(_leaf(x))[0].backward(g_out)
+    assert not torch.allclose(dense.weight_hh_l0.grad, got[1])
+    assert int(layer.hits.sum()) == B * k * T  # per example per step, both selections
+    assert int(layer.ref) == B * T
+
+
+@pytest.mark.parametrize("selection", ["topk", "unified"])
+def test_sparse_grads_with_mask_match_reference(selection):
+    k = 2
+    layer = MePropLSTM(IN, H, k=k, selection=selection, dtype=DT)
+    _distinct_params(layer, seed=5)
+    keep = torch.tensor([True, False, True, True, False, True])
+    layer.apply_mask(keep)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(B, T, IN, generator=g, dtype=DT)
+    g_out = torch.randn(B, T, H, generator=g, dtype=DT)
+    out, out_r, got, want = _layer_and_ref_grads(layer, x, g_out, k, selection, keep)
+    torch.testing.assert_close(out, out_r, rtol=0, atol=1e-12)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert layer.hits[~keep].sum() == 0
+
+
+def test_random_selection_counts_and_respects_mask():
+    layer = MePropLSTM(IN, H, k=2, selection="random", dtype=DT)
+    keep = torch.tensor([True, True, False, True, True, False])
+    layer.apply_mask(keep)
+    x = _leaf(torch.randn(B, T, IN, dtype=DT))
+    layer(x)[0].sum().backward()
+    assert int(layer.hits.sum()) == B * T * 2
+    assert int(layer.ref) == B * T
+    assert layer.hits[~keep].sum() == 0
+    # per example and step, dg lives on at most k units: masked units get no W rows
+    rows = torch.cat([torch.arange(4) * H + j for j in (2, 5)])
+    assert layer.weight_ih_l0.grad[rows].abs().sum() == 0
+
+
+def test_fraction_k_uses_active_width():
+    layer = MePropLSTM(IN, 8, config=MePropConfig(k=0.5))
+    assert layer.k == 4
+    layer.apply_mask(torch.tensor([1, 1, 1, 1, 0, 0, 0, 0], dtype=torch.bool))
+    assert layer.k == 2 and layer.active_width == 4
+
+
+# --------------------------------------------------------------------------------------
+# counters, by hand
+# --------------------------------------------------------------------------------------
+def _zero_lstm(selection, b):
+    """h=3, all weights zero: i=f=o=0.5, g=0, c=h=0 at every step.
+
+    Backward: dc_t = 0.5*dh_t + 0.5*dc_{t+1} and the only nonzero gate gradient is
+    dg_g = 0.5*dc_t, so a unit's score is 0.5*|dc_t|.
+    """
+    layer = MePropLSTM(2, 3, k=1, selection=selection, dtype=DT)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.zero_()
+    x = _leaf(torch.randn(b, 2, 2, dtype=DT))
+    out, _ = layer(x)
+    return layer, out
+
+
+def test_counters_by_hand_topk():
+    layer, out = _zero_lstm("topk", 1)
+    # step 2: dh_2 = e_2 -> dc_2 = [0, 0, .5] -> unit 2.
+    # step 1: dh_1 = 3 e_1 (W_hh = 0), dc_1 = [0, 1.5, .25] -> unit 1 (unit 2 dropped).
+    (3 * out[0, 0, 1] + out[0, 1, 2]).backward()
+    assert layer.hits.tolist() == [0, 1, 1]
+    assert int(layer.ref) == 2
+    want = torch.zeros(12, dtype=DT)
+    want[2 * 3 + 2] = 0.5 * 0.5  # g gate of unit 2 at step 2
+    want[2 * 3 + 1] = 0.5 * 1.5  # g gate of unit 1 at step 1; unit 2's 0.125 is cut
+    torch.testing.assert_close(layer.bias_ih_l0.grad, want, rtol=0, atol=1e-15)
+    torch.testing.assert_close(layer.bias_hh_l0.grad, want, rtol=0, atol=1e-15)
+
+
+def test_counters_by_hand_unified():
+    layer, out = _zero_lstm("unified", 2)
+    (3 * out[0, 0, 1] + out[0, 1, 2] + 2 * out[1, 1, 0]).backward()
+    # step 2: dc_2 = ex0 [0, 0, .5], ex1 [1, 0, 0]; batch scores .5*[1, 0, .5] -> unit 0.
+    # step 1: dc_1 = ex0 [0, 1.5, .25], ex1 [.5, 0, 0]; scores .5*[.5, 1.5, .25] -> unit 1.
+    assert layer.hits.tolist() == [2, 2, 0]  # +B per selected unit
+    assert int(layer.ref) == 4
+    want = torch.zeros(12, dtype=DT)
+    want[2 * 3 + 0] = 0.5 * 1.0  # unit 0, step 2 (example 1)
+    want[2 * 3 + 1] = 0.5 * 1.5  # unit 1, step 1 (example 0); unit 2's parts are cut
+    torch.testing.assert_close(layer.bias_ih_l0.grad, want, rtol=0, atol=1e-15)
+
+
+# --------------------------------------------------------------------------------------
+# masks and shrinking
+# --------------------------------------------------------------------------------------
+def test_masked_units_output_zero_and_never_selected():
+    layer = MePropLSTM(IN, H, k=H, dtype=DT)  # k capped to the active width
+    keep = torch.tensor([True, False, True, False, True, True])
+    layer.apply_mask(keep)
+    assert layer.k == 4
+    x = _leaf(torch.randn(B, T, IN, dtype=DT))
+    hx = (torch.randn(1, B, H, dtype=DT), torch.randn(1, B, H, dtype=DT))
+    out, (h_n, c_n) = layer(x, hx)
+    assert torch.all(out[..., ~keep] == 0)
+    assert torch.all(h_n[..., ~keep] == 0) and torch.all(c_n[..., ~keep] == 0)
+    assert torch.all(out[..., keep] != 0)
+    out.pow(2).sum().backward()
+    assert layer.hits[~keep].sum() == 0
+    assert layer.hits[keep].tolist() == [B * T] * 4
+    masked_rows = torch.cat([torch.arange(4) * H + j for j in (1, 3)])
+    assert layer.weight_hh_l0.grad[masked_rows].abs().sum() == 0
+    # masks only shrink; the state round-trips
+    layer.apply_mask(torch.ones(H, dtype=torch.bool))
+    assert layer.active_width == 4
+    st = layer.meprop_state()
+    other = MePropLSTM(IN, H, k=2, dtype=DT)
+    other.load_meprop_state(st)
+    assert other.active_width == 4 and torch.equal(other.hits, layer.hits)
+    assert set(layer.state_dict()) == set(NAMES)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_masked_equals_shrunk(batch_first):
+    torch.manual_seed(2)
+    hs = 8
+    lstm = MePropLSTM(5, hs, batch_first=batch_first, k=3)
+    head = nn.Linear(hs, 4)
+    keep = torch.tensor([1, 0, 1, 1, 0, 0, 1, 1], dtype=torch.bool)
+    lstm.apply_mask(keep)
+    keep_idx = keep.nonzero().squeeze(1)
+    small = prune_lstm_hidden(lstm, keep_idx)
+    small_head = prune_linear_in(head, keep_idx)
+    assert type(small) is nn.LSTM and small.hidden_size == 5
+    assert small.batch_first == batch_first
+    # pruning the plain nn.LSTM with the same weights gives the same module
+    plain = lstm.to_lstm()
+    assert type(plain) is nn.LSTM
+    same = prune_lstm_hidden(plain, keep_idx)
+    for n in NAMES:
+        assert torch.equal(getattr(small, n), getattr(same, n))
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        shape = (3, 9, 5) if batch_first else (9, 3, 5)
+        x = torch.randn(shape, generator=g) * 2
+        y_big = head(lstm(x)[0])
+        y_small = small_head(small(x)[0])
+        assert (y_big - y_small).abs().max() <= 1e-5
+
+
+def test_state_dict_round_trip_with_nn_lstm():
+    torch.manual_seed(4)
+    ours = MePropLSTM(IN, H, k=2)
+    theirs = nn.LSTM(IN, H, batch_first=True)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(B, T, IN)
+    assert (ours(x)[0] - theirs(x)[0]).abs().max() <= 1e-6
+    back = MePropLSTM(IN, H)
+    back.load_state_dict(theirs.state_dict())
+    for n in NAMES:
+        assert torch.equal(getattr(back, n), getattr(ours, n))
+    conv = MePropLSTM.from_lstm(theirs, MePropConfig(k=3))
+    assert conv.k == 3 and torch.equal(conv.weight_hh_l0, theirs.weight_hh_l0)
+
+
+# --------------------------------------------------------------------------------------
+# unsupported options and bad inputs
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kw",
+    [{"num_layers": 2}, {"bidirectional": True}, {"proj_size": 2}, {"bias": False}],
+)
+def test_unsupported_options_raise(kw):
+    with pytest.raises(BadInputError, match="not supported yet"):
+        MePropLSTM(IN, H, **kw)
+    lstm = nn.LSTM(IN, H, **kw)
+    with pytest.raises(BadInputError, match="not supported yet"):
+        prune_lstm_hidden(lstm, torch.tensor([0, 1]))
+
+
+def test_bad_inputs_raise():
+    layer = MePropLSTM(IN, H)
+    with pytest.raises(BadInputError):
+        layer(torch.randn(B, T, IN + 1))
+    with pytest.raises(BadInputError):
+        layer(torch.randn(B, T, IN), (torch.zeros(B, H), torch.zeros(B, H)))
+    with pytest.raises(BadInputError):
+        prune_lstm_hidden(layer, torch.tensor([0, 0]))
+    with pytest.raises(BadInputError):
+        prune_lstm_hidden(layer, torch.tensor([], dtype=torch.long))
+    with pytest.raises(BadInputError):
+        MePropLSTM(IN, H, k=-1)
