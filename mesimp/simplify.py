@@ -31,6 +31,7 @@ from torch import nn
 
 from mesimp.errors import BadInputError
 from mesimp.layers import MePropLinear
+from mesimp.lstm import MePropLSTM
 from mesimp.models import linear_layers
 
 
@@ -77,10 +78,16 @@ def keep_rule(hits: torch.Tensor, ref: int | torch.Tensor, prune_rate: float) ->
     return hits >= threshold
 
 
-def prunable_layers(model: nn.Module) -> list[tuple[str, MePropLinear]]:
-    """Hidden ``MePropLinear`` layers: never the output layer (last Linear)."""
+def prunable_layers(model: nn.Module) -> list[tuple[str, MePropLinear | MePropLSTM]]:
+    """Hidden meProp layers: ``MePropLinear`` except the output layer (the last Linear),
+    and ``MePropLSTM`` (its hidden units). Inputs and outputs are never pruned."""
     linears = linear_layers(model)
-    return [(n, m) for n, m in linears[:-1] if isinstance(m, MePropLinear)]
+    output = linears[-1][1] if linears else None
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if (isinstance(m, MePropLinear) and m is not output) or isinstance(m, MePropLSTM)
+    ]
 
 
 def keep_with_min_width(
@@ -111,11 +118,18 @@ def simplify_step(model: nn.Module, prune_rate: float, min_width: int = 1) -> li
 
 
 def active_widths(model: nn.Module) -> list[int]:
-    """Active width per hidden layer (plain Linear layers count as fully active)."""
-    return [
-        m.active_width if isinstance(m, MePropLinear) else m.out_features
-        for _, m in linear_layers(model)[:-1]
-    ]
+    """Active width per hidden layer, in module order (plain layers count as fully active)."""
+    linears = linear_layers(model)
+    output = linears[-1][1] if linears else None
+    widths = []
+    for _, m in model.named_modules():
+        if isinstance(m, (MePropLinear, MePropLSTM)) and m is not output:
+            widths.append(m.active_width)
+        elif isinstance(m, nn.LSTM):
+            widths.append(m.hidden_size)
+        elif isinstance(m, nn.Linear) and m is not output:
+            widths.append(m.out_features)
+    return widths
 
 
 class SimplifySchedule:

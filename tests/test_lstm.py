@@ -362,3 +362,23 @@ def test_bad_inputs_raise():
         prune_lstm_hidden(layer, torch.tensor([], dtype=torch.long))
     with pytest.raises(BadInputError):
         MePropLSTM(IN, H, k=-1)
+
+
+def test_simplify_prunes_lstm_units_but_never_the_output_layer():
+    """meSimp on Embedding -> MePropLSTM -> Linear: the rule masks LSTM units from their
+    hand-set counts; the output Linear is untouched; widths are reported per layer."""
+    from mesimp.simplify import active_widths, prunable_layers, simplify_step
+
+    torch.manual_seed(0)
+    lstm = MePropLSTM(4, 6, batch_first=True, k=2)
+    model = nn.Sequential(nn.Embedding(10, 4), lstm)
+    head = nn.Linear(6, 3)
+    model.add_module("head", head)
+    assert [n for n, _ in prunable_layers(model)] == ["1"]
+    lstm.hits.copy_(torch.tensor([0, 9, 1, 10, 4, 5]))
+    lstm.ref.fill_(50)
+    widths = simplify_step(model, prune_rate=0.1, min_width=1)  # threshold floor(5.0) = 5
+    assert widths == [3] and lstm.mask.tolist() == [False, True, False, True, False, True]
+    assert int(lstm.ref) == 0 and int(lstm.hits.sum()) == 0
+    assert active_widths(model) == [3]
+    assert head.weight.shape == (3, 6)
