@@ -8,16 +8,20 @@ models interleaved in one ``mesimp.bench`` run. For each precision, batch size a
 thread count it prints the shrunk model's speed-up over the dense one (ratio of P50
 latencies), the MAC ratio, their quotient and the project's bar: speed-up >= 0.9 x
 MAC ratio at batch >= 256 and >= 0.6 x at batch 1 (other batch sizes: no bar).
+Exits with status 1 when any row FAILs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 
+from mesimp.atomic import atomic_write_text
 from mesimp.bench import bench
+from mesimp.data import find_image_data
 from mesimp.export import export_onnx
 
 
@@ -27,7 +31,7 @@ def bar(batch: int) -> float | None:
     return 0.6 if batch == 1 else None
 
 
-def main() -> None:
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dense", required=True)
     p.add_argument("--small", required=True)
@@ -43,12 +47,13 @@ def main() -> None:
     repeat = a.repeat
     if a.quick:
         sizes, threads, repeat = [1, 256], [1], 20
+    data = str(find_image_data(a.data))  # default locations when --data is not given
     with tempfile.TemporaryDirectory() as tmp:
         paths = {}
         for name, ckpt in (("dense", a.dense), ("small", a.small)):
             for int8 in (False, True):
                 out = Path(tmp) / f"{name}{'.int8' if int8 else ''}.onnx"
-                export_onnx(ckpt, out, int8=int8, data=a.data)
+                export_onnx(ckpt, out, int8=int8, data=data)
                 paths[(name, int8)] = str(out)
         order = [
             paths[("dense", False)],
@@ -56,7 +61,7 @@ def main() -> None:
             paths[("dense", True)],
             paths[("small", True)],
         ]
-        res = bench(order, data=a.data, batch_sizes=sizes, threads=threads, repeat=repeat)
+        res = bench(order, data=data, batch_sizes=sizes, threads=threads, repeat=repeat)
     p50 = {(r["model"], r["batch_size"], r["threads"]): r["p50_ms"] for r in res["results"]}
     macs = {m["path"]: m["macs"] for m in res["models"]}
     acc = {m["path"]: m.get("accuracy") for m in res["models"]}
@@ -94,8 +99,12 @@ def main() -> None:
         + ", ".join(f"{Path(k).name} {v:.4f}" for k, v in acc.items() if v is not None)
     )
     if a.json:
-        Path(a.json).write_text(json.dumps({"rows": rows, "bench": res}, indent=2))
+        atomic_write_text(a.json, json.dumps({"rows": rows, "bench": res}, indent=2))
+    failed = sum(r["verdict"] == "FAIL" for r in rows)
+    checked = sum(bool(r["verdict"]) for r in rows)
+    print(f"\nbar: {checked - failed}/{checked} rows PASS")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

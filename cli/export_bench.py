@@ -89,7 +89,8 @@ def export(path, to_onnx, output, opset, int8, data, as_json):
     "plot_path",
     type=click.Path(),
     default=None,
-    help="Also write a PNG: latency vs batch size, one line per model.",
+    help="Also write a plot (PNG, SVG, PDF by suffix): throughput and P50 latency vs "
+    "batch size, one color per model, one line style per thread count.",
 )
 @click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
@@ -98,8 +99,11 @@ def bench(
 ):
     """Benchmark ONNX models on CPU with onnxruntime, interleaved in one run.
 
-    Reports P50/P90/P99 latency, throughput (batch / P50), speed-up against the FIRST
-    model and its MAC ratio, and with --data the test accuracy.
+    For every batch size and thread count, all models are timed round-robin in the
+    same loop (so machine noise hits them alike). Per row: P50/P90/P99 latency of one
+    session.run, throughput = batch / P50 latency, speed-up = the FIRST model's P50
+    over this one's, MAC ratio = the first model's MACs (counted from the graph) over
+    this one's, and with --data the test accuracy. Put the baseline first.
 
     \b
     Examples:

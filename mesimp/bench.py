@@ -41,6 +41,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -66,9 +67,18 @@ _MATMUL_OPS = ("Gemm", "MatMul", "MatMulInteger")
 
 
 # -- model files -------------------------------------------------------------------------------
-def _one_line(e: BaseException) -> str:
+def _one_line(e: BaseException, limit: int = 200) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return (lines[0] if lines else type(e).__name__)[:200]
+    return (lines[0] if lines else type(e).__name__)[:limit]
+
+
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : (?:\S+:\d+ [^()]*\([^()]*\) )?")
+
+
+def ort_message(e: BaseException) -> str:
+    """onnxruntime's error, one line, without its ``[ONNXRuntimeError] : 1 : FAIL :
+    file.cc:42 void f(args...)`` prefix."""
+    return _ORT_PREFIX.sub("", _one_line(e, 2000), count=1)[:200] or type(e).__name__
 
 
 def _load_onnx(path: Path) -> Any:
@@ -176,7 +186,7 @@ def _session(path: Path, threads: int) -> Any:
     try:
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
-        raise BadInputError(f"{path}: onnxruntime cannot load it ({_one_line(e)})") from e
+        raise BadInputError(f"{path}: onnxruntime cannot load it ({ort_message(e)})") from e
 
 
 def _ort_errors() -> tuple[type[BaseException], ...]:
@@ -333,7 +343,7 @@ def bench(
             try:
                 info["accuracy"] = _accuracy(_session(p, max(threads)), x_all, y_all)
             except _ort_errors() as e:  # loads, but fails to run (e.g. a forged Gemm attribute)
-                raise BadInputError(f"{p}: onnxruntime cannot run it ({_one_line(e)})") from e
+                raise BadInputError(f"{p}: onnxruntime cannot run it ({ort_message(e)})") from e
 
     results: list[dict[str, Any]] = []
     bar = tqdm(
@@ -357,7 +367,7 @@ def bench(
                 except _ort_errors() as e:  # loads, but fails to run (e.g. a forged attribute)
                     names = ", ".join(map(str, paths))
                     raise BadInputError(
-                        f"onnxruntime cannot run {names} at batch size {b} ({_one_line(e)})"
+                        f"onnxruntime cannot run {names} at batch size {b} ({ort_message(e)})"
                     ) from e
                 used_repeats[(b, t)] = len(times[0])
                 p50_first = None
@@ -563,6 +573,7 @@ def plot(result: dict[str, Any], path: str | os.PathLike) -> Path:
     rows = result["results"]
     models = list(dict.fromkeys(r["model"] for r in rows))
     thread_counts = sorted({r["threads"] for r in rows})
+    batches = sorted({r["batch_size"] for r in rows})
     styles = ["-", "--", ":", "-."]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for mi, model in enumerate(models):
@@ -583,6 +594,7 @@ def plot(result: dict[str, Any], path: str | os.PathLike) -> Path:
         axes, ("throughput (examples/s, at p50)", "p50 latency (ms)"), strict=True
     ):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(b) for b in batches])
         ax.set_yscale("log")
         ax.set_xlabel("batch size")
         ax.set_ylabel(ylabel)

@@ -48,6 +48,7 @@ import io
 import json
 import logging
 import os
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -60,6 +61,7 @@ from torch import nn
 
 from mesimp._version import __version__
 from mesimp.atomic import atomic_write_bytes, check_writable
+from mesimp.bench import ort_message
 from mesimp.checkpoint import load_checkpoint, model_from_checkpoint
 from mesimp.errors import BadInputError, DataError, MesimpError, VerificationError
 from mesimp.layers import MePropLinear
@@ -104,23 +106,48 @@ class ExportError(MesimpError):
 def _quiet() -> Iterator[io.StringIO]:
     """Silence warnings, chatty loggers and stray prints; yields what was printed.
 
-    Exceptions pass through untouched, so real errors still surface.
+    Python-level output goes to the yielded buffer; output written straight to file
+    descriptors 1 and 2 by C++ code (the TorchScript exporter dumps its whole IR graph
+    there on failure) goes to a discarded temp file. Exceptions pass through untouched,
+    so real errors still surface (as one line, from the caller).
     """
     buf = io.StringIO()
     saved = [(lg, lg.level) for lg in map(logging.getLogger, _CHATTY_LOGGERS)]
-    try:
-        for lg, _ in saved:
-            lg.setLevel(logging.ERROR)
-        with (
-            warnings.catch_warnings(),
-            contextlib.redirect_stdout(buf),
-            contextlib.redirect_stderr(buf),
-        ):
+    with contextlib.ExitStack() as stack:
+        try:
+            for lg, _ in saved:
+                lg.setLevel(logging.ERROR)
+            stack.enter_context(_fds_to_tempfile())
+            stack.enter_context(warnings.catch_warnings())
+            stack.enter_context(contextlib.redirect_stdout(buf))
+            stack.enter_context(contextlib.redirect_stderr(buf))
             warnings.simplefilter("ignore")
             yield buf
-    finally:
-        for lg, level in saved:
-            lg.setLevel(level)
+        finally:
+            for lg, level in saved:
+                lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def _fds_to_tempfile() -> Iterator[None]:
+    """Point OS-level stdout/stderr at a temp file for the duration (restored after)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            stream.flush()
+    saved: list[tuple[int, int]] = []
+    with tempfile.TemporaryFile() as sink:
+        try:
+            for fd in (1, 2):
+                try:
+                    saved.append((fd, os.dup(fd)))
+                except OSError:  # no such descriptor (e.g. a daemon): nothing to silence
+                    continue
+                os.dup2(sink.fileno(), fd)
+            yield
+        finally:
+            for fd, copy in saved:
+                os.dup2(copy, fd)
+                os.close(copy)
 
 
 def _first_line(e: BaseException) -> str:
@@ -200,6 +227,20 @@ def torch_to_onnx(
             torch.onnx.export(model, example, str(path), **kwargs)
     except Exception as e:  # the exporters raise many unrelated types
         raise ExportError(f"ONNX export failed ({exporter} exporter): {_first_line(e)}") from e
+    # The dynamo exporter converts its opset-18 graph to older opsets with onnx's
+    # version converter and, where that fails (opset 13 in torch 2.13), quietly keeps 18.
+    import onnx
+
+    got = {
+        o.version
+        for o in onnx.load(str(path), load_external_data=False).opset_import
+        if o.domain in ("", "ai.onnx")
+    }
+    if got != {opset}:
+        raise BadInputError(
+            f"the {exporter} exporter produced opset {sorted(got)} instead of {opset}; "
+            f"choose another --opset (18, the default, always works)"
+        )
 
 
 # -- onnx helpers ------------------------------------------------------------------------------
@@ -236,7 +277,14 @@ def _session(model_bytes: bytes, threads: int = 0) -> Any:
     opts.log_severity_level = 3  # errors only
     if threads:
         opts.intra_op_num_threads = threads
-    return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime's Fail/InvalidGraph/... share no base class
+        # In practice: an opset newer than this onnxruntime supports (a user's --opset).
+        raise BadInputError(
+            f"onnxruntime {ort.__version__} cannot load the exported model "
+            f"({ort_message(e)}); try the default --opset 18"
+        ) from e
 
 
 def _run(session: Any, x: np.ndarray, batch: int = 2048) -> np.ndarray:

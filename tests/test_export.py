@@ -448,3 +448,39 @@ def test_info_refuses_a_non_onnx_file(tmp_path, capsys):
     code, out, err = _run_main(capsys, "info", bad)
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and err.startswith("error:")
+
+
+def test_cli_export_is_quiet(tmp_path, models, data, capfd):
+    """No wall of exporter warnings: with --json, stdout is one JSON document and
+    stderr (at the file-descriptor level, where C++ code writes) is empty."""
+    out = tmp_path / "quiet.onnx"
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(
+            ["export", str(models["shrunk"].ckpt), "--onnx", "-o", str(out)]
+            + ["--data", str(data.npz), "--json"]
+        )
+    assert e.value.code in (0, None)
+    o, err = capfd.readouterr()
+    assert err == ""
+    assert json.loads(o)["path"] == str(out) and out.is_file()
+
+
+def test_an_opset_the_exporter_cannot_produce_is_refused(tmp_path, models, data, capsys):
+    """torch 2.13's dynamo exporter keeps opset 18 when asked for 13: say so, write
+    nothing (a later torch that can convert must then really write opset 13)."""
+    ckpt = tmp_path / "m.pt"
+    ckpt.write_bytes(models["shrunk"].ckpt.read_bytes())
+    code, out, err = _run_main(
+        capsys, "export", ckpt, "--onnx", "--opset", "13", "--data", data.npz
+    )
+    if code == 0:
+        opsets = {o.domain: o.version for o in onnx.load(tmp_path / "m.onnx").opset_import}
+        assert opsets[""] == 13
+        return
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "opset" in err and "Traceback" not in err
+    assert _files(tmp_path) == {"m.pt"}
+    r = export_onnx(ckpt, tmp_path / "m17.onnx", opset=17, data=data.npz)
+    opsets = {o.domain: o.version for o in onnx.load(r["path"]).opset_import}
+    assert r["opset"] == 17 and opsets[""] == 17
