@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from mesimp.errors import BadInputError, CheckpointError
@@ -60,7 +61,59 @@ class MLP(nn.Sequential):
         self.config = config
 
 
-def arch_from_dict(arch: dict[str, Any]) -> MLPConfig:
+@dataclass
+class TaggerConfig:
+    """A sequence tagger: embedding -> single-layer LSTM -> per-token Linear."""
+
+    vocab_size: int
+    num_tags: int
+    emb_dim: int = 100
+    hidden: int = 500
+    dropout: float = 0.0
+    model: str = "lstm-tagger"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "num_tags", "emb_dim", "hidden"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise BadInputError(f"{name} must be an integer > 0, got {v!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise BadInputError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class LSTMTagger(nn.Module):
+    """``Embedding(padding_idx=0) -> LSTM(batch_first) -> [Dropout] -> Linear``.
+
+    Only plain ``torch.nn`` layers, so a shrunk tagger runs without mesimp; the
+    meProp variant swaps ``self.lstm`` for a ``MePropLSTM`` with the same parameter
+    names (``mesimp.tagging.meprop_lstm_``), so state_dicts move freely between them.
+    """
+
+    def __init__(self, config: TaggerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.emb_dim, padding_idx=0)
+        self.lstm = nn.LSTM(config.emb_dim, config.hidden, batch_first=True)
+        self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.out = nn.Linear(config.hidden, config.num_tags)
+
+    def forward(self, words: torch.Tensor) -> torch.Tensor:
+        """``words [B, T]`` (0 = padding) -> logits ``[B, T, num_tags]``.
+
+        Padding sits after each sentence's last word, so a forward LSTM's states on
+        real tokens never see it; no packing is needed for the logits that count.
+        """
+        h, _ = self.lstm(self.embed(words))
+        return self.out(self.drop(h))
+
+
+_ARCH_KEYS_IGNORED = ("word_vocab", "tag_vocab")  # tagger metadata kept beside the config
+
+
+def arch_from_dict(arch: dict[str, Any]) -> MLPConfig | TaggerConfig:
     """Rebuild a config from a checkpoint's ``arch`` dict, refusing unknown models."""
     if not isinstance(arch, dict) or "model" not in arch:
         raise CheckpointError("checkpoint 'arch' is missing or has no 'model' field")
@@ -70,12 +123,22 @@ def arch_from_dict(arch: dict[str, Any]) -> MLPConfig:
             return MLPConfig(**arch)
         except TypeError as e:
             raise CheckpointError(f"checkpoint 'arch' does not describe an MLP: {e}") from e
-    raise CheckpointError(f"unknown model type {kind!r} in checkpoint (supported: mlp)")
+    if kind == "lstm-tagger":
+        fields = {k: v for k, v in arch.items() if k not in _ARCH_KEYS_IGNORED}
+        try:
+            return TaggerConfig(**fields)
+        except TypeError as e:
+            raise CheckpointError(f"checkpoint 'arch' does not describe an LSTM tagger: {e}") from e
+    raise CheckpointError(
+        f"unknown model type {kind!r} in checkpoint (supported: mlp, lstm-tagger)"
+    )
 
 
-def build_model(arch: dict[str, Any] | MLPConfig) -> nn.Module:
+def build_model(arch: dict[str, Any] | MLPConfig | TaggerConfig) -> nn.Module:
     """A plain PyTorch model (only ``torch.nn`` layers) for an ``arch``."""
-    config = arch if isinstance(arch, MLPConfig) else arch_from_dict(arch)
+    config = arch if isinstance(arch, (MLPConfig, TaggerConfig)) else arch_from_dict(arch)
+    if isinstance(config, TaggerConfig):
+        return LSTMTagger(config)
     return MLP(config)
 
 
