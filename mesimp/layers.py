@@ -16,10 +16,83 @@ from torch import nn
 
 from mesimp.meprop import MePropConfig, MePropLinearFunction, MePropState
 
-__all__ = ["MePropConfig", "MePropLinear", "meprop_"]
+__all__ = ["MePropConfig", "MePropCounters", "MePropLinear", "meprop_"]
 
 
-class MePropLinear(nn.Linear):
+class MePropCounters:
+    """Counters, mask and MSBP-memory handling shared by meProp layers (Linear, LSTM).
+
+    A host ``nn.Module`` calls ``_init_counters(width, device)`` in ``__init__``; it then
+    has non-persistent buffers ``hits`` (selections per unit), ``ref`` (examples seen)
+    and ``mask`` (active units), and ``_state``, the view the backward pass updates.
+    """
+
+    meprop_config: MePropConfig
+
+    def _init_counters(self, width: int, device: torch.device | str | None) -> None:
+        self.register_buffer(
+            "hits", torch.zeros(width, dtype=torch.long, device=device), persistent=False
+        )
+        self.register_buffer(
+            "ref", torch.zeros((), dtype=torch.long, device=device), persistent=False
+        )
+        self.register_buffer(
+            "mask", torch.ones(width, dtype=torch.bool, device=device), persistent=False
+        )
+        self._state = MePropState(self.hits, self.ref, self.mask)
+        self._active = width
+
+    @property
+    def active_width(self) -> int:
+        return self._active
+
+    @property
+    def k(self) -> int:
+        """The effective k now (0 = off), capped at or scaled with the active width."""
+        return self.meprop_config.resolve_k(self._active)
+
+    @property
+    def counting(self) -> bool:
+        return self._state.count
+
+    @counting.setter
+    def counting(self, on: bool) -> None:
+        self._state.count = bool(on)
+
+    def reset_counters(self) -> None:
+        self.hits.zero_()
+        self.ref.zero_()
+
+    def reset_memory(self) -> None:
+        self._state.memory = None
+
+    def apply_mask(self, keep: torch.Tensor) -> None:
+        """Mask every unit where ``keep`` is False. A masked unit never comes back."""
+        keep = keep.to(device=self.mask.device, dtype=torch.bool)
+        self.mask.logical_and_(keep)
+        self._active = int(self.mask.sum())
+        self._state.memory = None
+
+    def meprop_state(self) -> dict[str, torch.Tensor]:
+        return {
+            "hits": self.hits.detach().cpu().clone(),
+            "ref": self.ref.detach().cpu().clone(),
+            "mask": self.mask.detach().cpu().clone(),
+        }
+
+    def load_meprop_state(self, state: dict[str, torch.Tensor]) -> None:
+        for name in ("hits", "ref", "mask"):
+            if name in state:
+                getattr(self, name).copy_(state[name])
+        self._active = int(self.mask.sum())
+
+    def _apply(self, fn, recurse=True):  # keep the backward's view of the buffers current
+        result = super()._apply(fn, recurse)
+        self._state = MePropState(self.hits, self.ref, self.mask)
+        return result
+
+
+class MePropLinear(MePropCounters, nn.Linear):
     """``nn.Linear`` whose backward propagates only k entries of the output gradient.
 
     Same ``[out, in]`` weight layout, same init, same ``state_dict`` keys. With
@@ -46,16 +119,7 @@ class MePropLinear(nn.Linear):
         self.meprop_config = config or MePropConfig(
             k=k, selection=selection, msbp_alpha=msbp_alpha, sparse_grad=sparse_grad
         )
-        dev = self.weight.device
-        self.register_buffer(
-            "hits", torch.zeros(out_features, dtype=torch.long, device=dev), persistent=False
-        )
-        self.register_buffer("ref", torch.zeros((), dtype=torch.long, device=dev), persistent=False)
-        self.register_buffer(
-            "mask", torch.ones(out_features, dtype=torch.bool, device=dev), persistent=False
-        )
-        self._state = MePropState(self.hits, self.ref, self.mask)
-        self._active = out_features
+        self._init_counters(out_features, self.weight.device)
 
     # -- construction -----------------------------------------------------------------
     @classmethod
@@ -70,11 +134,7 @@ class MePropLinear(nn.Linear):
         )
         new.weight = linear.weight
         new.bias = linear.bias
-        dev = linear.weight.device
-        new.hits = torch.zeros(new.out_features, dtype=torch.long, device=dev)
-        new.ref = torch.zeros((), dtype=torch.long, device=dev)
-        new.mask = torch.ones(new.out_features, dtype=torch.bool, device=dev)
-        new._state = MePropState(new.hits, new.ref, new.mask)
+        new._init_counters(new.out_features, linear.weight.device)  # off "meta"
         return new
 
     def to_linear(self) -> nn.Linear:
@@ -83,51 +143,6 @@ class MePropLinear(nn.Linear):
         lin.weight = self.weight
         lin.bias = self.bias
         return lin
-
-    # -- counters and mask ------------------------------------------------------------
-    @property
-    def active_width(self) -> int:
-        return self._active
-
-    @property
-    def k(self) -> int:
-        """The effective k now (0 = off)."""
-        return self.meprop_config.resolve_k(self._active)
-
-    @property
-    def counting(self) -> bool:
-        return self._state.count
-
-    @counting.setter
-    def counting(self, on: bool) -> None:
-        self._state.count = bool(on)
-
-    def reset_counters(self) -> None:
-        self.hits.zero_()
-        self.ref.zero_()
-
-    def reset_memory(self) -> None:
-        self._state.memory = None
-
-    def apply_mask(self, keep: torch.Tensor) -> None:
-        """Mask every neuron where ``keep`` is False. A masked neuron never comes back."""
-        keep = keep.to(device=self.mask.device, dtype=torch.bool)
-        self.mask.logical_and_(keep)
-        self._active = int(self.mask.sum())
-        self._state.memory = None
-
-    def meprop_state(self) -> dict[str, torch.Tensor]:
-        return {
-            "hits": self.hits.detach().cpu().clone(),
-            "ref": self.ref.detach().cpu().clone(),
-            "mask": self.mask.detach().cpu().clone(),
-        }
-
-    def load_meprop_state(self, state: dict[str, torch.Tensor]) -> None:
-        for name in ("hits", "ref", "mask"):
-            if name in state:
-                getattr(self, name).copy_(state[name])
-        self._active = int(self.mask.sum())
 
     # -- forward ----------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,11 +166,6 @@ class MePropLinear(nn.Linear):
             masked,
         )
         return out.reshape(*lead, self.out_features)
-
-    def _apply(self, fn, recurse=True):  # keep the backward's view of the buffers current
-        result = super()._apply(fn, recurse)
-        self._state = MePropState(self.hits, self.ref, self.mask)
-        return result
 
     def extra_repr(self) -> str:
         c = self.meprop_config

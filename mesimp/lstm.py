@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mesimp.errors import BadInputError
-from mesimp.meprop import MePropConfig, MePropState, select
+from mesimp.layers import MePropCounters
+from mesimp.meprop import MePropConfig, select
 
 __all__ = ["MePropLSTM", "prune_lstm_hidden"]
 
@@ -81,7 +82,7 @@ def _unsupported(num_layers, bidirectional, proj_size, bias) -> None:
         )
 
 
-class MePropLSTM(nn.Module):
+class MePropLSTM(MePropCounters, nn.Module):
     """Single-layer, unidirectional ``nn.LSTM`` whose backward propagates k hidden units.
 
     With ``k == 0`` or ``k >= hidden_size`` (and no mask) it computes exactly what
@@ -128,15 +129,7 @@ class MePropLSTM(nn.Module):
         self.bias_hh_l0 = nn.Parameter(torch.empty(h4, **fk))
         self.reset_parameters()
         dev = self.weight_ih_l0.device
-        self.register_buffer(
-            "hits", torch.zeros(hidden_size, dtype=torch.long, device=dev), persistent=False
-        )
-        self.register_buffer("ref", torch.zeros((), dtype=torch.long, device=dev), persistent=False)
-        self.register_buffer(
-            "mask", torch.ones(hidden_size, dtype=torch.bool, device=dev), persistent=False
-        )
-        self._state = MePropState(self.hits, self.ref, self.mask)
-        self._active = hidden_size
+        self._init_counters(hidden_size, dev)
 
     def reset_parameters(self) -> None:
         """``nn.LSTM``'s rule, same parameter order (so the same RNG draws)."""
@@ -173,50 +166,6 @@ class MePropLSTM(nn.Module):
         )
         lstm.load_state_dict(self.state_dict())
         return lstm
-
-    # -- counters and mask ------------------------------------------------------------
-    @property
-    def active_width(self) -> int:
-        return self._active
-
-    @property
-    def k(self) -> int:
-        """The effective k now (0 = off), capped at the active width."""
-        return self.meprop_config.resolve_k(self._active)
-
-    @property
-    def counting(self) -> bool:
-        return self._state.count
-
-    @counting.setter
-    def counting(self, on: bool) -> None:
-        self._state.count = bool(on)
-
-    def reset_counters(self) -> None:
-        self.hits.zero_()
-        self.ref.zero_()
-
-    def reset_memory(self) -> None:  # no MSBP memory yet; kept for MePropLinear parity
-        self._state.memory = None
-
-    def apply_mask(self, keep: torch.Tensor) -> None:
-        """Mask every hidden unit where ``keep`` is False. A masked unit never comes back."""
-        keep = keep.to(device=self.mask.device, dtype=torch.bool)
-        self.mask.logical_and_(keep)
-        self._active = int(self.mask.sum())
-
-    def meprop_state(self) -> dict[str, torch.Tensor]:
-        return {
-            "hits": self.hits.detach().cpu().clone(),
-            "ref": self.ref.detach().cpu().clone(),
-            "mask": self.mask.detach().cpu().clone(),
-        }
-
-    def load_meprop_state(self, state: dict[str, torch.Tensor]) -> None:
-        for name in ("hits", "ref", "mask"):
-            if name in state:
-                getattr(self, name).copy_(state[name])
-        self._active = int(self.mask.sum())
 
     # -- forward ----------------------------------------------------------------------
     def forward(
@@ -288,11 +237,6 @@ class MePropLSTM(nn.Module):
             out = out.squeeze(0 if self.batch_first else 1)
             h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
         return out, (h_n, c_n)
-
-    def _apply(self, fn, recurse=True):  # keep the backward's view of the buffers current
-        result = super()._apply(fn, recurse)
-        self._state = MePropState(self.hits, self.ref, self.mask)
-        return result
 
     def extra_repr(self) -> str:
         c = self.meprop_config
