@@ -144,8 +144,12 @@ def _input_signature(proto: Any, path: Path) -> tuple[str, tuple[int, ...], int 
     return inp.name, tuple(rest), fixed
 
 
-def load_model_info(path: str | os.PathLike) -> dict[str, Any]:
-    """What bench reports per model: path, MACs and params from the graph, metadata."""
+def load_model_info(path: str | os.PathLike, metadata: bool = False) -> dict[str, Any]:
+    """What bench reports per model: path, MACs and params from the graph, metadata.
+
+    ``metadata=True`` also returns every (UTF-8) ``metadata_props`` entry under
+    ``"metadata"`` and the parsed ``arch`` (for ``mesimp info``), from the same read.
+    """
     p = Path(path)
     proto = _load_onnx(p)
     name, shape, fixed = _input_signature(proto, p)
@@ -158,14 +162,25 @@ def load_model_info(path: str | os.PathLike) -> dict[str, Any]:
         "size_bytes": p.stat().st_size,
         "input": {"name": name, "shape": list(shape), "batch": fixed},
     }
-    if "hidden_sizes" in meta:
-        try:
-            info["hidden_sizes"] = json.loads(meta["hidden_sizes"])
-        except (ValueError, RecursionError):  # RecursionError: deeply nested "[[[[..."
-            pass
+    hidden = _json_or_none(meta.get("hidden_sizes"))
+    if hidden is not None:
+        info["hidden_sizes"] = hidden
     if "quantization" in meta:
         info["quantization"] = meta["quantization"]
+    if metadata:
+        info["metadata"] = meta
+        info["arch"] = _json_or_none(meta.get("arch"))
     return info
+
+
+def _json_or_none(text: str | None) -> Any:
+    """Parsed JSON metadata, or None when absent or malformed (metadata is advisory)."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):  # RecursionError: deeply nested "[[[[..."
+        return None
 
 
 # -- sessions and inputs -----------------------------------------------------------------------

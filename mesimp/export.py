@@ -63,7 +63,8 @@ from mesimp._version import __version__
 from mesimp.atomic import atomic_write_bytes, check_writable
 from mesimp.bench import ort_message
 from mesimp.checkpoint import load_checkpoint, model_from_checkpoint
-from mesimp.errors import BadInputError, DataError, MesimpError, VerificationError
+from mesimp.data import load_eval_data
+from mesimp.errors import BadInputError, MesimpError, VerificationError
 from mesimp.layers import MePropLinear
 from mesimp.models import count_macs, count_params, hidden_sizes
 
@@ -297,25 +298,6 @@ def _accuracy(logits: np.ndarray, y: np.ndarray) -> float | None:
     return float((logits.argmax(-1) == y).mean()) if len(y) else None
 
 
-def _check_data(data: str | os.PathLike | None, in_features: int, int8: bool) -> Any:
-    """The test set to verify on, or None (random inputs) when no data is given or found."""
-    from mesimp.data import load_image_dataset
-
-    try:
-        ds = load_image_dataset(data, dev_size=0)  # only the test split is used
-    except DataError:
-        if data is not None or int8:
-            raise  # asked for it (or int8 accuracy needs it): the user must hear why
-        return None
-    feats = ds.x_test.shape[1]
-    if feats != in_features:
-        raise BadInputError(
-            f"the model takes {in_features} input features but the data at {ds.source} has "
-            f"{feats} per example; pass the --data the model was trained on"
-        )
-    return ds
-
-
 # -- export ------------------------------------------------------------------------------------
 def default_output(checkpoint_path: str | os.PathLike, int8: bool = False) -> Path:
     """``model.pt`` -> ``model.onnx`` (``model.int8.onnx`` for int8)."""
@@ -364,7 +346,7 @@ def export_onnx(
     model = plain_model(ckpt)
     arch = ckpt["arch"]
     in_features = int(arch["in_features"])
-    ds = _check_data(data, in_features, int8)
+    ds = load_eval_data(data, in_features, required=int8)  # int8 accuracy needs data
     if ds is not None:
         x_check = ds.x_test[:n_check].contiguous()
     else:

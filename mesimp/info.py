@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -74,13 +73,11 @@ def model_info(model: nn.Module, ckpt: dict[str, Any] | None = None) -> dict[str
 
 def onnx_info(path: str | os.PathLike) -> dict[str, Any]:
     """The ``info`` object of an ONNX file: sizes read from the graph, plus its metadata."""
-    import onnx
-
     from mesimp.bench import load_model_info
 
-    base = load_model_info(path)  # refuses non-ONNX files with a one-line BadInputError
-    meta = {m.key: m.value for m in onnx.load(str(path), load_external_data=False).metadata_props}
-    arch = json_or_none(meta.get("arch"))
+    # refuses non-ONNX files with a one-line BadInputError
+    base = load_model_info(path, metadata=True)
+    arch = base["arch"]
     return {
         "path": str(path),
         "format": "onnx",
@@ -91,17 +88,8 @@ def onnx_info(path: str | os.PathLike) -> dict[str, Any]:
         "size_bytes": base["size_bytes"],
         "input": base["input"],
         "quantization": base.get("quantization"),
-        "metadata": {k: v for k, v in meta.items() if isinstance(v, str)},
+        "metadata": base["metadata"],
     }
-
-
-def json_or_none(text: str | None) -> Any:
-    if text is None:
-        return None
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError):
-        return None
 
 
 def path_info(path: str | os.PathLike) -> dict[str, Any]:

@@ -24,8 +24,8 @@ from mesimp.checkpoint import (
     model_from_checkpoint,
     save_checkpoint,
 )
-from mesimp.data import ImageDataset, load_image_dataset
-from mesimp.errors import BadInputError, DataError, VerificationError
+from mesimp.data import load_eval_data
+from mesimp.errors import BadInputError, VerificationError
 from mesimp.info import model_info
 from mesimp.layers import MePropLinear, meprop_
 from mesimp.meprop import MePropConfig
@@ -164,26 +164,6 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _load_data(data: str | None, in_features: int, dev_size: int) -> ImageDataset | None:
-    """The dataset for verification, or None when no default location has it.
-
-    Verification needs only the test split, so a training set too small for the run's
-    dev split is loaded without one rather than refused.
-    """
-    try:
-        try:
-            ds = load_image_dataset(data, dev_size=dev_size)
-        except DataError:
-            ds = load_image_dataset(data, dev_size=0)
-    except DataError:
-        if data is not None:
-            raise
-        return None
-    if ds.x_test.shape[1] != in_features:
-        raise BadInputError(f"data has {ds.x_test.shape[1]} features, model expects {in_features}")
-    return ds
-
-
 def shrink_checkpoint(
     path: str | os.PathLike,
     output: str | os.PathLike | None = None,
@@ -223,7 +203,7 @@ def shrink_checkpoint(
     model.eval()
     small.eval()
     dev_size = ((src.get("train") or {}).get("config") or {}).get("dev_size", 5000)
-    ds = _load_data(data, model.config.in_features, dev_size)
+    ds = load_eval_data(data, model.config.in_features, dev_size=dev_size)
     if ds is not None:
         x, source = ds.x_test[:2000], f"{ds.name} test[:2000]"
     else:

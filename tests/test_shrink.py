@@ -253,7 +253,9 @@ def test_shrink_verifies_on_a_small_dataset(ckpts, tmp_path, tiny_npz):
 
 
 def test_shrink_without_data_verifies_on_random_inputs(ckpts, tmp_path, monkeypatch):
-    monkeypatch.setattr(shrink_module, "load_image_dataset", _no_data)
+    import mesimp.data.images as images_module  # where shrink's data loading happens
+
+    monkeypatch.setattr(images_module, "load_image_dataset", _no_data)
     r = shrink_checkpoint(ckpts["mesimp"], tmp_path / "small.pt")
     assert r["verified_on"] == "random inputs"
     assert r["max_abs_diff"] <= TOL

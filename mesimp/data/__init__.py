@@ -1,10 +1,6 @@
-"""Data loading: IDX files and image classification datasets (Fashion-MNIST by default)."""
+"""Data loading: IDX image files (Fashion-MNIST by default) and CoNLL-U treebanks."""
 
-from mesimp.data.idx import load_idx
-from mesimp.data.images import ImageDataset, default_data_dirs, find_image_data, load_image_dataset
-
-__all__ = ["ImageDataset", "default_data_dirs", "find_image_data", "load_idx", "load_image_dataset"]
-from mesimp.data.conllu import (  # noqa: E402
+from mesimp.data.conllu import (
     Sentence,
     Vocab,
     build_vocabs,
@@ -15,13 +11,27 @@ from mesimp.data.conllu import (  # noqa: E402
     split_dev,
     tagging_tensors,
 )
+from mesimp.data.idx import load_idx
+from mesimp.data.images import (
+    ImageDataset,
+    default_data_dirs,
+    find_image_data,
+    load_eval_data,
+    load_image_dataset,
+)
 
-__all__ += [
+__all__ = [
+    "ImageDataset",
     "Sentence",
     "Vocab",
     "build_vocabs",
+    "default_data_dirs",
     "encode_tags",
+    "find_image_data",
     "iter_conllu",
+    "load_eval_data",
+    "load_idx",
+    "load_image_dataset",
     "read_conllu",
     "shape_class",
     "split_dev",

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from mesimp.data.idx import _one_line, load_idx
-from mesimp.errors import DataError
+from mesimp.errors import BadInputError, DataError
 
 # Split key -> IDX file stem (each may also end in ".gz").
 IDX_FILES: dict[str, str] = {
@@ -217,3 +217,36 @@ def _x_tensor(x: np.ndarray) -> torch.Tensor:
 
 def _y_tensor(y: np.ndarray) -> torch.Tensor:
     return torch.tensor(y, dtype=torch.int64)
+
+
+def load_eval_data(
+    data: str | os.PathLike[str] | None,
+    in_features: int,
+    dev_size: int = 0,
+    required: bool = False,
+) -> ImageDataset | None:
+    """Data for a check on a trained model (``shrink``'s verification, ``export``'s parity).
+
+    Such checks need the test split, so a training set too small for ``dev_size`` is
+    loaded without a dev split rather than refused. With no ``data`` given and none found
+    in the default locations it returns None (callers fall back to random inputs), unless
+    ``required``. A feature-size mismatch with the model is refused.
+    """
+    try:
+        try:
+            ds = load_image_dataset(data, dev_size=dev_size)
+        except DataError:
+            if not dev_size:
+                raise
+            ds = load_image_dataset(data, dev_size=0)
+    except DataError:
+        if data is not None or required:
+            raise  # asked for it: the user must hear why
+        return None
+    feats = ds.x_test.shape[1]
+    if feats != in_features:
+        raise BadInputError(
+            f"the model takes {in_features} input features but the data at {ds.source} has "
+            f"{feats} per example; pass the --data the model was trained on"
+        )
+    return ds
