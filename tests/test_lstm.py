@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from mesimp.errors import BadInputError
-from mesimp.lstm import MePropLSTM, prune_lstm_hidden
+from mesimp.lstm import MePropLSTM, prune_lstm_hidden, prune_lstm_input
 from mesimp.meprop import MePropConfig
 from mesimp.shrink import prune_linear_in
 
@@ -343,11 +343,16 @@ def test_state_dict_round_trip_with_nn_lstm():
     [{"num_layers": 2}, {"bidirectional": True}, {"proj_size": 2}, {"bias": False}],
 )
 def test_unsupported_options_raise(kw):
-    with pytest.raises(BadInputError, match="not supported yet"):
+    with pytest.raises(BadInputError, match="not supported"):
         MePropLSTM(IN, H, **kw)
     lstm = nn.LSTM(IN, H, **kw)
-    with pytest.raises(BadInputError, match="not supported yet"):
+    with pytest.raises(BadInputError, match="not supported"):
         prune_lstm_hidden(lstm, torch.tensor([0, 1]))
+    with pytest.raises(BadInputError, match="not supported"):
+        prune_lstm_input(lstm, torch.tensor([0, 1]))
+    if "num_layers" in kw:  # the message says why and what to do instead
+        with pytest.raises(BadInputError, match="own kept width.*stack single-layer"):
+            MePropLSTM(IN, H, **kw)
 
 
 def test_bad_inputs_raise():
@@ -382,3 +387,262 @@ def test_simplify_prunes_lstm_units_but_never_the_output_layer():
     assert int(lstm.ref) == 0 and int(lstm.hits.sum()) == 0
     assert active_widths(model) == [3]
     assert head.weight.shape == (3, 6)
+
+
+# --------------------------------------------------------------------------------------
+# the whole-sequence BPTT Function and the fused dense path, more cases vs the reference
+# --------------------------------------------------------------------------------------
+def _grads_with_state(layer, x, hx, g_out, g_h, g_c, k, selection, keep):
+    """Grads of (params, x, h0, c0) from the layer and the reference; loss also uses
+    h_n and c_n. ``x`` is in the layer's layout, ``hx`` as (h0, c0) of [1, B, H]."""
+    xl = _leaf(x)
+    h0, c0 = (_leaf(t) for t in hx)
+    out, (h_n, c_n) = layer(xl, (h0, c0))
+    ((out * g_out).sum() + (h_n * g_h).sum() + (c_n * g_c).sum()).backward()
+    got = [getattr(layer, n).grad.clone() for n in NAMES] + [xl.grad, h0.grad, c0.grad]
+
+    params = [_leaf(getattr(layer, n)) for n in NAMES]
+    xr = _leaf(x)
+    h0r, c0r = (_leaf(t) for t in hx)
+    x_tbi = xr.transpose(0, 1) if layer.batch_first else xr
+    out_r, h_r, c_r = ref_forward(params, x_tbi, k, selection, keep, h0r[0], c0r[0])
+    out_r = out_r.transpose(0, 1) if layer.batch_first else out_r
+    ((out_r * g_out).sum() + (h_r * g_h[0]).sum() + (c_r * g_c[0]).sum()).backward()
+    want = [p.grad for p in params] + [xr.grad, h0r.grad, c0r.grad]
+    for a, b in [(out, out_r), (h_n[0], h_r), (c_n[0], c_r)]:
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    return got
+
+
+def _case(batch_first, seed):
+    g = torch.Generator().manual_seed(seed)
+    shape = (B, T, IN) if batch_first else (T, B, IN)
+    x = torch.randn(shape, generator=g, dtype=DT)
+    hx = tuple(torch.randn(1, B, H, generator=g, dtype=DT) for _ in range(2))
+    g_out = torch.randn(shape[:2] + (H,), generator=g, dtype=DT)
+    g_h, g_c = (torch.randn(1, B, H, generator=g, dtype=DT) for _ in range(2))
+    return x, hx, g_out, g_h, g_c
+
+
+@pytest.mark.parametrize("selection", ["topk", "unified"])
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_sparse_with_state_and_layout_match_reference(selection, batch_first, with_mask):
+    k = 2
+    layer = MePropLSTM(IN, H, batch_first=batch_first, k=k, selection=selection, dtype=DT)
+    _distinct_params(layer, seed=7)
+    keep = torch.tensor([True, True, False, True, False, True]) if with_mask else None
+    if keep is not None:
+        layer.apply_mask(keep)
+    x, hx, g_out, g_h, g_c = _case(batch_first, seed=11)
+    got = _grads_with_state(layer, x, hx, g_out, g_h, g_c, k, selection, keep)
+    assert int(layer.hits.sum()) == B * k * T and int(layer.ref) == B * T
+    if keep is not None:
+        assert layer.hits[~keep].sum() == 0
+        assert torch.all(got[-2][..., ~keep] == 0) and torch.all(got[-1][..., ~keep] == 0)
+    assert got[0].data_ptr() != got[1].data_ptr()
+    assert layer.bias_ih_l0.grad.data_ptr() != layer.bias_hh_l0.grad.data_ptr()
+
+
+@pytest.mark.parametrize("selection", ["topk", "unified", "random"])
+def test_k_at_least_active_with_mask_is_masked_dense(selection):
+    """k >= active width with a mask: every active unit is selected, so the gradient is
+    the masked dense one (the manual BPTT without selection), and every unit counts."""
+    keep = torch.tensor([True, False, True, True, False, True])
+    layer = MePropLSTM(IN, H, batch_first=False, k=H, selection=selection, dtype=DT)
+    _distinct_params(layer, seed=8)
+    layer.apply_mask(keep)
+    x, hx, g_out, g_h, g_c = _case(False, seed=12)
+    _grads_with_state(layer, x, hx, g_out, g_h, g_c, 0, selection, keep)
+    assert layer.hits[keep].tolist() == [B * T] * 4 and layer.hits[~keep].sum() == 0
+    assert int(layer.ref) == B * T
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_fused_masked_path_matches_reference(batch_first):
+    """k = 0 with a mask runs the fused kernel with the masked units' gate rows zeroed;
+    outputs and gradients (nonzero h0, c0 included) equal the multiplicative mask."""
+    keep = torch.tensor([False, True, True, False, True, True])
+    layer = MePropLSTM(IN, H, batch_first=batch_first, k=0, dtype=DT)
+    _distinct_params(layer, seed=9)
+    layer.apply_mask(keep)
+    x, hx, g_out, g_h, g_c = _case(batch_first, seed=13)
+    got = _grads_with_state(layer, x, hx, g_out, g_h, g_c, 0, "topk", keep)
+    assert int(layer.ref) == 0  # the dense path does not count
+    masked_rows = torch.cat([torch.arange(4) * H + j for j in (0, 3)])
+    for grad in got[:4]:
+        assert grad[masked_rows].abs().sum() == 0
+
+
+def test_eval_path_is_fused_and_exactly_masked():
+    """No grad (evaluation): the fused path, even with k > 0; masked units are exactly 0
+    in float32 and the rest agrees with the masked reference."""
+    torch.manual_seed(5)
+    keep = torch.tensor([True, False, True, True, False, True])
+    layer = MePropLSTM(IN, H, k=2)
+    layer.apply_mask(keep)
+    x = torch.randn(B, T, IN)
+    hx = (torch.randn(1, B, H), torch.randn(1, B, H))
+    with torch.no_grad():
+        out, (h_n, c_n) = layer(x, hx)
+        ref, h_r, c_r = ref_forward(
+            [getattr(layer, n) for n in NAMES],
+            x.transpose(0, 1),
+            0,
+            keep=keep,
+            h0=hx[0][0],
+            c0=hx[1][0],
+        )
+    assert torch.all(out[..., ~keep] == 0) and torch.all(c_n[..., ~keep] == 0)
+    assert (out - ref.transpose(0, 1)).abs().max() <= 1e-6
+    assert (h_n[0] - h_r).abs().max() <= 1e-6 and (c_n[0] - c_r).abs().max() <= 1e-6
+    assert int(layer.ref) == 0
+
+
+def test_sparse_partial_requires_grad():
+    """Frozen parameters (only x needs grad), and x as data (only parameters do)."""
+    k, sel = 2, "unified"
+    layer = MePropLSTM(IN, H, k=k, selection=sel, dtype=DT)
+    _distinct_params(layer, seed=3)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(B, T, IN, generator=g, dtype=DT)
+    g_out = torch.randn(B, T, H, generator=g, dtype=DT)
+    params = [_leaf(getattr(layer, n)) for n in NAMES]
+    xr = _leaf(x)
+    ref_forward(params, xr.transpose(0, 1), k, sel)[0].transpose(0, 1).backward(g_out)
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    xl = _leaf(x)
+    layer(xl)[0].backward(g_out)
+    torch.testing.assert_close(xl.grad, xr.grad, rtol=1e-10, atol=1e-12)
+    for p in layer.parameters():
+        p.requires_grad_(True)
+    layer(x)[0].backward(g_out)
+    for n, p in zip(NAMES, params, strict=True):
+        torch.testing.assert_close(getattr(layer, n).grad, p.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("selection", ["topk", "unified"])
+def test_sparse_unbatched_equals_batch_of_one(selection):
+    layer = MePropLSTM(IN, H, k=2, selection=selection, dtype=DT)
+    _distinct_params(layer, seed=6)
+    x = torch.randn(T, IN, dtype=DT)
+    x1, x2 = _leaf(x), _leaf(x.unsqueeze(0))
+    o1, (h1, c1) = layer(x1)
+    assert o1.shape == (T, H) and h1.shape == (1, H) and c1.shape == (1, H)
+    (o1.sum() + c1.sum()).backward()
+    g1 = [getattr(layer, n).grad.clone() for n in NAMES]
+    layer.zero_grad()
+    o2, (_, c2) = layer(x2)
+    (o2.sum() + c2.sum()).backward()
+    torch.testing.assert_close(o1, o2[0], rtol=0, atol=0)
+    torch.testing.assert_close(x1.grad, x2.grad[0], rtol=0, atol=1e-14)
+    for a, n in zip(g1, NAMES, strict=True):
+        torch.testing.assert_close(a, getattr(layer, n).grad, rtol=0, atol=1e-14)
+
+
+def test_empty_sequence():
+    layer = MePropLSTM(IN, H, k=2)
+    out, (h_n, c_n) = layer(torch.randn(B, 0, IN, requires_grad=True))
+    assert out.shape == (B, 0, H) and h_n.shape == (1, B, H) and c_n.shape == (1, B, H)
+
+
+# --------------------------------------------------------------------------------------
+# stacking: prune_lstm_input for the next layer
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (DT, 1e-10)])
+def test_two_layer_stack_masked_equals_pruned(dtype, tol):
+    torch.manual_seed(3)
+    h1, h2 = 8, 7
+    l1 = MePropLSTM(5, h1, k=3, selection="unified", dtype=dtype)
+    l2 = MePropLSTM(h1, h2, k=2, dtype=dtype)
+    keep1 = torch.tensor([1, 0, 1, 1, 0, 1, 1, 0], dtype=torch.bool)
+    keep2 = torch.tensor([0, 1, 1, 0, 1, 1, 1], dtype=torch.bool)
+    l1.apply_mask(keep1)
+    l2.apply_mask(keep2)
+    idx1, idx2 = keep1.nonzero().squeeze(1), keep2.nonzero().squeeze(1)
+    p1 = prune_lstm_hidden(l1, idx1)
+    p2 = prune_lstm_input(prune_lstm_hidden(l2, idx2), idx1)
+    assert type(p1) is nn.LSTM and type(p2) is nn.LSTM
+    assert (p2.input_size, p2.hidden_size) == (5, 5)
+    for p, (i, h) in [(p1, (5, 5)), (p2, (5, 5))]:
+        plain = nn.LSTM(i, h, batch_first=True, dtype=dtype)
+        plain.load_state_dict(p.state_dict())
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        x = (torch.randn(3, 9, 5, generator=g) * 2).to(dtype)
+        for grad in (False, True):  # the fused eval path and the meProp training path
+            with torch.set_grad_enabled(grad):
+                big = l2(l1(x)[0])[0][..., idx2]
+                small = p2(p1(x)[0])[0]
+            assert (big - small).abs().max() <= tol
+
+
+def test_prune_lstm_input_keeps_meprop_state_and_validates():
+    torch.manual_seed(0)
+    lstm = MePropLSTM(6, H, k=2, selection="unified", dtype=DT)
+    lstm.apply_mask(torch.tensor([1, 1, 0, 1, 1, 1], dtype=torch.bool))
+    lstm.hits.copy_(torch.arange(H))
+    lstm.ref.fill_(9)
+    lstm.counting = False
+    lstm.eval()
+    keep = torch.tensor([0, 2, 5])
+    new = prune_lstm_input(lstm, keep)
+    assert type(new) is MePropLSTM and new.input_size == 3 and new.hidden_size == H
+    assert new.meprop_config == lstm.meprop_config and new.k == lstm.k
+    assert torch.equal(new.mask, lstm.mask) and torch.equal(new.hits, lstm.hits)
+    assert int(new.ref) == 9 and not new.counting and not new.training
+    assert torch.equal(new.weight_ih_l0, lstm.weight_ih_l0[:, keep])
+    assert torch.equal(new.weight_hh_l0, lstm.weight_hh_l0)
+    x = torch.randn(B, T, 6, dtype=DT)
+    x[..., [1, 3, 4]] = 0  # the dropped inputs carry nothing: same output
+    with torch.no_grad():
+        torch.testing.assert_close(new(x[..., keep])[0], lstm(x)[0], rtol=0, atol=1e-12)
+    plain = prune_lstm_input(lstm.to_lstm(), torch.tensor([True, False] * 3))
+    assert type(plain) is nn.LSTM and plain.input_size == 3
+    bads = [[0, 0], [], [6], [-1], [0.0, 1.0], [True, False]]  # dup, empty, range, dtype, len
+    for bad in bads:
+        with pytest.raises(BadInputError):
+            prune_lstm_input(lstm, torch.tensor(bad, dtype=torch.long if bad == [] else None))
+    with pytest.raises(BadInputError):
+        prune_lstm_input(nn.Linear(3, 3), [0])
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("selection", ["topk", "unified"])
+def test_float32_grads_match_reference(monkeypatch, onednn, selection):
+    """float32 through the fast GEMMs (oneDNN where available) and through torch's own,
+    against the float64 reference on the same weights."""
+    import mesimp.lstm as mlstm
+
+    monkeypatch.setattr(mlstm, "_USE_ONEDNN", onednn)
+    k, hs, b, steps = 3, 16, 4, 7
+    layer = MePropLSTM(5, hs, k=k, selection=selection)
+    _distinct_params(layer, seed=21)
+    layer.apply_mask(torch.arange(hs) % 5 != 2)
+    keep = layer.mask.clone()
+    g = torch.Generator().manual_seed(22)
+    x = torch.randn(b, steps, 5, generator=g)
+    g_out = torch.randn(b, steps, hs, generator=g)
+    xl = _leaf(x)
+    out, _ = layer(xl)
+    out.backward(g_out)
+    got = [getattr(layer, n).grad for n in NAMES] + [xl.grad]
+    params = [_leaf(getattr(layer, n).double()) for n in NAMES]
+    xr = _leaf(x.double())
+    out_r, _, _ = ref_forward(params, xr.transpose(0, 1), k, selection, keep)
+    out_r.transpose(0, 1).backward(g_out.double())
+    want = [p.grad for p in params] + [xr.grad]
+    assert (out.double() - out_r.transpose(0, 1)).abs().max() <= 1e-5
+    for a, w in zip(got, want, strict=True):
+        torch.testing.assert_close(a.double(), w, rtol=1e-4, atol=1e-5)
+
+
+def test_empty_batch():
+    layer = MePropLSTM(IN, H, k=2)
+    x = torch.randn(0, T, IN, requires_grad=True)
+    out, (h_n, _) = layer(x)
+    out.sum().backward()
+    assert out.shape == (0, T, H) and h_n.shape == (1, 0, H)
