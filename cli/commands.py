@@ -6,7 +6,7 @@ import click
 from mesimp.cli.main import IntList, KType, cli, emit_json
 
 
-@cli.command(short_help="Train an MLP with meProp, optionally meSimp, on image data.")
+@cli.command(short_help="Train an MLP or LSTM with meProp, optionally meSimp.")
 @click.option(
     "--data",
     type=click.Path(),
@@ -15,7 +15,40 @@ from mesimp.cli.main import IntList, KType, cli, emit_json
     "/usr/share/datasets/fashion-mnist.",
 )
 @click.option(
-    "--model", type=click.Choice(["mlp"]), default="mlp", show_default=True, help="Model family."
+    "--model",
+    type=click.Choice(["mlp", "lstm-tagger", "lstm-rows"]),
+    default="mlp",
+    show_default=True,
+    help="mlp: image MLP; lstm-tagger: UPOS tagger on CoNLL-U (--train/--test); "
+    "lstm-rows: LSTM reading each image row by row (28 steps of 28 pixels).",
+)
+@click.option(
+    "--train",
+    "train_file",
+    type=click.Path(),
+    default=None,
+    help="lstm-tagger: training CoNLL-U file (any UD treebank).",
+)
+@click.option(
+    "--dev",
+    "dev_file",
+    type=click.Path(),
+    default=None,
+    help="lstm-tagger: held-out CoNLL-U file for model selection "
+    "(default: 10%% of --train, a fixed split).",
+)
+@click.option(
+    "--test", "test_file", type=click.Path(), default=None, help="lstm-tagger: test CoNLL-U file."
+)
+@click.option(
+    "--emb-dim", type=int, default=100, show_default=True, help="lstm-tagger: word embedding size."
+)
+@click.option(
+    "--max-len",
+    type=int,
+    default=250,
+    show_default=True,
+    help="lstm-tagger: a sentence longer than this many words is an error.",
 )
 @click.option(
     "--hidden",
@@ -27,9 +60,9 @@ from mesimp.cli.main import IntList, KType, cli, emit_json
 @click.option(
     "--layers",
     type=int,
-    default=2,
-    show_default=True,
-    help="Number of hidden layers (with a single --hidden width).",
+    default=None,
+    help="Number of hidden layers with a single --hidden width [default: 2 for mlp, "
+    "1 for the LSTMs].",
 )
 @click.option("--dropout", type=float, default=0.0, show_default=True)
 @click.option(
@@ -67,7 +100,7 @@ from mesimp.cli.main import IntList, KType, cli, emit_json
 )
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Learning rate.")
 @click.option("--epochs", type=int, default=5, show_default=True)
-@click.option("--batch-size", type=int, default=50, show_default=True)
+@click.option("--batch-size", type=int, default=None, help="[default: 50; 32 for lstm-tagger]")
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option(
     "--evals-per-epoch",
@@ -130,9 +163,9 @@ from mesimp.cli.main import IntList, KType, cli, emit_json
     "-o",
     "--output",
     type=click.Path(),
-    default="models/mlp.pt",
-    show_default=True,
-    help="Checkpoint path (best on dev); the metrics log goes next to it.",
+    default=None,
+    help="Checkpoint path (best on dev); the metrics log goes next to it "
+    "[default: models/<model>.pt].",
 )
 @click.option(
     "--resume",
@@ -160,6 +193,11 @@ from mesimp.cli.main import IntList, KType, cli, emit_json
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 def train(
     model,
+    train_file,
+    dev_file,
+    test_file,
+    emb_dim,
+    max_len,
     hidden,
     layers,
     dropout,
@@ -198,14 +236,29 @@ def train(
       mesimp train --k 20 --selection unified --msbp 0.8
       mesimp train --k 60 --simplify --prune-rate 0.01 --epochs 6   # meSimp
       mesimp train --resume models/mlp.last.pt   # after Ctrl-C, SIGTERM or a crash
+
+    \b
+    LSTM models (single-layer LSTMs, stacked with --hidden 500,500; the shrunk model is
+    saved, ready for export):
+      mesimp train --model lstm-tagger --train en_ewt-ud-dev.conllu \\
+          --test en_ewt-ud-test.conllu --k 20 --simplify --prune-rate 0.01 --epochs 10
+      mesimp train --model lstm-rows --hidden 128 --k 10 --epochs 3
     """
     from mesimp.simplify import SimplifyConfig
     from mesimp.train import TrainConfig, resume_config
     from mesimp.train import train as run_train
 
+    ctx = click.get_current_context()
+    _check_model_options(ctx, model)
+    if output is None:
+        output = f"models/{model}.pt"
+    if batch_size is None:
+        batch_size = 32 if model == "lstm-tagger" else 50
+    if layers is None:
+        layers = 2 if model == "mlp" else 1
+
     if resume is not None:
         # The checkpoint's config wins; options typed on the command line must agree.
-        ctx = click.get_current_context()
         given = {
             name: value
             for name, value in ctx.params.items()
@@ -226,6 +279,38 @@ def train(
         if simplify
         else None
     )
+    if model != "mlp":
+        from mesimp.seqdata import rows_data, tagging_data
+        from mesimp.seqtrain import train_lstm
+
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        if model == "lstm-tagger":
+            if train_file is None or test_file is None:
+                raise click.UsageError("--model lstm-tagger needs --train and --test CoNLL-U files")
+            seq = tagging_data(train_file, test_file, dev_file, max_len=max_len)
+        else:
+            seq = rows_data(data, dev_size)
+        widths = hidden if len(hidden) > 1 else [hidden[0]] * layers
+        result = train_lstm(
+            seq,
+            hidden=widths,
+            emb_dim=emb_dim,
+            dropout=dropout,
+            k=k,
+            selection=selection,
+            simplify=simp,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            output=output,
+            progress=progress,
+        )
+        _lstm_report(result, as_json)
+        return
     config = TrainConfig(
         data=data,
         hidden=hidden if len(hidden) > 1 else hidden[0],
@@ -250,6 +335,50 @@ def train(
         keep_last=keep_last,
     )
     _train_report(run_train(config, progress=progress), as_json)
+
+
+# Options that only one family reads: giving one to the other is an error, not a no-op.
+_MLP_ONLY = (
+    "msbp",
+    "sparse_update",
+    "optimizer",
+    "evals_per_epoch",
+    "init",
+    "resume",
+    "save_every",
+    "keep_last",
+)
+_TAGGER_ONLY = ("train_file", "dev_file", "test_file", "emb_dim", "max_len")
+
+
+def _check_model_options(ctx: click.Context, model: str) -> None:
+    given = {
+        name
+        for name in ctx.params
+        if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+    }
+    if model == "mlp":
+        bad = [n for n in _TAGGER_ONLY if n in given]
+    elif model == "lstm-tagger":
+        bad = [n for n in (*_MLP_ONLY, "data", "dev_size") if n in given]
+    else:
+        bad = [n for n in (*_MLP_ONLY, *_TAGGER_ONLY) if n in given]
+    if bad:
+        names = ", ".join("--" + n.removesuffix("_file").replace("_", "-") for n in bad)
+        raise click.UsageError(f"{names} do(es) not apply to --model {model}")
+
+
+def _lstm_report(result, as_json):
+    if as_json:
+        emit_json({k: v for k, v in result.items() if k not in ("model", "shrunk", "records")})
+        return
+    click.echo(
+        f"test accuracy {result['test_accuracy']:.4f} (held-out "
+        f"{result['heldout_accuracy']:.4f}, epoch {result['best_epoch']}); widths "
+        f"{result['widths']} of {result['hidden']}; params {result['params']:,}; "
+        f"train time {result['train_time_s']:.1f}s"
+    )
+    click.echo(f"checkpoint (shrunk): {result['checkpoint']}  metrics: {result['metrics_log']}")
 
 
 def _train_report(result, as_json):

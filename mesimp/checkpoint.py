@@ -33,7 +33,7 @@ from torch import nn
 from mesimp._version import __version__
 from mesimp.atomic import atomic_write
 from mesimp.errors import CheckpointError, MesimpError
-from mesimp.layers import MePropConfig, MePropLinear, meprop_
+from mesimp.layers import MePropConfig, MePropCounters, MePropLinear, meprop_
 from mesimp.models import arch_from_dict, build_model
 
 FORMAT = "mesimp.checkpoint"
@@ -41,11 +41,12 @@ VERSION = 1
 
 
 def meprop_state(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
-    """Counters and masks of every ``MePropLinear`` in ``model``, keyed by module name."""
+    """Counters and masks of every meProp layer (``MePropLinear``, ``MePropLSTM``) in
+    ``model``, keyed by module name."""
     return {
         name: mod.meprop_state()
         for name, mod in model.named_modules()
-        if isinstance(mod, MePropLinear)
+        if isinstance(mod, MePropCounters)
     }
 
 

@@ -61,44 +61,116 @@ class MLP(nn.Sequential):
         self.config = config
 
 
+def _hidden_list(hidden: Any) -> list[int]:
+    """``hidden`` as a list of layer widths (an int means one layer)."""
+    widths = hidden if isinstance(hidden, (list, tuple)) else [hidden]
+    if not widths:
+        raise BadInputError("hidden needs at least one layer width")
+    for v in widths:
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise BadInputError(f"hidden widths must be integers > 0, got {hidden!r}")
+    return [int(v) for v in widths]
+
+
+def _check_positive(config: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        v = getattr(config, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise BadInputError(f"{name} must be an integer > 0, got {v!r}")
+    if not 0.0 <= config.dropout < 1.0:
+        raise BadInputError(f"dropout must be in [0, 1), got {config.dropout}")
+
+
 @dataclass
 class TaggerConfig:
-    """A sequence tagger: embedding -> single-layer LSTM -> per-token Linear."""
+    """A sequence tagger: embedding -> stacked single-layer LSTMs -> per-token Linear.
+
+    ``hidden`` is one width or a width per layer (``[500, 500]`` = two stacked LSTMs).
+    Layers are separate single-layer ``nn.LSTM`` modules, not one ``nn.LSTM(num_layers=2)``,
+    because meSimp gives every layer its own kept width and ``nn.LSTM`` has one
+    ``hidden_size`` for all its layers.
+    """
 
     vocab_size: int
     num_tags: int
     emb_dim: int = 100
-    hidden: int = 500
+    hidden: int | list[int] = 500
     dropout: float = 0.0
     model: str = "lstm-tagger"
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "num_tags", "emb_dim", "hidden"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise BadInputError(f"{name} must be an integer > 0, got {v!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise BadInputError(f"dropout must be in [0, 1), got {self.dropout}")
+        _check_positive(self, ("vocab_size", "num_tags", "emb_dim"))
+        widths = _hidden_list(self.hidden)
+        self.hidden = widths[0] if len(widths) == 1 else widths
+
+    def hidden_sizes(self) -> list[int]:
+        return _hidden_list(self.hidden)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-class LSTMTagger(nn.Module):
-    """``Embedding(padding_idx=0) -> LSTM(batch_first) -> [Dropout] -> Linear``.
+@dataclass
+class RowLSTMConfig:
+    """An image classifier that reads an image row by row: ``[B, rows, row_width]`` ->
+    stacked single-layer LSTMs -> Linear on the last step (row-sequential Fashion-MNIST:
+    28 steps of 28 pixels)."""
 
-    Only plain ``torch.nn`` layers, so a shrunk tagger runs without mesimp; the
-    meProp variant swaps ``self.lstm`` for a ``MePropLSTM`` with the same parameter
-    names (``mesimp.tagging.meprop_lstm_``), so state_dicts move freely between them.
+    in_features: int = 28
+    num_classes: int = 10
+    hidden: int | list[int] = 128
+    dropout: float = 0.0
+    model: str = "lstm-rows"
+
+    def __post_init__(self) -> None:
+        _check_positive(self, ("in_features", "num_classes"))
+        widths = _hidden_list(self.hidden)
+        self.hidden = widths[0] if len(widths) == 1 else widths
+
+    def hidden_sizes(self) -> list[int]:
+        return _hidden_list(self.hidden)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class LSTMStack(nn.Module):
+    """Single-layer ``nn.LSTM`` modules (batch_first) applied in turn, dropout between.
+
+    State_dict keys are ``lstms.<i>.weight_ih_l0`` etc.; each entry is a plain
+    ``nn.LSTM`` (or a ``MePropLSTM`` with the same names during meProp training).
+    """
+
+    def __init__(self, in_features: int, widths: list[int], dropout: float = 0.0) -> None:
+        super().__init__()
+        sizes = [in_features, *widths]
+        self.lstms = nn.ModuleList(
+            nn.LSTM(sizes[i], sizes[i + 1], batch_first=True) for i in range(len(widths))
+        )
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, lstm in enumerate(self.lstms):
+            if i:
+                x = self.drop(x)
+            x, _ = lstm(x)
+        return self.drop(x)
+
+
+class LSTMTagger(nn.Module):
+    """``Embedding(padding_idx=0) -> LSTMStack -> Linear`` per token.
+
+    Only plain ``torch.nn`` layers, so a shrunk tagger runs without mesimp; the meProp
+    variant swaps each LSTM for a ``MePropLSTM`` with the same parameter names
+    (``mesimp.seqtrain.meprop_lstms_``), so state_dicts move freely between them.
     """
 
     def __init__(self, config: TaggerConfig) -> None:
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.emb_dim, padding_idx=0)
-        self.lstm = nn.LSTM(config.emb_dim, config.hidden, batch_first=True)
-        self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.out = nn.Linear(config.hidden, config.num_tags)
+        self.stack = LSTMStack(config.emb_dim, config.hidden_sizes(), config.dropout)
+        self.out = nn.Linear(config.hidden_sizes()[-1], config.num_tags)
 
     def forward(self, words: torch.Tensor) -> torch.Tensor:
         """``words [B, T]`` (0 = padding) -> logits ``[B, T, num_tags]``.
@@ -106,40 +178,67 @@ class LSTMTagger(nn.Module):
         Padding sits after each sentence's last word, so a forward LSTM's states on
         real tokens never see it; no packing is needed for the logits that count.
         """
-        h, _ = self.lstm(self.embed(words))
-        return self.out(self.drop(h))
+        return self.out(self.stack(self.embed(words)))
+
+
+class RowLSTMClassifier(nn.Module):
+    """``x [B, rows, row_width]`` -> LSTMStack -> Linear on the last row's state -> logits."""
+
+    def __init__(self, config: RowLSTMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.stack = LSTMStack(config.in_features, config.hidden_sizes(), config.dropout)
+        self.out = nn.Linear(config.hidden_sizes()[-1], config.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.stack(x)[:, -1])
 
 
 _ARCH_KEYS_IGNORED = ("word_vocab", "tag_vocab")  # tagger metadata kept beside the config
 
 
-def arch_from_dict(arch: dict[str, Any]) -> MLPConfig | TaggerConfig:
+ModelConfig = MLPConfig | TaggerConfig | RowLSTMConfig
+_CONFIGS: dict[str, tuple[type, str]] = {
+    "mlp": (MLPConfig, "an MLP"),
+    "lstm-tagger": (TaggerConfig, "an LSTM tagger"),
+    "lstm-rows": (RowLSTMConfig, "a row-sequential LSTM classifier"),
+}
+
+
+def arch_from_dict(arch: dict[str, Any]) -> ModelConfig:
     """Rebuild a config from a checkpoint's ``arch`` dict, refusing unknown models."""
     if not isinstance(arch, dict) or "model" not in arch:
         raise CheckpointError("checkpoint 'arch' is missing or has no 'model' field")
     kind = arch["model"]
-    if kind == "mlp":
-        try:
-            return MLPConfig(**arch)
-        except TypeError as e:
-            raise CheckpointError(f"checkpoint 'arch' does not describe an MLP: {e}") from e
-    if kind == "lstm-tagger":
-        fields = {k: v for k, v in arch.items() if k not in _ARCH_KEYS_IGNORED}
-        try:
-            return TaggerConfig(**fields)
-        except TypeError as e:
-            raise CheckpointError(f"checkpoint 'arch' does not describe an LSTM tagger: {e}") from e
-    raise CheckpointError(
-        f"unknown model type {kind!r} in checkpoint (supported: mlp, lstm-tagger)"
-    )
+    if kind not in _CONFIGS:
+        raise CheckpointError(
+            f"unknown model type {kind!r} in checkpoint (supported: {', '.join(_CONFIGS)})"
+        )
+    cls, what = _CONFIGS[kind]
+    fields = {k: v for k, v in arch.items() if k not in _ARCH_KEYS_IGNORED}
+    try:
+        return cls(**fields)
+    except (TypeError, BadInputError) as e:
+        raise CheckpointError(f"checkpoint 'arch' does not describe {what}: {e}") from e
 
 
-def build_model(arch: dict[str, Any] | MLPConfig | TaggerConfig) -> nn.Module:
+def build_model(arch: dict[str, Any] | ModelConfig) -> nn.Module:
     """A plain PyTorch model (only ``torch.nn`` layers) for an ``arch``."""
-    config = arch if isinstance(arch, (MLPConfig, TaggerConfig)) else arch_from_dict(arch)
+    config = (
+        arch if isinstance(arch, (MLPConfig, TaggerConfig, RowLSTMConfig)) else arch_from_dict(arch)
+    )
     if isinstance(config, TaggerConfig):
         return LSTMTagger(config)
+    if isinstance(config, RowLSTMConfig):
+        return RowLSTMClassifier(config)
     return MLP(config)
+
+
+def is_lstm_model(model_or_arch: nn.Module | dict[str, Any]) -> bool:
+    """True for the LSTM families (their shrink, export and bench paths differ)."""
+    if isinstance(model_or_arch, dict):
+        return model_or_arch.get("model") in ("lstm-tagger", "lstm-rows")
+    return isinstance(model_or_arch, (LSTMTagger, RowLSTMClassifier))
 
 
 def linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
@@ -147,8 +246,17 @@ def linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
+def _stack_lstms(model: nn.Module) -> list[nn.Module] | None:
+    stack = getattr(model, "stack", None)
+    return list(stack.lstms) if isinstance(stack, LSTMStack) else None
+
+
 def hidden_sizes(model: nn.Module) -> list[int]:
-    """Widths of the hidden layers: every Linear's output except the last one's."""
+    """Widths of the hidden layers: the LSTM layers' hidden sizes for the LSTM models,
+    else every Linear's output except the last one's."""
+    lstms = _stack_lstms(model)
+    if lstms is not None:
+        return [m.hidden_size for m in lstms]
     return [m.out_features for _, m in linear_layers(model)[:-1]]
 
 
@@ -157,5 +265,8 @@ def count_params(model: nn.Module) -> int:
 
 
 def count_macs(model: nn.Module) -> int:
-    """Multiply-accumulates per example (one input row) for the Linear layers."""
-    return sum(m.in_features * m.out_features for _, m in linear_layers(model))
+    """Multiply-accumulates per example for an MLP; per time step (token or image row)
+    for the LSTM models: ``4h(in + h)`` per LSTM layer plus the output Linear."""
+    lstms = _stack_lstms(model)
+    lstm_macs = sum(4 * m.hidden_size * (m.input_size + m.hidden_size) for m in lstms or [])
+    return lstm_macs + sum(m.in_features * m.out_features for _, m in linear_layers(model))

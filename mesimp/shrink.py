@@ -29,7 +29,7 @@ from mesimp.errors import BadInputError, VerificationError
 from mesimp.info import model_info
 from mesimp.layers import MePropLinear, meprop_
 from mesimp.meprop import MePropConfig
-from mesimp.models import MLPConfig, build_model, linear_layers
+from mesimp.models import MLPConfig, build_model, is_lstm_model, linear_layers
 from mesimp.simplify import check_prune_rate, keep_rule, keep_with_min_width
 from mesimp.train import evaluate
 
@@ -181,6 +181,11 @@ def shrink_checkpoint(
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise BadInputError(f"--round-to must be an int >= 1, got {round_to!r}")
     src = load_checkpoint(path)
+    if is_lstm_model(src["arch"]):
+        raise BadInputError(
+            f"{path} is an {src['arch']['model']} checkpoint, which `mesimp train` saves "
+            "already shrunk (masked units removed when training ends): export it directly"
+        )
     model = model_from_checkpoint(src)
     if prune_rate is not None:
         for (_, m), keep in zip(

@@ -19,7 +19,7 @@ from mesimp.lstm import MePropLSTM
 from mesimp.meprop import MePropConfig
 from mesimp.models import MLP, LSTMTagger, MLPConfig, TaggerConfig, arch_from_dict, build_model
 from mesimp.simplify import SimplifyConfig
-from mesimp.tagging import meprop_lstm_, shrink_tagger, tagger_accuracy, train_tagger
+from mesimp.tagging import meprop_lstms_, shrink_tagger, tagger_accuracy, train_tagger
 
 EWT = Path(__file__).resolve().parents[2] / "shared" / "data" / "ud-english-ewt"
 DEV = EWT / "en_ewt-ud-dev.conllu"
@@ -77,8 +77,8 @@ def test_meprop_lstm_swap_is_exact_forward():
     m = LSTMTagger(TaggerConfig(vocab_size=20, num_tags=4, emb_dim=5, hidden=8))
     x = torch.randint(1, 20, (2, 6))
     ref = m(x)
-    meprop_lstm_(m, MePropConfig(k=3, selection="unified"))
-    assert isinstance(m.lstm, MePropLSTM)
+    meprop_lstms_(m, MePropConfig(k=3, selection="unified"))
+    assert isinstance(m.stack.lstms[0], MePropLSTM)
     torch.testing.assert_close(m(x), ref, atol=1e-6, rtol=0)
 
 
@@ -118,9 +118,9 @@ def test_mesimp_shrinks_and_shrunk_model_matches(slices, tmp_path):
     (width,) = r["widths"]
     assert 1 <= width < 32
     model = r["model"]
-    assert model.lstm.active_width == width
+    assert model.stack.lstms[0].active_width == width
     small = shrink_tagger(model)
-    assert small.config.hidden == width and small.lstm.hidden_size == width
+    assert small.config.hidden == width and small.stack.lstms[0].hidden_size == width
     assert small.out.in_features == width
     x = _test_tensors(r, test)
     model.eval()

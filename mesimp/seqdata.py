@@ -1,0 +1,170 @@
+"""Data for the LSTM tasks: POS tagging on CoNLL-U and row-sequential images.
+
+Both tasks become a :class:`SeqData`: padded tensors for train / held-out / test, how a
+batch is cut, the loss and the accuracy. The trainer (``mesimp.seqtrain``) only sees
+this interface, so the meProp / meSimp loop is written once for both.
+
+* ``tagging``: inputs ``[N, T]`` word ids (0 = padding), targets ``[N, T]`` tag ids (0 =
+  padding, ignored by loss and accuracy). A batch is trimmed to its longest sentence, so
+  the LSTM runs no steps over pure padding. Unknown test tags map to ``<unk-tag>``, which
+  no prediction matches: they count as errors and are reported, never a crash.
+* ``rows``: inputs ``[N, rows, row_width]`` floats in [0, 1], targets ``[N]`` classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mesimp.data.conllu import Sentence, build_vocabs, read_conllu, split_dev, tagging_tensors
+from mesimp.data.images import load_image_dataset
+from mesimp.errors import BadInputError
+
+__all__ = ["SPLIT_SEED", "SeqData", "rows_data", "tagging_data"]
+
+SPLIT_SEED = 0  # the held-out split is fixed, so runs with different seeds see the same data
+DEFAULT_MAX_LEN = 250  # words; UD English EWT's longest sentence has 159
+
+
+@dataclass
+class SeqData:
+    """Tensors of one LSTM task and the task's loss/accuracy rules."""
+
+    kind: str  # "tagging" | "rows"
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_held: torch.Tensor
+    y_held: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    arch: dict[str, Any]  # model config fields fixed by the data (sizes, vocabularies)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model(self) -> str:
+        return "lstm-tagger" if self.kind == "tagging" else "lstm-rows"
+
+    def batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch as the model sees it: tagging batches lose their all-padding columns."""
+        if self.kind != "tagging" or not len(y):
+            return x, y
+        n = int((y != 0).sum(1).max())
+        return x[:, :n], y[:, :n]
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.kind == "tagging":
+            return F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=0
+            )
+        return F.cross_entropy(logits, y)
+
+    @torch.no_grad()
+    def accuracy(
+        self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 256
+    ) -> float:
+        """Token accuracy (tagging, padding excluded) or example accuracy; NaN if empty."""
+        was_training = model.training
+        model.eval()
+        correct = total = 0
+        for i in range(0, len(x), batch):
+            xb, yb = self.batch(x[i : i + batch], y[i : i + batch])
+            pred = model(xb).argmax(-1)
+            real = yb != 0 if self.kind == "tagging" else torch.ones_like(yb, dtype=torch.bool)
+            correct += int(((pred == yb) & real).sum())
+            total += int(real.sum())
+        model.train(was_training)
+        return correct / total if total else float("nan")
+
+
+def tagging_data(
+    train: str | Path,
+    test: str | Path,
+    dev: str | Path | None = None,
+    *,
+    heldout: float = 0.1,
+    max_len: int = DEFAULT_MAX_LEN,
+    min_count: int = 2,
+) -> SeqData:
+    """UPOS tagging data from CoNLL-U files.
+
+    Without ``dev``, a fixed ``heldout`` fraction of ``train`` is held out for model
+    selection (the project's EWT protocol: train on the dev file, test on the test file).
+    Vocabularies come from the training part only; ``min_count=2`` sends rare training
+    words down the unknown-word path (``Vocab``'s shape classes), so those embeddings are
+    trained. Any sentence longer than ``max_len`` words is a one-line ``DataError``.
+    """
+    train_all = read_conllu(train, max_len)
+    test_sents = read_conllu(test, max_len)
+    if dev is not None:
+        train_sents, held_sents = train_all, read_conllu(dev, max_len)
+    else:
+        train_sents, held_sents = split_dev(train_all, heldout, seed=SPLIT_SEED)
+    word_vocab, tag_vocab = build_vocabs(train_sents, min_count=min_count)
+    x_train, y_train, _ = tagging_tensors(train_sents, word_vocab, tag_vocab)
+    x_held, y_held, _ = tagging_tensors(held_sents, word_vocab, tag_vocab)
+    x_test, y_test, _ = tagging_tensors(test_sents, word_vocab, tag_vocab)
+    unk = tag_vocab.unk_index
+
+    def tokens(sents: list[Sentence]) -> int:
+        return sum(len(s) for s in sents)
+
+    return SeqData(
+        kind="tagging",
+        x_train=x_train,
+        y_train=y_train,
+        x_held=x_held,
+        y_held=y_held,
+        x_test=x_test,
+        y_test=y_test,
+        arch={
+            "vocab_size": len(word_vocab),
+            "num_tags": len(tag_vocab),
+            "word_vocab": word_vocab.to_dict(),
+            "tag_vocab": tag_vocab.to_dict(),
+        },
+        summary={
+            "task": "upos-tagging",
+            "train": str(train),
+            "dev": str(dev) if dev is not None else f"{heldout:g} of train held out",
+            "test": str(test),
+            "train_sentences": len(train_sents),
+            "heldout_sentences": len(held_sents),
+            "test_sentences": len(test_sents),
+            "train_tokens": tokens(train_sents),
+            "test_tokens": tokens(test_sents),
+            "vocab_size": len(word_vocab),
+            "num_tags": len(tag_vocab),
+            "unknown_test_tags": int((y_test == unk).sum()),
+            "unknown_heldout_tags": int((y_held == unk).sum()),
+            "max_len": max_len,
+        },
+    )
+
+
+def rows_data(path: str | Path | None = None, dev_size: int = 5000) -> SeqData:
+    """Row-sequential image classification: each image is ``rows`` steps of ``row_width``
+    pixels (Fashion-MNIST: 28 x 28). The held-out split is the first ``dev_size`` training
+    images, as for the MLP."""
+    ds = load_image_dataset(path, dev_size)
+    h, w = ds.image_shape
+    if h < 1 or w < 1:
+        raise BadInputError(f"row-sequential data needs 2-D images, got shape {ds.image_shape}")
+
+    def rows(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(len(x), h, w)
+
+    return SeqData(
+        kind="rows",
+        x_train=rows(ds.x_train),
+        y_train=ds.y_train,
+        x_held=rows(ds.x_dev),
+        y_held=ds.y_dev,
+        x_test=rows(ds.x_test),
+        y_test=ds.y_test,
+        arch={"in_features": w, "num_classes": ds.num_classes},
+        summary={**ds.summary(), "task": "row-sequential", "steps": h, "row_width": w},
+    )

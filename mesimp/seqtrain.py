@@ -1,0 +1,275 @@
+"""Training LSTM models (tagger, row classifier) with meProp, meSimp, and the shrink.
+
+    data = tagging_data("train.conllu", "test.conllu")
+    result = train_lstm(data, hidden=500, k=20,
+                        simplify=SimplifyConfig(prune_rate=0.01, points_per_epoch=2))
+    small = shrink_lstm_model(result["model"])   # plain model at the kept widths
+
+The loop mirrors ``mesimp.train`` for MLPs: minibatch Adam, meSimp points from
+``SimplifySchedule`` (cycles alternate simplifying and plain meProp; the optimizer state
+and the counters are reset at each cycle start), evaluation once per epoch on the
+held-out split, and the best held-out model is kept. Adam is torch's dense Adam:
+``MePropLSTM``'s weight gradients are dense tensors whose unselected rows are zero, so
+the row-sparse optimizer path of ``mesimp.optim`` does not apply.
+
+The checkpoint written holds the *shrunk* plain model (``arch`` = the config fields,
+plus the vocabularies for a tagger): the masked units are gone, so ``mesimp export``
+and plain PyTorch take it as is. Interrupted LSTM runs are not resumable (the MLP
+trainer's ``--resume`` machinery is not wired in here).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from mesimp.atomic import atomic_write_text, check_writable
+from mesimp.checkpoint import make_checkpoint, save_checkpoint
+from mesimp.errors import BadInputError
+from mesimp.lstm import MePropLSTM, prune_lstm_hidden, prune_lstm_input
+from mesimp.meprop import MePropConfig
+from mesimp.models import RowLSTMConfig, TaggerConfig, build_model, count_params
+from mesimp.optim import build_optimizer, reset_optimizer_state
+from mesimp.runsafety import nonfinite_grad
+from mesimp.seqdata import SeqData
+from mesimp.shrink import prune_linear_in
+from mesimp.simplify import (
+    SimplifyConfig,
+    SimplifySchedule,
+    active_widths,
+    prunable_layers,
+    simplify_step,
+)
+from mesimp.train import TrainingDiverged, metrics_path, seed_everything
+
+__all__ = ["meprop_lstms_", "shrink_lstm_model", "train_lstm"]
+
+
+def meprop_lstms_(model: nn.Module, config: MePropConfig) -> nn.Module:
+    """In place: swap every ``nn.LSTM`` of ``model.stack`` for a ``MePropLSTM`` with a copy
+    of its parameters (same names and layout, so the state_dict keys do not change)."""
+    lstms = _lstms(model)
+    for i, lstm in enumerate(lstms):
+        if isinstance(lstm, MePropLSTM):
+            continue
+        if not isinstance(lstm, nn.LSTM):
+            raise BadInputError(f"meprop_lstms_: layer {i} is a {type(lstm).__name__}")
+        new = MePropLSTM.from_lstm(lstm, config)
+        new.train(lstm.training)
+        lstms[i] = new
+    return model
+
+
+def _lstms(model: nn.Module) -> nn.ModuleList:
+    stack = getattr(model, "stack", None)
+    if stack is None or not isinstance(getattr(stack, "lstms", None), nn.ModuleList):
+        raise BadInputError(f"{type(model).__name__} has no LSTM stack (model.stack.lstms)")
+    return stack.lstms
+
+
+def shrink_lstm_model(model: nn.Module) -> nn.Module:
+    """A plain copy of an LSTM model without the masked hidden units of its LSTMs.
+
+    For each layer, every kept unit keeps its four gate rows and its W_hh column
+    (``prune_lstm_hidden``) and its input column of what reads it: the next LSTM's
+    ``weight_ih`` (``prune_lstm_input``) or the output Linear (``prune_linear_in``).
+    Plain or unmasked LSTMs keep every unit. Other modules (the embedding) are copied.
+    """
+    lstms = _lstms(model)
+    keeps = []
+    for lstm in lstms:
+        if isinstance(lstm, MePropLSTM):
+            keeps.append(lstm.mask.nonzero().squeeze(1).cpu())
+        else:
+            keeps.append(torch.arange(lstm.hidden_size))
+    config = model.config
+    fields = config.to_dict()
+    widths = [int(k.numel()) for k in keeps]
+    fields["hidden"] = widths[0] if len(widths) == 1 else widths
+    new = build_model(type(config)(**fields))
+    new_lstms = _lstms(new)
+    for i, (lstm, keep) in enumerate(zip(lstms, keeps, strict=True)):
+        small = prune_lstm_hidden(lstm, keep)
+        if i:
+            small = prune_lstm_input(small, keeps[i - 1])
+        new_lstms[i].load_state_dict(small.state_dict())
+    new.out.load_state_dict(prune_linear_in(model.out, keeps[-1]).state_dict())
+    if hasattr(model, "embed"):
+        new.embed.load_state_dict(model.embed.state_dict())
+    return new.to(model.out.weight.device)
+
+
+def _check(hidden: list[int], k: int | float, simplify: SimplifyConfig | None, **kw: Any) -> None:
+    for name, v in kw.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise BadInputError(f"{name} must be an integer > 0, got {v!r}")
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or k < 0:
+        raise BadInputError(f"k must be >= 0 (0 = dense backprop), got {k!r}")
+    if isinstance(k, int) and k > max(hidden):
+        raise BadInputError(f"k={k} is larger than every hidden width {hidden}")
+    if simplify is not None and k == 0:
+        raise BadInputError("meSimp (simplify) needs meProp: give k > 0")
+
+
+def train_lstm(
+    data: SeqData,
+    *,
+    hidden: int | list[int] = 500,
+    emb_dim: int = 100,
+    dropout: float = 0.0,
+    k: int | float = 0,
+    selection: str = "unified",
+    simplify: SimplifyConfig | None = None,
+    epochs: int = 5,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    seed: int = 1,
+    output: str | Path | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Train an LSTM model on ``data``; keep the best held-out model; report test accuracy.
+
+    ``k > 0`` trains ``MePropLSTM`` layers (unit-level top-k backward with ``selection``);
+    ``simplify`` adds meSimp masking. The best model is the best held-out evaluation at
+    the *current* widths (a new architecture starts a fresh best, as in ``mesimp.train``);
+    its weights are in ``result["model"]`` (masked, meProp layers) on return and its
+    shrunk plain copy in ``result["shrunk"]``; with ``output`` the shrunk model is saved.
+    """
+    widths = hidden if isinstance(hidden, list) else [hidden]
+    _check(widths, k, simplify, epochs=epochs, batch_size=batch_size, emb_dim=emb_dim)
+    mcfg = MePropConfig(k=k, selection=selection)  # validates selection early
+    out = check_writable(output) if output is not None else None
+    seed_everything(seed)
+    if data.kind == "tagging":
+        config: TaggerConfig | RowLSTMConfig = TaggerConfig(
+            data.arch["vocab_size"], data.arch["num_tags"], emb_dim, widths, dropout
+        )
+    else:
+        config = RowLSTMConfig(data.arch["in_features"], data.arch["num_classes"], widths, dropout)
+    model = build_model(config)
+    if k > 0:
+        meprop_lstms_(model, mcfg)
+    model.train()
+    optimizer = build_optimizer("adam", model.parameters(), lr, sparse_update=False)
+    named = list(model.named_parameters())
+    n = len(data.x_train)
+    if n == 0:
+        raise BadInputError("no training examples")
+    steps_per_epoch = math.ceil(n / batch_size)
+    schedule = SimplifySchedule(simplify, steps_per_epoch) if simplify is not None else None
+    order_gen = torch.Generator().manual_seed(seed)
+    records: list[dict[str, Any]] = [
+        {"event": "start", "widths": active_widths(model), "data": data.summary}
+    ]
+    best: dict[str, Any] | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    train_time = 0.0
+    gstep = 0
+    for epoch in range(epochs):
+        if schedule is not None and schedule.cycle_starts(epoch):
+            reset_optimizer_state(optimizer)
+            for _, layer in prunable_layers(model):
+                layer.reset_counters()
+        perm = torch.randperm(n, generator=order_gen)
+        loss_sum = 0.0
+        t0 = time.perf_counter()
+        bar = tqdm(
+            range(steps_per_epoch),
+            desc=f"epoch {epoch + 1}/{epochs}",
+            disable=not progress,
+            file=sys.stderr,
+            leave=False,
+            unit="step",
+        )
+        for s in bar:
+            idx = perm[s * batch_size : (s + 1) * batch_size]
+            xb, yb = data.batch(data.x_train[idx], data.y_train[idx])
+            loss = data.loss(model(xb), yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            gstep += 1
+            lv = loss.item()
+            if not math.isfinite(lv) or (gstep % 10 == 0 and nonfinite_grad(named)):
+                raise TrainingDiverged(
+                    f"training diverged at epoch {epoch + 1}, step {s + 1}: non-finite "
+                    f"loss or gradient (try a smaller --lr)"
+                )
+            optimizer.step()
+            loss_sum += lv
+            if schedule is not None and schedule.is_point(epoch, s + 1):
+                before = active_widths(model)
+                now = simplify_step(model, simplify.prune_rate, simplify.min_width)
+                records.append({"event": "simplify", "epoch": epoch, "step": gstep, "widths": now})
+                if now != before:
+                    best, best_state = None, None  # a new architecture: its best starts fresh
+        train_time += time.perf_counter() - t0
+        rec = {
+            "event": "eval",
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / steps_per_epoch,
+            "heldout_accuracy": data.accuracy(model, data.x_held, data.y_held),
+            "test_accuracy": data.accuracy(model, data.x_test, data.y_test),
+            "widths": active_widths(model),
+            "train_time_s": train_time,
+        }
+        records.append(rec)
+        score = rec["heldout_accuracy"]
+        if math.isnan(score):
+            score = -rec["train_loss"]
+        if best is None or score > best["score"]:
+            best = {"score": score, **rec}
+            best_state = {name: v.detach().clone() for name, v in model.state_dict().items()}
+        if progress:
+            print(
+                f"epoch {epoch + 1}/{epochs}: loss {rec['train_loss']:.4f} "
+                f"held-out {rec['heldout_accuracy']:.4f} test {rec['test_accuracy']:.4f} "
+                f"widths {rec['widths']} ({train_time:.1f}s)",
+                file=sys.stderr,
+                flush=True,
+            )
+    if best is None or best_state is None:
+        raise BadInputError("no epoch was trained")
+    # the masks only shrink and a width change resets the best, so the current masks are
+    # the best model's masks: loading its weights restores it exactly
+    model.load_state_dict(best_state)
+    plain = shrink_lstm_model(model)
+    arch = {**plain.config.to_dict()}
+    if data.kind == "tagging":
+        arch.update(word_vocab=data.arch["word_vocab"], tag_vocab=data.arch["tag_vocab"])
+    result: dict[str, Any] = {
+        "model_type": data.model,
+        "test_accuracy": best["test_accuracy"],
+        "heldout_accuracy": best["heldout_accuracy"],
+        "best_epoch": best["epoch"],
+        "widths": best["widths"],
+        "hidden": widths,
+        "params": count_params(plain),
+        "params_full": count_params(model),
+        "train_time_s": train_time,
+        "epochs": epochs,
+        "k": k,
+        "selection": selection,
+        "simplify": simplify.to_dict() if simplify is not None else None,
+        "seed": seed,
+        "data": data.summary,
+    }
+    if out is not None:
+        train_info = {
+            **result,
+            "metrics": {m: best[m] for m in ("heldout_accuracy", "test_accuracy")},
+        }
+        save_checkpoint(out, make_checkpoint(plain, arch, None, train=train_info))
+        mlog = metrics_path(out)
+        atomic_write_text(mlog, "".join(json.dumps(r) + "\n" for r in records))
+        result["checkpoint"] = str(out)
+        result["metrics_log"] = str(mlog)
+    result.update(records=records, arch=arch, model=model, shrunk=plain)
+    return result
