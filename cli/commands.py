@@ -406,13 +406,15 @@ def info(path, as_json):
     if as_json:
         emit_json(result)
         return
+    # LSTM models count MACs per time step (token or image row), MLPs per example
+    per = "step" if str(result.get("model", "")).startswith("lstm") else "example"
     if result["format"] == "onnx":
         click.echo(
             f"{path}: onnx  hidden_sizes {result['hidden_sizes']}  "
             f"input {result['input']['name']} {result['input']['shape']}"
         )
         click.echo(
-            f"params {result['params']:,}  MACs/example {result['macs']:,}  "
+            f"params {result['params']:,}  MACs/{per} {result['macs']:,}  "
             f"{result['size_bytes']:,} bytes"
         )
         for k, v in sorted(result["metadata"].items()):
@@ -423,7 +425,7 @@ def info(path, as_json):
         f"active {result['active_widths']}"
     )
     click.echo(
-        f"params {result['params']:,}  MACs/example {result['macs']:,}  "
+        f"params {result['params']:,}  MACs/{per} {result['macs']:,}  "
         f"dev {_fmt(result['dev_accuracy'])}  test {_fmt(result['test_accuracy'])}"
     )
     for c in result["counters"]:

@@ -27,36 +27,56 @@ from mesimp.cli.main import IntList, cli, emit_json
     "--data",
     type=click.Path(),
     default=None,
-    help="Data for the parity check and accuracy (default: the usual locations).",
+    help="Image data for the parity check and accuracy of MLPs and lstm-rows models "
+    "(default: the usual locations).",
+)
+@click.option(
+    "--conllu",
+    type=click.Path(),
+    default=None,
+    help="lstm-tagger: CoNLL-U sentences for the parity check and token accuracy, encoded "
+    "with the checkpoint's vocabulary (default: the test file recorded at training if it "
+    "exists, else random word ids).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the export report as JSON.")
-def export(path, to_onnx, output, opset, int8, data, as_json):
+def export(path, to_onnx, output, opset, int8, data, conllu, as_json):
     """Export IN.pt to a single ONNX file with a dynamic batch axis.
 
     The file passes onnx.checker (full_check), and onnxruntime's outputs on real test
     images are compared with PyTorch's (max_abs_diff <= 1e-4, else nothing is written).
     metadata_props record the mesimp version, hidden_sizes and the checkpoint's sha256.
 
+    LSTM checkpoints (lstm-tagger, lstm-rows) get one ONNX LSTM node per layer and
+    dynamic batch and sequence axes: a tagger maps int64 words [batch, seq] to logits
+    [batch, seq, tags] and is checked on --conllu sentences; --int8 turns each LSTM into
+    DynamicQuantizeLSTM.
+
     \b
     Examples:
       mesimp export models/mlp.pt --onnx                 # -> models/mlp.onnx
       mesimp export models/mlp.small.pt --onnx --int8    # -> models/mlp.small.int8.onnx
+      mesimp export models/tagger.pt --onnx --int8 --conllu en_ewt-ud-test.conllu
     """
     from mesimp.errors import BadInputError
     from mesimp.export import export_onnx
 
     if not to_onnx:
         raise BadInputError("say which format: --onnx (the only one supported)")
-    r = export_onnx(path, output, opset=opset, int8=int8, data=data)
+    r = export_onnx(path, output, opset=opset, int8=int8, data=data, conllu=conllu)
     if as_json:
         emit_json(r)
         return
-    acc = f"fp32 accuracy {r['fp32_accuracy']:.4f}" if r.get("fp32_accuracy") is not None else ""
+    what = "token accuracy" if r.get("model") == "lstm-tagger" else "accuracy"
+    acc = f"fp32 {what} {r['fp32_accuracy']:.4f}" if r.get("fp32_accuracy") is not None else ""
     if r.get("int8"):
-        acc += f", int8 accuracy {r['int8_accuracy']:.4f}"
+        if r.get("int8_accuracy") is not None:
+            acc += f", int8 {what} {r['int8_accuracy']:.4f}"
+        acc += f"{', ' if acc else ''}int8 agreement {r['int8_agreement']:.4f}"
+    layers = f"{r['lstm_nodes']} LSTM node(s), " if "lstm_nodes" in r else ""
     click.echo(
         f"wrote {r['path']} ({r['size_bytes']:,} bytes, opset {r['opset']}); "
-        f"hidden {r['hidden_sizes']}; max_abs_diff {r['max_abs_diff']:.2e}; {acc}"
+        f"{layers}hidden {r['hidden_sizes']}; max_abs_diff {r['max_abs_diff']:.2e} "
+        f"on {r['check_data']}; {acc}".rstrip("; ")
     )
 
 
@@ -68,7 +88,26 @@ def export(path, to_onnx, output, opset, int8, data, as_json):
     default=None,
     help="Image data: real test inputs, and accuracy per model.",
 )
-@click.option("--batch-sizes", type=IntList(), default="1,32,256,4096", show_default=True)
+@click.option(
+    "--conllu",
+    type=click.Path(),
+    default=None,
+    help="LSTM taggers: time the sentences of this CoNLL-U file (their lengths; word ids "
+    "are random, which costs the same). Default: EWT-like synthetic lengths.",
+)
+@click.option(
+    "--sentences",
+    type=click.IntRange(min=1),
+    default=None,
+    help="LSTM taggers: number of sentences (the first N of --conllu; default all, or "
+    "500 synthetic ones).",
+)
+@click.option(
+    "--batch-sizes",
+    type=IntList(),
+    default=None,
+    help="Batch sizes. [default: 1,32,256,4096; LSTM taggers: 1 (decode: one sentence per run)]",
+)
 @click.option(
     "--threads",
     type=IntList(),
@@ -80,7 +119,8 @@ def export(path, to_onnx, output, opset, int8, data, as_json):
     "--repeat",
     type=int,
     default=None,
-    help="Timed runs per model and configuration (default: ~0.5 s worth).",
+    help="Timed runs per model and configuration (default: ~0.5 s worth); for LSTM "
+    "taggers, passes over the sentences.",
 )
 @click.option("--warmup", type=int, default=5, show_default=True, help="Untimed runs first.")
 @click.option("--markdown", type=click.Path(), default=None, help="Also write a Markdown table.")
@@ -95,7 +135,18 @@ def export(path, to_onnx, output, opset, int8, data, as_json):
 @click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def bench(
-    models, data, batch_sizes, threads, repeat, warmup, markdown, plot_path, progress, as_json
+    models,
+    data,
+    conllu,
+    sentences,
+    batch_sizes,
+    threads,
+    repeat,
+    warmup,
+    markdown,
+    plot_path,
+    progress,
+    as_json,
 ):
     """Benchmark ONNX models on CPU with onnxruntime, interleaved in one run.
 
@@ -105,11 +156,18 @@ def bench(
     over this one's, MAC ratio = the first model's MACs (counted from the graph) over
     this one's, and with --data the test accuracy. Put the baseline first.
 
+    LSTM taggers (int64 [batch, seq] input) are timed tagging whole sentences: at batch
+    1 (mode decode) one sentence per run; per row P50/P99 ms per sentence, tokens/s
+    (real tokens / total time) and speed-up = tokens/s over the first model's. LSTM row
+    classifiers take [batch, rows, width] images. One call benches one kind of model.
+
     \b
     Examples:
       mesimp bench models/mlp.onnx models/mlp.small.onnx
       mesimp bench models/mlp.onnx models/mlp.small.onnx --data /usr/share/datasets/fashion-mnist \\
           --batch-sizes 1,256 --threads 1 --markdown bench.md --plot bench.png
+      mesimp bench models/tagger.onnx models/tagger.small.int8.onnx --threads 1 \\
+          --conllu en_ewt-ud-test.conllu
     """
     from mesimp.bench import bench as run_bench
     from mesimp.bench import format_table, plot, write_markdown
@@ -122,6 +180,8 @@ def bench(
         repeat=repeat,
         warmup=warmup,
         progress=progress,
+        conllu=conllu,
+        sentences=sentences,
     )
     if markdown:
         write_markdown(r, markdown)

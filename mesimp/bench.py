@@ -33,6 +33,30 @@ Schema::
      "machine": {"cpu_count", "affinity_cpus", "cpu_model", "platform", "python",
                  "onnxruntime", "numpy"},
      "config": {"batch_sizes", "threads", "repeat", "warmup", "rounds", "data"}}
+
+Sequence models (the kind is read from the model's input, see ``_input_signature``):
+
+* **LSTM row classifiers** (float ``[batch, rows, width]``) are timed like MLPs on
+  ``[b, rows, width]`` images (rows: fixed in the graph, else the ``steps`` metadata of
+  ``mesimp export``, else ``width``); same schema.
+* **LSTM taggers** (int64 ``[batch, seq]`` word ids) tag whole sentences
+  (``_bench_tagger``): ``mode: "decode"`` at batch 1 runs one sentence per
+  ``session.run``; ``mode: "batch"`` (other ``batch_sizes``) runs length-bucketed,
+  zero-padded batches. Sentence lengths come from ``conllu`` or a fixed EWT-like
+  distribution; word ids are uniform in ``[1, vocab)`` (vocab = rows of the embedding
+  initializer; the LSTM's cost does not depend on the ids). Rows::
+
+    {"model", "mode", "batch_size", "threads", "p50_ms", "p90_ms", "p99_ms", "mean_ms",
+     "runs", "passes", "sentences", "tokens", "tokens_per_s", "sentences_per_s",
+     "speedup", "mac_ratio", "p50_ms_per_sentence"?, "p99_ms_per_sentence"?}
+
+  ``p*_ms`` are per run (a sentence in decode mode, then equal to
+  ``p*_ms_per_sentence``); ``tokens_per_s`` = real tokens / total timed time;
+  ``speedup`` = this model's ``tokens_per_s`` / the first model's; MACs are per token.
+  ``config`` adds ``sentences``, ``tokens``, ``mean_length``, ``word_ids`` and
+  ``repeat_unit`` (``repeat`` counts passes over the sentences).
+
+Models of different kinds are refused in one call (one line).
 """
 
 from __future__ import annotations
@@ -53,7 +77,15 @@ import numpy as np
 from mesimp.atomic import atomic_path, atomic_write_text, check_writable
 from mesimp.errors import BadInputError, MesimpError
 
-__all__ = ["bench", "format_table", "graph_macs", "load_model_info", "plot", "write_markdown"]
+__all__ = [
+    "bench",
+    "format_table",
+    "graph_macs",
+    "load_model_info",
+    "plot",
+    "sentence_lengths",
+    "write_markdown",
+]
 
 DEFAULT_BATCH_SIZES = (1, 32, 256, 4096)
 DEFAULT_THREADS = (1, 2)
@@ -64,6 +96,18 @@ AUTO_BUDGET_S = 0.5
 MIN_AUTO_REPEAT = 20
 MAX_AUTO_REPEAT = 1000
 _MATMUL_OPS = ("Gemm", "MatMul", "MatMulInteger")
+_LSTM_OPS = ("LSTM", "DynamicQuantizeLSTM")
+# Sequence-model benchmarks (LSTM taggers): sentences without a --conllu file.
+DEFAULT_SENTENCES = 500
+# Synthetic sentence lengths: log-normal, fitted to UD English EWT (dev and test: mean
+# 12.1-12.6 words, median 9-10, 90th percentile 26, longest 81): these give mean 12.6.
+_LEN_MU, _LEN_SIGMA, _MAX_LEN = 2.1, 0.95, 160
+MAX_AUTO_PASSES = 20
+KIND_NAMES = {
+    "dense": "an MLP",
+    "rows": "an LSTM row classifier",
+    "tagger": "an LSTM tagger",
+}
 
 
 # -- model files -------------------------------------------------------------------------------
@@ -101,10 +145,19 @@ def _load_onnx(path: Path) -> Any:
 
 def graph_macs(proto: Any) -> int:
     """Multiply-accumulates per example: the sum of the weight sizes of every
-    Gemm/MatMul/MatMulInteger whose weight (either operand) is a 2-D initializer."""
+    Gemm/MatMul/MatMulInteger whose weight (either operand) is a 2-D initializer, plus
+    the ``W`` and ``R`` weight sizes of every ``LSTM`` (or onnxruntime's
+    ``DynamicQuantizeLSTM``), i.e. ``4h * (input + h)``: for LSTM models MACs per time
+    step (a token, an image row), as ``mesimp.models.count_macs`` counts them."""
     inits = {t.name: tuple(t.dims) for t in proto.graph.initializer}
     macs = 0
     for node in proto.graph.node:
+        if node.op_type in _LSTM_OPS:
+            for name in node.input[1:3]:  # W, R (initializers; either layout)
+                dims = inits.get(name)
+                if dims is not None and len(dims) == 3:
+                    macs += math.prod(dims)
+            continue
         if node.op_type not in _MATMUL_OPS:
             continue
         for name in node.input[:2]:
@@ -120,8 +173,14 @@ def _graph_params(proto: Any) -> int:
     return sum(math.prod(t.dims) for t in proto.graph.initializer if len(t.dims) >= 1)
 
 
-def _input_signature(proto: Any, path: Path) -> tuple[str, tuple[int, ...], int | None]:
-    """(input name, per-example shape, fixed batch size or None) of a one-input float model."""
+def _input_signature(proto: Any, path: Path) -> tuple[str, tuple[int | None, ...], int | None, str]:
+    """(input name, per-example shape, fixed batch size or None, kind) of a one-input model.
+
+    Kinds: ``"dense"``, a float input with fixed feature axes (an MLP); and, for graphs
+    with an ``LSTM``/``DynamicQuantizeLSTM`` node, ``"tagger"`` (int64 ``[batch, seq]``)
+    and ``"rows"`` (float ``[batch, steps, width]``, fixed width). A dynamic sequence
+    axis is ``None`` in the shape.
+    """
     init_names = {t.name for t in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in init_names]
     if len(inputs) != 1:
@@ -130,9 +189,19 @@ def _input_signature(proto: Any, path: Path) -> tuple[str, tuple[int, ...], int 
     if not isinstance(inp.name, str):  # protobuf hands back bytes for invalid UTF-8
         raise BadInputError(f"{path}: the input name {inp.name!r} is not valid UTF-8")
     tt = inp.type.tensor_type
+    dims = list(tt.shape.dim)
+    fixed = int(dims[0].dim_value) if dims and dims[0].HasField("dim_value") else None
+    lstm = any(n.op_type in _LSTM_OPS for n in proto.graph.node)
+    if lstm and tt.elem_type == 7 and len(dims) == 2:  # onnx.TensorProto.INT64
+        seq = int(dims[1].dim_value) if dims[1].HasField("dim_value") else None
+        return inp.name, (seq,), fixed, "tagger"
+    if lstm and tt.elem_type == 1 and len(dims) == 3:
+        if not dims[2].HasField("dim_value"):
+            raise BadInputError(f"{path}: input {inp.name!r} has a non-fixed row width")
+        steps = int(dims[1].dim_value) if dims[1].HasField("dim_value") else None
+        return inp.name, (steps, int(dims[2].dim_value)), fixed, "rows"
     if tt.elem_type != 1:  # onnx.TensorProto.FLOAT
         raise BadInputError(f"{path}: input {inp.name!r} is not float32")
-    dims = list(tt.shape.dim)
     if len(dims) < 2:
         raise BadInputError(f"{path}: input {inp.name!r} must be [batch, features...]")
     rest = []
@@ -140,8 +209,27 @@ def _input_signature(proto: Any, path: Path) -> tuple[str, tuple[int, ...], int 
         if not d.HasField("dim_value"):
             raise BadInputError(f"{path}: input {inp.name!r} has a non-fixed feature axis")
         rest.append(int(d.dim_value))
-    fixed = int(dims[0].dim_value) if dims[0].HasField("dim_value") else None
-    return inp.name, tuple(rest), fixed
+    return inp.name, tuple(rest), fixed, "dense"
+
+
+def _embedding_rows(proto: Any, input_name: str) -> int | None:
+    """Rows of the table a ``Gather`` looks the input's word ids up in (the vocabulary
+    size), or None when the graph has no such lookup."""
+    inits = {t.name: tuple(t.dims) for t in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type == "Gather" and len(node.input) >= 2 and node.input[1] == input_name:
+            dims = inits.get(node.input[0])
+            if dims is not None and len(dims) == 2 and dims[0] > 0:
+                return int(dims[0])
+    return None
+
+
+def _positive_int_or_none(text: str | None) -> int | None:
+    try:
+        v = int(text) if text is not None else None
+    except ValueError:
+        return None
+    return v if v is not None and 0 < v < 1 << 31 else None
 
 
 def load_model_info(path: str | os.PathLike, metadata: bool = False) -> dict[str, Any]:
@@ -152,16 +240,24 @@ def load_model_info(path: str | os.PathLike, metadata: bool = False) -> dict[str
     """
     p = Path(path)
     proto = _load_onnx(p)
-    name, shape, fixed = _input_signature(proto, p)
+    name, shape, fixed, kind = _input_signature(proto, p)
     # (protobuf hands back bytes, not str, for invalid UTF-8: such entries are skipped)
     meta = {m.key: m.value for m in proto.metadata_props if isinstance(m.value, str)}
+    if kind == "rows":
+        # the rows per image: fixed in the graph, else as exported (metadata), else square
+        steps = shape[0] or _positive_int_or_none(meta.get("steps")) or int(shape[1] or 1)
+        shape = (steps, shape[1])
     info: dict[str, Any] = {
         "path": str(p),
         "macs": graph_macs(proto),
         "params": _graph_params(proto),
         "size_bytes": p.stat().st_size,
-        "input": {"name": name, "shape": list(shape), "batch": fixed},
+        "input": {"name": name, "shape": list(shape), "batch": fixed, "kind": kind},
     }
+    if kind == "tagger":
+        info["vocab_size"] = _embedding_rows(proto, name) or _positive_int_or_none(
+            meta.get("vocab_size")
+        )
     hidden = _json_or_none(meta.get("hidden_sizes"))
     if hidden is not None:
         info["hidden_sizes"] = hidden
@@ -280,11 +376,14 @@ def _positive_ints(values: Sequence[int], what: str) -> list[int]:
 def bench(
     models: Sequence[str | os.PathLike],
     data: str | os.PathLike | None = None,
-    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    batch_sizes: Sequence[int] | None = None,
     threads: Sequence[int] = DEFAULT_THREADS,
     repeat: int | None = None,
     warmup: int = 5,
     progress: bool = True,
+    *,
+    conllu: str | os.PathLike | None = None,
+    sentences: int | None = None,
 ) -> dict[str, Any]:
     """Time ``models`` with onnxruntime on CPU; returns the ``bench --json`` object.
 
@@ -293,20 +392,78 @@ def bench(
     untimed runs per model before timing. ``data``: an image dataset (see
     ``mesimp.data.load_image_dataset``) used for the inputs (test images, tiled for
     large batches) and for accuracy; without it inputs are uniform random in [0, 1).
-    """
-    from tqdm import tqdm
+    ``batch_sizes``: ``None`` means ``DEFAULT_BATCH_SIZES`` (taggers: ``(1,)``).
 
+    The kind of model is read from its input (``load_model_info``): MLPs and LSTM row
+    classifiers (``[b, rows, width]`` images) are timed per batch as above; LSTM taggers
+    tag whole sentences (``_bench_tagger``; ``conllu``, ``sentences``). One call takes
+    models of one kind.
+    """
     if not models:
         raise BadInputError("give at least one ONNX model to benchmark")
-    batch_sizes = _positive_ints(batch_sizes, "batch sizes")
+    if batch_sizes is not None:
+        batch_sizes = _positive_ints(batch_sizes, "batch sizes")
     threads = _positive_ints(threads, "thread counts")
     if repeat is not None:
         repeat = _positive_ints([repeat], "repeat")[0]
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise BadInputError(f"warmup must be an integer >= 0, got {warmup!r}")
+    if sentences is not None:
+        sentences = _positive_ints([sentences], "sentences")[0]
 
     paths = [Path(m) for m in models]
     infos = [load_model_info(p) for p in paths]
+    kind0 = infos[0]["input"]["kind"]
+    for p, info in zip(paths[1:], infos[1:], strict=True):
+        kind = info["input"]["kind"]
+        if kind != kind0:
+            raise BadInputError(
+                f"cannot bench {KIND_NAMES[kind0]} ({paths[0]}) together with "
+                f"{KIND_NAMES[kind]} ({p}); bench each kind of model in its own call"
+            )
+    if kind0 == "tagger":
+        if data is not None:
+            raise BadInputError("--data is image data; give LSTM taggers --conllu FILE")
+        return _bench_tagger(
+            paths,
+            infos,
+            conllu,
+            batch_sizes or [1],
+            threads,
+            repeat,
+            warmup,
+            progress,
+            sentences,
+        )
+    if conllu is not None or sentences is not None:
+        raise BadInputError(
+            f"--conllu and --sentences are for LSTM taggers; {paths[0]} is {KIND_NAMES[kind0]}"
+        )
+    return _bench_batches(
+        paths,
+        infos,
+        data,
+        batch_sizes or list(DEFAULT_BATCH_SIZES),
+        threads,
+        repeat,
+        warmup,
+        progress,
+    )
+
+
+def _bench_batches(
+    paths: list[Path],
+    infos: list[dict[str, Any]],
+    data: str | os.PathLike | None,
+    batch_sizes: list[int],
+    threads: list[int],
+    repeat: int | None,
+    warmup: int,
+    progress: bool,
+) -> dict[str, Any]:
+    """``bench`` for MLPs and row classifiers: every batch size, interleaved."""
+    from tqdm import tqdm
+
     sig0 = infos[0]["input"]
     for p, info in zip(paths[1:], infos[1:], strict=True):
         sig = info["input"]
@@ -470,15 +627,252 @@ def _row(model: str, batch: int, threads: int, times_ms: list[float]) -> dict[st
     }
 
 
+# -- taggers ----------------------------------------------------------------------------------
+def sentence_lengths(
+    conllu: str | os.PathLike | None = None, sentences: int | None = None
+) -> tuple[list[int], str | None]:
+    """Sentence lengths for a tagger benchmark, and their source (the file, or None).
+
+    From ``conllu`` (its first ``sentences``), else ``sentences`` (default
+    ``DEFAULT_SENTENCES``) lengths drawn from a fixed log-normal fitted to UD English EWT
+    (seed 0, 1 to 160 words), so runs on any machine time the same workload.
+    """
+    if conllu is not None:
+        from mesimp.data.conllu import iter_conllu
+
+        lengths = []
+        for s in iter_conllu(conllu):  # malformed files: a one-line DataError
+            lengths.append(len(s))
+            if sentences is not None and len(lengths) >= sentences:
+                break
+        return lengths, str(conllu)
+    n = sentences or DEFAULT_SENTENCES
+    draws = np.random.default_rng(0).lognormal(_LEN_MU, _LEN_SIGMA, n)
+    return [int(v) for v in np.clip(np.rint(draws), 1, _MAX_LEN)], None
+
+
+def _tagger_runs(
+    name: str, lengths: list[int], vocab: int, batch: int
+) -> tuple[list[dict[str, np.ndarray]], list[int]]:
+    """Feeds and their real-token counts. Word ids are uniform in ``[1, vocab)`` (seed 0):
+    an LSTM's cost does not depend on which words it reads, so no vocabulary is needed.
+    Batch 1: one sentence per run, in order. Larger batches: sentences sorted by length
+    and cut into groups of ``batch``, each padded with 0 to its longest (how a batch
+    tagger buckets its input)."""
+    rng = np.random.default_rng(0)
+    low = 1 if vocab > 1 else 0
+    sents = [rng.integers(low, max(vocab, 1), n, dtype=np.int64) for n in lengths]
+    if batch == 1:
+        return [{name: s[None, :]} for s in sents], list(lengths)
+    order = sorted(range(len(sents)), key=lambda i: lengths[i])
+    feeds, tokens = [], []
+    for start in range(0, len(order), batch):
+        idx = order[start : start + batch]
+        x = np.zeros((len(idx), max(lengths[i] for i in idx)), np.int64)
+        for r, i in enumerate(idx):
+            x[r, : lengths[i]] = sents[i]
+        feeds.append({name: x})
+        tokens.append(sum(lengths[i] for i in idx))
+    return feeds, tokens
+
+
+def _bench_tagger(
+    paths: list[Path],
+    infos: list[dict[str, Any]],
+    conllu: str | os.PathLike | None,
+    batch_sizes: list[int],
+    threads: list[int],
+    repeat: int | None,
+    warmup: int,
+    progress: bool,
+    sentences: int | None = None,
+) -> dict[str, Any]:
+    """``bench`` for LSTM taggers: tag whole sentences, models interleaved.
+
+    Batch 1 is ``mode: "decode"``: one ``session.run`` per sentence, every sentence of
+    the set timed in turn. Other batch sizes are ``mode: "batch"``: sentences bucketed by
+    length into padded batches. ``repeat`` counts passes over the set (``None``: about
+    ``AUTO_BUDGET_S`` of runs per model, 1 to ``MAX_AUTO_PASSES`` passes). Rounds
+    interleave the models as in ``_time_interleaved``, each round a slice of the passes.
+    ``tokens_per_s`` = real tokens / total timed time; ``speedup`` is this model's
+    tokens/s over the first model's (the same runs, so a ratio of total times).
+    """
+    from tqdm import tqdm
+
+    lengths, source = sentence_lengths(conllu, sentences)
+    if not lengths:
+        raise BadInputError(f"{conllu}: no sentences to tag")
+    name = infos[0]["input"]["name"]
+    for p, info in zip(paths[1:], infos[1:], strict=True):
+        if info["input"]["name"] != name:
+            raise BadInputError(
+                f"input names differ: {paths[0]} takes {name!r}, {p} takes "
+                f"{info['input']['name']!r}; bench compares models of the same task"
+            )
+    for p, info in zip(paths, infos, strict=True):
+        fixed, seq = info["input"].get("batch"), info["input"]["shape"][0]
+        if fixed is not None and any(b != fixed for b in batch_sizes):
+            raise BadInputError(f"{p} has a fixed batch size {fixed}; use --batch-sizes {fixed}")
+        if seq is not None:
+            raise BadInputError(f"{p} has a fixed sequence length {seq}; it cannot tag sentences")
+        if info.get("vocab_size") is None:
+            raise BadInputError(f"{p}: no embedding lookup of {name!r} and no vocab_size metadata")
+    vocab = min(info["vocab_size"] for info in infos)  # ids valid for every model
+    total_tokens = sum(lengths)
+    macs0 = infos[0]["macs"]
+    results: list[dict[str, Any]] = []
+    used: list[int] = []  # passes per configuration
+    runs: list[int] = []  # timed runs per model per configuration
+    bar = tqdm(
+        total=len(threads) * len(batch_sizes),
+        desc="bench",
+        unit="config",
+        file=sys.stderr,
+        disable=not progress,
+        leave=False,
+    )
+    try:
+        for t in threads:
+            sessions = [_session(p, t) for p in paths]
+            for b in batch_sizes:
+                feeds, tokens = _tagger_runs(name, lengths, vocab, b)
+                bar.set_postfix_str(f"batch {b}, {t} thread{'s' if t > 1 else ''}")
+                try:
+                    times = _time_runs(sessions, feeds, tokens, repeat, warmup)
+                except _ort_errors() as e:
+                    names = ", ".join(map(str, paths))
+                    raise BadInputError(
+                        f"onnxruntime cannot run {names} at batch size {b} ({ort_message(e)})"
+                    ) from e
+                passes = len(times[0]) // len(feeds)
+                used.append(passes)
+                runs.append(len(times[0]))
+                first = None
+                for i, (p, info) in enumerate(zip(paths, infos, strict=True)):
+                    row = _tagger_row(str(p), b, t, times[i], passes, len(lengths), total_tokens)
+                    first = row["tokens_per_s"] if i == 0 else first
+                    row["speedup"] = row["tokens_per_s"] / first
+                    row["mac_ratio"] = (macs0 / info["macs"]) if info["macs"] else None
+                    results.append(row)
+                bar.update(1)
+            del sessions
+    finally:
+        bar.close()
+
+    models_out = []
+    for info in infos:
+        m = {k: info[k] for k in ("path", "macs", "params", "size_bytes", "vocab_size")}
+        for k in ("hidden_sizes", "quantization"):
+            if k in info:
+                m[k] = info[k]
+        models_out.append(m)
+    return {
+        "results": results,
+        "models": models_out,
+        "machine": machine_info(),
+        "config": {
+            "batch_sizes": batch_sizes,
+            "threads": threads,
+            "repeat": repeat if repeat is not None else f"auto ({min(used)}..{max(used)})",
+            "warmup": warmup,
+            "rounds": min(MAX_ROUNDS, min(runs)),
+            "data": source,
+            "sentences": len(lengths),
+            "tokens": total_tokens,
+            "mean_length": total_tokens / len(lengths),
+            "word_ids": f"uniform random in [1, {vocab}) (seed 0)",
+            "throughput": "tokens_per_s = real tokens / total timed time",
+            "repeat_unit": "passes over the sentences",
+        },
+    }
+
+
+def _time_runs(
+    sessions: list[Any],
+    feeds: list[dict[str, np.ndarray]],
+    tokens: list[int],
+    passes: int | None,
+    warmup: int,
+) -> list[list[float]]:
+    """Per session, the wall time (ms) of every run of ``passes`` passes over ``feeds``,
+    measured round-robin: the passes are cut into ``MAX_ROUNDS`` consecutive slices, and
+    each round runs one slice per model (order alternating, one untimed re-warm run)."""
+    clock = time.perf_counter
+    per_token = []
+    for s in sessions:
+        t_run = 0.0
+        n_tok = 0
+        for j in range(max(warmup, 1)):
+            k = j % len(feeds)
+            t0 = clock()
+            s.run(None, feeds[k])
+            t_run += clock() - t0
+            n_tok += tokens[k]
+        per_token.append(t_run / max(n_tok, 1))
+    if passes is None:
+        per_pass = max(max(per_token) * sum(tokens), 1e-6)
+        passes = int(min(MAX_AUTO_PASSES, max(1, AUTO_BUDGET_S // per_pass)))
+    plan = [k for _ in range(passes) for k in range(len(feeds))]
+    rounds = min(MAX_ROUNDS, len(plan))
+    cuts = [len(plan) * r // rounds for r in range(rounds + 1)]
+    times: list[list[float]] = [[] for _ in sessions]
+    order = list(range(len(sessions)))
+    for r in range(rounds):
+        block = plan[cuts[r] : cuts[r + 1]]
+        for i in order if r % 2 == 0 else order[::-1]:
+            s = sessions[i]
+            s.run(None, feeds[block[0]])  # untimed: re-warm caches after the other models
+            for k in block:
+                t0 = clock()
+                s.run(None, feeds[k])
+                times[i].append((clock() - t0) * 1e3)
+    return times
+
+
+def _tagger_row(
+    model: str,
+    batch: int,
+    threads: int,
+    times_ms: list[float],
+    passes: int,
+    sentences: int,
+    tokens: int,
+) -> dict[str, Any]:
+    srt = sorted(times_ms)
+    total_s = sum(srt) / 1e3
+    row: dict[str, Any] = {
+        "model": model,
+        "mode": "decode" if batch == 1 else "batch",
+        "batch_size": batch,
+        "threads": threads,
+        "p50_ms": _percentile(srt, 50),
+        "p90_ms": _percentile(srt, 90),
+        "p99_ms": _percentile(srt, 99),
+        "mean_ms": total_s * 1e3 / len(srt),
+        "runs": len(srt),
+        "passes": passes,
+        "sentences": sentences,
+        "tokens": tokens,
+        "tokens_per_s": passes * tokens / total_s if total_s > 0 else math.inf,
+        "sentences_per_s": passes * sentences / total_s if total_s > 0 else math.inf,
+    }
+    if batch == 1:
+        row["p50_ms_per_sentence"] = row["p50_ms"]
+        row["p99_ms_per_sentence"] = row["p99_ms"]
+    return row
+
+
 # -- reports -----------------------------------------------------------------------------------
 _COLUMNS = (
     ("model", "model", "{}"),
+    ("mode", "mode", "{}"),  # taggers only: decode (batch 1) or batch
     ("batch", "batch_size", "{:d}"),
     ("thr", "threads", "{:d}"),
     ("p50 ms", "p50_ms", "{:.4f}"),
     ("p90 ms", "p90_ms", "{:.4f}"),
     ("p99 ms", "p99_ms", "{:.4f}"),
     ("ex/s", "throughput", "{:,.0f}"),
+    ("tok/s", "tokens_per_s", "{:,.0f}"),  # taggers only
     ("speedup", "speedup", "{:.2f}x"),
     ("MAC ratio", "mac_ratio", "{:.2f}x"),
     ("accuracy", "accuracy", "{:.4f}"),
@@ -510,7 +904,7 @@ def _cells(result: dict[str, Any]) -> tuple[list[str], list[list[str]], list[boo
             else:
                 row.append(fmt.format(v))
         rows.append(row)
-    numeric = [c[1] != "model" for c in cols]
+    numeric = [c[1] not in ("model", "mode") for c in cols]
     return header, rows, numeric
 
 
@@ -545,19 +939,28 @@ def to_markdown(result: dict[str, Any]) -> str:
         "|" + "|".join("---:" if n else ":---" for n in numeric) + "|",
     ]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    lines += [
-        "",
-        "Latency: wall time of one `session.run` (nearest-rank percentiles); "
-        "throughput = batch size / p50 latency; speedup and MAC ratio are relative to "
-        "the first model.",
-        "",
-        "## Models",
-        "",
-    ]
+    tagger = any("tokens_per_s" in r for r in result["results"])
+    if tagger:
+        cfg = result.get("config") or {}
+        note = (
+            "Latency: wall time of one `session.run` (nearest-rank percentiles): one "
+            "sentence at batch 1 (decode), one padded batch of length-bucketed sentences "
+            f"otherwise; {cfg.get('sentences', '?')} sentences, {cfg.get('tokens', '?')} "
+            "tokens; tok/s = real tokens / total timed time; speedup = tok/s relative to "
+            "the first model; MAC ratio relative to the first model."
+        )
+    else:
+        note = (
+            "Latency: wall time of one `session.run` (nearest-rank percentiles); "
+            "throughput = batch size / p50 latency; speedup and MAC ratio are relative to "
+            "the first model."
+        )
+    lines += ["", note, "", "## Models", ""]
+    unit = "token" if tagger else "example"
     for m in result.get("models", []):
         extra = f", hidden sizes {m['hidden_sizes']}" if m.get("hidden_sizes") else ""
         acc = f", test accuracy {m['accuracy']:.4f}" if m.get("accuracy") is not None else ""
-        lines.append(f"- `{m['path']}`: {m['macs']:,} MACs/example{extra}{acc}")
+        lines.append(f"- `{m['path']}`: {m['macs']:,} MACs/{unit}{extra}{acc}")
     mach = result.get("machine") or {}
     if mach:
         lines += ["", "## Machine", ""]
@@ -586,6 +989,12 @@ def plot(result: dict[str, Any], path: str | os.PathLike) -> Path:
 
     names = _short_names(result)
     rows = result["results"]
+    # taggers report tokens/s; MLPs and row classifiers examples/s
+    rate, rate_label = (
+        ("tokens_per_s", "tokens/s")
+        if any("tokens_per_s" in r for r in rows)
+        else ("throughput", "throughput (examples/s, at p50)")
+    )
     models = list(dict.fromkeys(r["model"] for r in rows))
     thread_counts = sorted({r["threads"] for r in rows})
     batches = sorted({r["batch_size"] for r in rows})
@@ -594,7 +1003,7 @@ def plot(result: dict[str, Any], path: str | os.PathLike) -> Path:
     for mi, model in enumerate(models):
         for ti, t in enumerate(thread_counts):
             pts = sorted(
-                (r["batch_size"], r["throughput"], r["p50_ms"])
+                (r["batch_size"], r[rate], r["p50_ms"])
                 for r in rows
                 if r["model"] == model and r["threads"] == t
             )
@@ -605,9 +1014,7 @@ def plot(result: dict[str, Any], path: str | os.PathLike) -> Path:
             kw = {"color": f"C{mi}", "linestyle": styles[ti % len(styles)], "marker": "o"}
             axes[0].plot(b, thr, label=label, **kw)
             axes[1].plot(b, lat, label=label, **kw)
-    for ax, ylabel in zip(
-        axes, ("throughput (examples/s, at p50)", "p50 latency (ms)"), strict=True
-    ):
+    for ax, ylabel in zip(axes, (rate_label, "p50 latency (ms)"), strict=True):
         ax.set_xscale("log", base=2)
         ax.set_xticks(batches, [str(b) for b in batches])
         ax.set_yscale("log")

@@ -12,8 +12,26 @@ from mesimp.models import count_macs, count_params, hidden_sizes, linear_layers
 
 
 def layer_table(model: nn.Module) -> list[dict[str, Any]]:
-    """Per Linear layer: name, in/out widths, active outputs, params and MACs."""
+    """Per layer: name, in/out widths, active outputs, params and MACs.
+
+    LSTM models list their LSTM layers (MACs per time step, ``4h(in + h)``; active =
+    the unmasked units of a meProp LSTM) before the output Linear, so that every row but
+    the last is a hidden layer, as for MLPs."""
     rows = []
+    stack = getattr(model, "stack", None)
+    for i, m in enumerate(getattr(stack, "lstms", None) or []):
+        h, n_in = int(m.hidden_size), int(m.input_size)
+        mask = getattr(m, "mask", None)
+        rows.append(
+            {
+                "name": f"stack.lstms.{i}",
+                "in_features": n_in,
+                "out_features": h,
+                "active": int(mask.sum()) if mask is not None else h,
+                "params": sum(p.numel() for p in m.parameters()),
+                "macs": 4 * h * (n_in + h),
+            }
+        )
     for name, m in linear_layers(model):
         active = m.active_width if isinstance(m, MePropLinear) else m.out_features
         rows.append(

@@ -264,7 +264,12 @@ def train_lstm(
     if out is not None:
         train_info = {
             **result,
-            "metrics": {m: best[m] for m in ("heldout_accuracy", "test_accuracy")},
+            # "dev_accuracy" is the name `mesimp info` and the MLP checkpoints use
+            "metrics": {
+                "dev_accuracy": best["heldout_accuracy"],
+                "heldout_accuracy": best["heldout_accuracy"],
+                "test_accuracy": best["test_accuracy"],
+            },
         }
         save_checkpoint(out, make_checkpoint(plain, arch, None, train=train_info))
         mlog = metrics_path(out)

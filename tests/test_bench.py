@@ -182,6 +182,13 @@ def test_every_row_has_the_documented_fields(result, onnx_models):
     json.dumps(result)  # plain types only
 
 
+def test_mlp_rows_have_no_sequence_fields(result):
+    """The tagger fields (mode, tokens_per_s, ...) never leak into an MLP benchmark."""
+    for r in result["results"]:
+        assert set(r) == ROW_KEYS | {"accuracy"}, set(r)
+    assert not {"sentences", "tokens", "word_ids"} & set(result["config"])
+
+
 def test_percentiles_and_throughput(result):
     for r in result["results"]:
         assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
