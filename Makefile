@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# The pinned CPU wheel first: an unpinned torch would pull GBs of CUDA packages.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	touch $(STAMP)
 
 # Fashion-MNIST in IDX format from Debian's dataset-fashion-mnist package.
@@ -54,7 +54,7 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 bench: setup
-	$(BIN)/python -m benchmarks.meprop_speed
+	$(BIN)/python -m benchmarks.run   # writes benchmarks/RESULTS.md (~35 min)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
