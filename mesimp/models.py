@@ -81,8 +81,24 @@ def _check_positive(config: Any, names: tuple[str, ...]) -> None:
         raise BadInputError(f"dropout must be in [0, 1), got {config.dropout}")
 
 
+class _LSTMWidths:
+    """``hidden`` of the LSTM configs: one width, or a width per stacked layer."""
+
+    hidden: int | list[int]
+
+    def _normalize_hidden(self) -> None:
+        widths = _hidden_list(self.hidden)
+        self.hidden = widths[0] if len(widths) == 1 else widths
+
+    def hidden_sizes(self) -> list[int]:
+        return _hidden_list(self.hidden)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @dataclass
-class TaggerConfig:
+class TaggerConfig(_LSTMWidths):
     """A sequence tagger: embedding -> stacked single-layer LSTMs -> per-token Linear.
 
     ``hidden`` is one width or a width per layer (``[500, 500]`` = two stacked LSTMs).
@@ -100,18 +116,11 @@ class TaggerConfig:
 
     def __post_init__(self) -> None:
         _check_positive(self, ("vocab_size", "num_tags", "emb_dim"))
-        widths = _hidden_list(self.hidden)
-        self.hidden = widths[0] if len(widths) == 1 else widths
-
-    def hidden_sizes(self) -> list[int]:
-        return _hidden_list(self.hidden)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        self._normalize_hidden()
 
 
 @dataclass
-class RowLSTMConfig:
+class RowLSTMConfig(_LSTMWidths):
     """An image classifier that reads an image row by row: ``[B, rows, row_width]`` ->
     stacked single-layer LSTMs -> Linear on the last step (row-sequential Fashion-MNIST:
     28 steps of 28 pixels)."""
@@ -124,14 +133,7 @@ class RowLSTMConfig:
 
     def __post_init__(self) -> None:
         _check_positive(self, ("in_features", "num_classes"))
-        widths = _hidden_list(self.hidden)
-        self.hidden = widths[0] if len(widths) == 1 else widths
-
-    def hidden_sizes(self) -> list[int]:
-        return _hidden_list(self.hidden)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        self._normalize_hidden()
 
 
 class LSTMStack(nn.Module):

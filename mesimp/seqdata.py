@@ -24,7 +24,7 @@ from mesimp.data.conllu import Sentence, build_vocabs, read_conllu, split_dev, t
 from mesimp.data.images import load_image_dataset
 from mesimp.errors import BadInputError
 
-__all__ = ["SPLIT_SEED", "SeqData", "rows_data", "tagging_data"]
+__all__ = ["SPLIT_SEED", "SeqData", "rows_data", "sequence_accuracy", "tagging_data"]
 
 SPLIT_SEED = 0  # the held-out split is fixed, so runs with different seeds see the same data
 DEFAULT_MAX_LEN = 250  # words; UD English EWT's longest sentence has 159
@@ -62,22 +62,33 @@ class SeqData:
             )
         return F.cross_entropy(logits, y)
 
-    @torch.no_grad()
     def accuracy(
         self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 256
     ) -> float:
         """Token accuracy (tagging, padding excluded) or example accuracy; NaN if empty."""
-        was_training = model.training
-        model.eval()
-        correct = total = 0
-        for i in range(0, len(x), batch):
-            xb, yb = self.batch(x[i : i + batch], y[i : i + batch])
-            pred = model(xb).argmax(-1)
-            real = yb != 0 if self.kind == "tagging" else torch.ones_like(yb, dtype=torch.bool)
-            correct += int(((pred == yb) & real).sum())
-            total += int(real.sum())
-        model.train(was_training)
-        return correct / total if total else float("nan")
+        return sequence_accuracy(model, x, y, tagging=self.kind == "tagging", batch=batch)
+
+
+@torch.no_grad()
+def sequence_accuracy(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, tagging: bool, batch: int = 256
+) -> float:
+    """Accuracy in eval mode, batch by batch: over real tokens (target 0 = padding
+    excluded, all-padding columns trimmed) when ``tagging``, else over examples."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for i in range(0, len(x), batch):
+        xb, yb = x[i : i + batch], y[i : i + batch]
+        if tagging and len(yb):
+            n = int((yb != 0).sum(1).max())
+            xb, yb = xb[:, :n], yb[:, :n]
+        pred = model(xb).argmax(-1)
+        real = yb != 0 if tagging else torch.ones_like(yb, dtype=torch.bool)
+        correct += int(((pred == yb) & real).sum())
+        total += int(real.sum())
+    model.train(was_training)
+    return correct / total if total else float("nan")
 
 
 def tagging_data(

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mesimp.seqdata import DEFAULT_MAX_LEN, tagging_data
+from mesimp.seqdata import DEFAULT_MAX_LEN, sequence_accuracy, tagging_data
 from mesimp.seqtrain import meprop_lstms_, shrink_lstm_model, train_lstm
 
 __all__ = ["meprop_lstms_", "shrink_tagger", "tagger_accuracy", "train_tagger"]
@@ -25,21 +25,11 @@ __all__ = ["meprop_lstms_", "shrink_tagger", "tagger_accuracy", "train_tagger"]
 shrink_tagger = shrink_lstm_model  # the tagger is one of the LSTM models
 
 
-@torch.no_grad()
 def tagger_accuracy(
     model: nn.Module, words: torch.Tensor, tags: torch.Tensor, batch: int = 256
 ) -> float:
     """Token-level accuracy over real tokens (tag 0 = padding excluded); NaN if none."""
-    was_training = model.training
-    model.eval()
-    correct = total = 0
-    for i in range(0, len(words), batch):
-        t = tags[i : i + batch]
-        real = t != 0
-        correct += int(((model(words[i : i + batch]).argmax(-1) == t) & real).sum())
-        total += int(real.sum())
-    model.train(was_training)
-    return correct / total if total else float("nan")
+    return sequence_accuracy(model, words, tags, tagging=True, batch=batch)
 
 
 def train_tagger(
