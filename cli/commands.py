@@ -370,7 +370,10 @@ def _check_model_options(ctx: click.Context, model: str) -> None:
 
 def _lstm_report(result, as_json):
     if as_json:
-        emit_json({k: v for k, v in result.items() if k not in ("model", "shrunk", "records")})
+        out = {k: v for k, v in result.items() if k not in ("model", "shrunk", "records")}
+        # the vocabularies are in the checkpoint; thousands of words would drown the summary
+        out["arch"] = {k: v for k, v in out["arch"].items() if not k.endswith("_vocab")}
+        emit_json(out)
         return
     click.echo(
         f"test accuracy {result['test_accuracy']:.4f} (held-out "
