@@ -381,7 +381,9 @@ def _lstm_report(result, as_json):
         f"{result['widths']} of {result['hidden']}; params {result['params']:,}; "
         f"train time {result['train_time_s']:.1f}s"
     )
-    click.echo(f"checkpoint (shrunk): {result['checkpoint']}  metrics: {result['metrics_log']}")
+    click.echo(f"checkpoint: {result['checkpoint']}  metrics: {result['metrics_log']}")
+    if result["k"]:
+        click.echo(f"next: mesimp shrink {result['checkpoint']}   # removes the masked units")
 
 
 def _train_report(result, as_json):

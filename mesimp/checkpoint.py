@@ -33,7 +33,8 @@ from torch import nn
 from mesimp._version import __version__
 from mesimp.atomic import atomic_write
 from mesimp.errors import CheckpointError, MesimpError
-from mesimp.layers import MePropConfig, MePropCounters, MePropLinear, meprop_
+from mesimp.layers import MePropConfig, MePropCounters, meprop_
+from mesimp.lstm import MePropLSTM
 from mesimp.models import arch_from_dict, build_model
 
 FORMAT = "mesimp.checkpoint"
@@ -221,8 +222,14 @@ def model_from_checkpoint(ckpt: dict[str, Any], meprop: bool | None = None) -> n
             config = MePropConfig.from_dict(cfg_dict) if cfg_dict else MePropConfig()
             names = set(layers) or None
             meprop_(model, config, filter_fn=(lambda n, m: n in names) if names else None)
+            for name, mod in list(model.named_modules()):
+                if isinstance(mod, nn.LSTM) and name in layers:
+                    # MePropLSTM has nn.LSTM's parameter names: swap it in by name
+                    parent_name, _, child = name.rpartition(".")
+                    parent = model.get_submodule(parent_name) if parent_name else model
+                    setattr(parent, child, MePropLSTM.from_lstm(mod, config))
             for name, mod in model.named_modules():
-                if isinstance(mod, MePropLinear) and name in layers:
+                if isinstance(mod, MePropCounters) and name in layers:
                     mod.load_meprop_state(layers[name])
     except (AttributeError, TypeError, ValueError, RuntimeError) as e:
         # "meprop"/"config"/"layers" not dicts (AttributeError, TypeError), a bad config

@@ -560,7 +560,7 @@ def _export_lstm(
     layers = ckpt.get("meprop", {}).get("layers") if isinstance(ckpt.get("meprop"), dict) else None
     if layers:
         # a masked MePropLSTM is not a plain nn.LSTM: its masked units would come back to life
-        raise BadInputError(f"{src} holds meProp LSTM masks; export its shrunk checkpoint")
+        raise BadInputError(f"{src} holds meProp LSTM masks: shrink it first (mesimp shrink {src})")
     model = model_from_checkpoint(ckpt, meprop=False).eval()
     widths = model.config.hidden_sizes()
     if kind == "lstm-tagger":

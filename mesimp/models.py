@@ -253,6 +253,14 @@ def _stack_lstms(model: nn.Module) -> list[nn.Module] | None:
     return list(stack.lstms) if isinstance(stack, LSTMStack) else None
 
 
+def lstm_stack(model: nn.Module) -> nn.ModuleList:
+    """The LSTM layers of an LSTM model (``model.stack.lstms``), in order."""
+    stack = getattr(model, "stack", None)
+    if not isinstance(stack, LSTMStack):
+        raise BadInputError(f"{type(model).__name__} has no LSTM stack (model.stack.lstms)")
+    return stack.lstms
+
+
 def hidden_sizes(model: nn.Module) -> list[int]:
     """Widths of the hidden layers: the LSTM layers' hidden sizes for the LSTM models,
     else every Linear's output except the last one's."""

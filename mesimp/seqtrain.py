@@ -12,10 +12,11 @@ held-out split, and the best held-out model is kept. Adam is torch's dense Adam:
 ``MePropLSTM``'s weight gradients are dense tensors whose unselected rows are zero, so
 the row-sparse optimizer path of ``mesimp.optim`` does not apply.
 
-The checkpoint written holds the *shrunk* plain model (``arch`` = the config fields,
-plus the vocabularies for a tagger): the masked units are gone, so ``mesimp export``
-and plain PyTorch take it as is. Interrupted LSTM runs are not resumable (the MLP
-trainer's ``--resume`` machinery is not wired in here).
+The checkpoint written holds the best model as trained: full widths, ``MePropLSTM``
+counters and masks in its ``meprop`` section (``arch`` = the config fields, plus the
+vocabularies for a tagger), as for MLPs; ``mesimp shrink`` (``shrink_checkpoint``)
+removes the masked units and verifies the result. Interrupted LSTM runs are not
+resumable (the MLP trainer's ``--resume`` machinery is not wired in here).
 """
 
 from __future__ import annotations
@@ -34,13 +35,13 @@ from tqdm import tqdm
 from mesimp.atomic import atomic_write_text, check_writable
 from mesimp.checkpoint import make_checkpoint, save_checkpoint
 from mesimp.errors import BadInputError
-from mesimp.lstm import MePropLSTM, prune_lstm_hidden, prune_lstm_input
+from mesimp.lstm import MePropLSTM
 from mesimp.meprop import MePropConfig
-from mesimp.models import RowLSTMConfig, TaggerConfig, build_model, count_params
+from mesimp.models import RowLSTMConfig, TaggerConfig, build_model, count_params, lstm_stack
 from mesimp.optim import build_optimizer, reset_optimizer_state
 from mesimp.runsafety import nonfinite_grad
 from mesimp.seqdata import SeqData
-from mesimp.shrink import prune_linear_in
+from mesimp.shrink import shrink_lstm_model
 from mesimp.simplify import (
     SimplifyConfig,
     SimplifySchedule,
@@ -50,13 +51,13 @@ from mesimp.simplify import (
 )
 from mesimp.train import TrainingDiverged, metrics_path, seed_everything
 
-__all__ = ["meprop_lstms_", "shrink_lstm_model", "train_lstm"]
+__all__ = ["meprop_lstms_", "shrink_lstm_model", "train_lstm"]  # shrink_lstm_model: re-export
 
 
 def meprop_lstms_(model: nn.Module, config: MePropConfig) -> nn.Module:
     """In place: swap every ``nn.LSTM`` of ``model.stack`` for a ``MePropLSTM`` with a copy
     of its parameters (same names and layout, so the state_dict keys do not change)."""
-    lstms = _lstms(model)
+    lstms = lstm_stack(model)
     for i, lstm in enumerate(lstms):
         if isinstance(lstm, MePropLSTM):
             continue
@@ -66,45 +67,6 @@ def meprop_lstms_(model: nn.Module, config: MePropConfig) -> nn.Module:
         new.train(lstm.training)
         lstms[i] = new
     return model
-
-
-def _lstms(model: nn.Module) -> nn.ModuleList:
-    stack = getattr(model, "stack", None)
-    if stack is None or not isinstance(getattr(stack, "lstms", None), nn.ModuleList):
-        raise BadInputError(f"{type(model).__name__} has no LSTM stack (model.stack.lstms)")
-    return stack.lstms
-
-
-def shrink_lstm_model(model: nn.Module) -> nn.Module:
-    """A plain copy of an LSTM model without the masked hidden units of its LSTMs.
-
-    For each layer, every kept unit keeps its four gate rows and its W_hh column
-    (``prune_lstm_hidden``) and its input column of what reads it: the next LSTM's
-    ``weight_ih`` (``prune_lstm_input``) or the output Linear (``prune_linear_in``).
-    Plain or unmasked LSTMs keep every unit. Other modules (the embedding) are copied.
-    """
-    lstms = _lstms(model)
-    keeps = []
-    for lstm in lstms:
-        if isinstance(lstm, MePropLSTM):
-            keeps.append(lstm.mask.nonzero().squeeze(1).cpu())
-        else:
-            keeps.append(torch.arange(lstm.hidden_size))
-    config = model.config
-    fields = config.to_dict()
-    widths = [int(k.numel()) for k in keeps]
-    fields["hidden"] = widths[0] if len(widths) == 1 else widths
-    new = build_model(type(config)(**fields))
-    new_lstms = _lstms(new)
-    for i, (lstm, keep) in enumerate(zip(lstms, keeps, strict=True)):
-        small = prune_lstm_hidden(lstm, keep)
-        if i:
-            small = prune_lstm_input(small, keeps[i - 1])
-        new_lstms[i].load_state_dict(small.state_dict())
-    new.out.load_state_dict(prune_linear_in(model.out, keeps[-1]).state_dict())
-    if hasattr(model, "embed"):
-        new.embed.load_state_dict(model.embed.state_dict())
-    return new.to(model.out.weight.device)
 
 
 def _check(hidden: list[int], k: int | float, simplify: SimplifyConfig | None, **kw: Any) -> None:
@@ -141,7 +103,8 @@ def train_lstm(
     ``simplify`` adds meSimp masking. The best model is the best held-out evaluation at
     the *current* widths (a new architecture starts a fresh best, as in ``mesimp.train``);
     its weights are in ``result["model"]`` (masked, meProp layers) on return and its
-    shrunk plain copy in ``result["shrunk"]``; with ``output`` the shrunk model is saved.
+    shrunk plain copy in ``result["shrunk"]``; with ``output`` the masked model is saved
+    with its counters and masks (``mesimp shrink`` turns it into the plain one).
     """
     widths = hidden if isinstance(hidden, list) else [hidden]
     _check(widths, k, simplify, epochs=epochs, batch_size=batch_size, emb_dim=emb_dim)
@@ -241,7 +204,7 @@ def train_lstm(
     # the best model's masks: loading its weights restores it exactly
     model.load_state_dict(best_state)
     plain = shrink_lstm_model(model)
-    arch = {**plain.config.to_dict()}
+    arch = {**model.config.to_dict()}
     if data.kind == "tagging":
         arch.update(word_vocab=data.arch["word_vocab"], tag_vocab=data.arch["tag_vocab"])
     result: dict[str, Any] = {
@@ -271,10 +234,11 @@ def train_lstm(
                 "test_accuracy": best["test_accuracy"],
             },
         }
-        save_checkpoint(out, make_checkpoint(plain, arch, None, train=train_info))
+        save_checkpoint(out, make_checkpoint(model, arch, mcfg if k else None, train=train_info))
         mlog = metrics_path(out)
         atomic_write_text(mlog, "".join(json.dumps(r) + "\n" for r in records))
         result["checkpoint"] = str(out)
         result["metrics_log"] = str(mlog)
-    result.update(records=records, arch=arch, model=model, shrunk=plain)
+    shrunk_arch = {**arch, **plain.config.to_dict()}
+    result.update(records=records, arch=shrunk_arch, model=model, shrunk=plain)
     return result

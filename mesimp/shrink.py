@@ -25,11 +25,14 @@ from mesimp.checkpoint import (
     save_checkpoint,
 )
 from mesimp.data import load_eval_data
+from mesimp.data.conllu import Vocab, read_conllu, tagging_tensors
 from mesimp.errors import BadInputError, VerificationError
 from mesimp.info import model_info
 from mesimp.layers import MePropLinear, meprop_
+from mesimp.lstm import MePropLSTM, prune_lstm_hidden, prune_lstm_input
 from mesimp.meprop import MePropConfig
-from mesimp.models import MLPConfig, build_model, is_lstm_model, linear_layers
+from mesimp.models import MLPConfig, build_model, is_lstm_model, linear_layers, lstm_stack
+from mesimp.seqdata import sequence_accuracy
 from mesimp.simplify import check_prune_rate, keep_rule, keep_with_min_width
 from mesimp.train import evaluate
 
@@ -152,7 +155,8 @@ def _max_abs_diff(a: nn.Module, b: nn.Module, x: torch.Tensor) -> tuple[float, f
     with torch.no_grad():
         diff32 = float((a(x) - b(x)).abs().max())
         a64, b64 = copy.deepcopy(a).double(), copy.deepcopy(b).double()
-        diff = float((a64(x.double()) - b64(x.double())).abs().max())
+        x64 = x.double() if x.is_floating_point() else x  # word ids stay integers
+        diff = float((a64(x64) - b64(x64)).abs().max())
     return diff, diff32
 
 
@@ -181,11 +185,14 @@ def shrink_checkpoint(
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise BadInputError(f"--round-to must be an int >= 1, got {round_to!r}")
     src = load_checkpoint(path)
+    out_path = Path(output) if output else Path(path).with_name(Path(path).stem + ".small.pt")
     if is_lstm_model(src["arch"]):
-        raise BadInputError(
-            f"{path} is an {src['arch']['model']} checkpoint, which `mesimp train` saves "
-            "already shrunk (masked units removed when training ends): export it directly"
-        )
+        if prune_rate is not None or round_to > 1:
+            raise BadInputError(
+                "--prune-rate and --round-to apply to MLP checkpoints only; an LSTM "
+                "checkpoint is shrunk to the masks meSimp set during training"
+            )
+        return _shrink_lstm_checkpoint(src, path, out_path, data)
     model = model_from_checkpoint(src)
     if prune_rate is not None:
         for (_, m), keep in zip(
@@ -203,7 +210,6 @@ def shrink_checkpoint(
                 f"layer {name} would have zero width (a constant output); use a lower "
                 "--prune-rate or --min-width >= 1"
             )
-    out_path = Path(output) if output else Path(path).with_name(Path(path).stem + ".small.pt")
     small, arch = shrink_mlp(model, keeps)
     model.eval()
     small.eval()
@@ -237,14 +243,114 @@ def shrink_checkpoint(
     ckpt = make_checkpoint(small, arch, None, train_meta)
     ckpt["meprop"]["config"] = cfg
     save_checkpoint(out_path, ckpt)
-    before, after = model_info(model, src), model_info(small, ckpt)
+    return _report(path, out_path, (model, src), (small, ckpt), diff, source)
+
+
+# -- LSTM models -------------------------------------------------------------------------
+def shrink_lstm_model(model: nn.Module) -> nn.Module:
+    """A plain copy of an LSTM model without the masked hidden units of its LSTMs.
+
+    For each layer, every kept unit keeps its four gate rows and its W_hh column
+    (``prune_lstm_hidden``) and its input column of what reads it: the next LSTM's
+    ``weight_ih`` (``prune_lstm_input``) or the output Linear (``prune_linear_in``).
+    Plain or unmasked LSTMs keep every unit. Other modules (the embedding) are copied.
+    """
+    lstms = lstm_stack(model)
+    keeps = []
+    for lstm in lstms:
+        if isinstance(lstm, MePropLSTM):
+            keeps.append(lstm.mask.nonzero().squeeze(1).cpu())
+        else:
+            keeps.append(torch.arange(lstm.hidden_size))
+    config = model.config
+    fields = config.to_dict()
+    widths = [int(k.numel()) for k in keeps]
+    fields["hidden"] = widths[0] if len(widths) == 1 else widths
+    new = build_model(type(config)(**fields))
+    new_lstms = lstm_stack(new)
+    for i, (lstm, keep) in enumerate(zip(lstms, keeps, strict=True)):
+        small = prune_lstm_hidden(lstm, keep)
+        if i:
+            small = prune_lstm_input(small, keeps[i - 1])
+        new_lstms[i].load_state_dict(small.state_dict())
+    new.out.load_state_dict(prune_linear_in(model.out, keeps[-1]).state_dict())
+    if hasattr(model, "embed"):
+        new.embed.load_state_dict(model.embed.state_dict())
+    return new.to(model.out.weight.device)
+
+
+def _lstm_check_inputs(
+    src: dict[str, Any], model: nn.Module, data: str | None
+) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+    """Inputs (and targets, when real data is at hand) to verify an LSTM shrink on.
+
+    Tagger: the test file recorded at training, encoded with the checkpoint's
+    vocabularies, else 500 random sentences. Rows: the image test split reshaped to
+    rows, else random images. Random inputs are seeded, so a check is repeatable.
+    """
+    arch = src["arch"]
+    gen = torch.Generator().manual_seed(0)
+    if arch["model"] == "lstm-tagger":
+        test = ((src.get("train") or {}).get("data") or {}).get("test")
+        if test and Path(test).is_file():
+            words, tags = Vocab.from_dict(arch["word_vocab"]), Vocab.from_dict(arch["tag_vocab"])
+            x, y, _ = tagging_tensors(read_conllu(test), words, tags)
+            return x, y, f"{test} ({len(x)} sentences)"
+        x = torch.randint(1, model.config.vocab_size, (500, 30), generator=gen)
+        return x, None, "500 random sentences"
+    width = model.config.in_features
+    ds = load_eval_data(data, width * width) if data is not None or width == 28 else None
+    if ds is not None:
+        return ds.x_test.reshape(len(ds.x_test), -1, width), ds.y_test, f"{ds.name} test"
+    return torch.rand(500, width, width, generator=gen), None, "random images"
+
+
+def _shrink_lstm_checkpoint(
+    src: dict[str, Any], path: str | os.PathLike, out_path: Path, data: str | None
+) -> dict[str, Any]:
+    """``shrink_checkpoint`` for ``lstm-tagger`` / ``lstm-rows``: remove the masked units,
+    check the plain model against the masked one (float64, all outputs), save it."""
+    model = model_from_checkpoint(src).eval()
+    small = shrink_lstm_model(model).eval()
+    x, y, source = _lstm_check_inputs(src, model, data)
+    diff, _ = _max_abs_diff(model, small, x)
+    if not diff <= TOLERANCE:
+        raise VerificationError(
+            f"shrunk model disagrees with the masked model: max_abs_diff "
+            f"{diff:.3g} > {TOLERANCE}; nothing written"
+        )
+    arch = {**src["arch"], **small.config.to_dict()}
+    train_meta = dict(src.get("train") or {})
+    if y is not None:
+        tagging = arch["model"] == "lstm-tagger"
+        train_meta["metrics"] = {
+            **(train_meta.get("metrics") or {}),
+            "test_accuracy": sequence_accuracy(small, x, y, tagging=tagging),
+        }
+    train_meta["shrunk_from"] = {"path": str(path), "sha256": sha256_file(path)}
+    ckpt = make_checkpoint(small, arch, None, train_meta)
+    ckpt["meprop"]["config"] = src["meprop"].get("config")
+    save_checkpoint(out_path, ckpt)
+    return _report(path, out_path, (model, src), (small, ckpt), diff, source)
+
+
+def _report(
+    path: str | os.PathLike,
+    out_path: Path,
+    before: tuple[nn.Module, dict[str, Any]],
+    after: tuple[nn.Module, dict[str, Any]],
+    diff: float,
+    source: str,
+) -> dict[str, Any]:
+    """The ``shrink --json`` object: sizes before and after, and the check's result."""
+    b, a = model_info(*before), model_info(*after)
     return {
         "path": str(out_path),
         "source": str(path),
-        "before": before,
-        "after": after,
+        "before": b,
+        "after": a,
         "max_abs_diff": diff,
         "verified_on": source,
-        "params_ratio": before["params"] / max(after["params"], 1),
-        "macs_ratio": before["macs"] / max(after["macs"], 1),
+        "params_ratio": b["params"] / max(a["params"], 1),
+        "macs_ratio": b["macs"] / max(a["macs"], 1),
     }

@@ -15,6 +15,7 @@ import torch
 from mesimp.cli.main import main
 from torch import nn
 
+from mesimp.checkpoint import load_checkpoint, model_from_checkpoint
 from mesimp.data.conllu import Vocab, read_conllu, tagging_tensors
 from mesimp.errors import BadInputError, DataError
 from mesimp.lstm import MePropLSTM
@@ -29,6 +30,7 @@ from mesimp.models import (
 )
 from mesimp.seqdata import SeqData, rows_data, tagging_data
 from mesimp.seqtrain import meprop_lstms_, shrink_lstm_model, train_lstm
+from mesimp.shrink import shrink_checkpoint
 from mesimp.simplify import SimplifyConfig
 
 EWT = Path(__file__).resolve().parents[2] / "shared" / "data" / "ud-english-ewt"
@@ -144,12 +146,24 @@ def test_two_layer_mesimp_training_shrinks_and_matches(ewt, tmp_path):
     with torch.no_grad():
         diff = (model(data.x_test) - small(data.x_test))[data.y_test != 0].abs().max()
     assert diff.item() <= 1e-5
-    ckpt = torch.load(out, weights_only=True)
-    rebuilt = build_model(ckpt["arch"])
-    rebuilt.load_state_dict(ckpt["state_dict"])
-    assert ckpt["arch"]["hidden"] == r["widths"]
+    # the checkpoint holds the masked model: counters and masks come back with it
+    ckpt = load_checkpoint(out)
+    assert ckpt["arch"]["hidden"] == [24, 16]
+    restored = model_from_checkpoint(ckpt).eval()
+    assert [m.active_width for m in restored.stack.lstms] == r["widths"]
+    with torch.no_grad():
+        assert torch.equal(restored(data.x_test), model(data.x_test))
+    # `mesimp shrink`'s library call removes the masked units, checked on the test file
+    report = shrink_checkpoint(out)
+    assert report["max_abs_diff"] <= 1e-5 and "sentences" in report["verified_on"]
+    assert report["after"]["hidden_sizes"] == r["widths"]
+    small_ckpt = torch.load(report["path"], weights_only=True)
+    rebuilt = build_model(small_ckpt["arch"])
+    rebuilt.load_state_dict(small_ckpt["state_dict"])
+    assert small_ckpt["arch"]["hidden"] == r["widths"]
     acc = data.accuracy(rebuilt, data.x_test, data.y_test)
     assert acc == pytest.approx(r["test_accuracy"])
+    assert small_ckpt["train"]["metrics"]["test_accuracy"] == pytest.approx(acc)
 
 
 # ------------------------------------------------------------------------------ data rules
@@ -233,7 +247,7 @@ def test_seqdata_batch_trims_padding_only_for_tagging():
 
 # -------------------------------------------------------------------------------- CLI
 @needs_ewt
-def test_cli_trains_a_tagger_and_writes_the_shrunk_checkpoint(ewt, tmp_path, capsys):
+def test_cli_trains_a_tagger_then_shrinks_it(ewt, tmp_path, capsys):
     train, dev, test = ewt
     out = tmp_path / "t.pt"
     args = ["train", "--model", "lstm-tagger", "--train", train, "--dev", dev, "--test", test]
@@ -244,8 +258,16 @@ def test_cli_trains_a_tagger_and_writes_the_shrunk_checkpoint(ewt, tmp_path, cap
     assert e.value.code in (0, None)
     result = json.loads(capsys.readouterr().out)
     assert result["model_type"] == "lstm-tagger" and result["checkpoint"] == str(out)
-    ckpt = torch.load(out, weights_only=True)
+    assert torch.load(out, weights_only=True)["arch"]["hidden"] == 16  # masked, full width
+    with pytest.raises(SystemExit) as e:
+        main(["shrink", str(out), "--json"])
+    assert e.value.code in (0, None)
+    report = json.loads(capsys.readouterr().out)
+    ckpt = torch.load(report["path"], weights_only=True)
     assert ckpt["arch"]["hidden"] == result["widths"][0] <= 16
+    with pytest.raises(SystemExit) as e:  # an MLP-only shrink option is refused
+        main(["shrink", str(out), "--round-to", "8"])
+    assert e.value.code == 2
 
 
 @needs_ewt

@@ -18,6 +18,7 @@ from mesimp.errors import BadInputError
 from mesimp.lstm import MePropLSTM
 from mesimp.meprop import MePropConfig
 from mesimp.models import MLP, LSTMTagger, MLPConfig, TaggerConfig, arch_from_dict, build_model
+from mesimp.shrink import shrink_checkpoint
 from mesimp.simplify import SimplifyConfig
 from mesimp.tagging import meprop_lstms_, shrink_tagger, tagger_accuracy, train_tagger
 
@@ -128,8 +129,8 @@ def test_mesimp_shrinks_and_shrunk_model_matches(slices, tmp_path):
         ref, got = model(x), small(x)
     assert (got - ref).abs().max().item() <= 1e-5
 
-    # the checkpoint holds the shrunk plain model and rebuilds from arch alone
-    ckpt = torch.load(out, weights_only=True)
+    # the shrunk checkpoint holds a plain model that rebuilds from arch alone
+    ckpt = torch.load(shrink_checkpoint(out)["path"], weights_only=True)
     assert ckpt["arch"]["model"] == "lstm-tagger" and ckpt["arch"]["hidden"] == width
     assert Vocab.from_dict(ckpt["arch"]["word_vocab"]) == Vocab.from_dict(r["arch"]["word_vocab"])
     rebuilt = build_model(ckpt["arch"])
