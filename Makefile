@@ -9,7 +9,7 @@ STAMP := $(VENV)/.mesimp-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_ARGS ?=
 
-.PHONY: setup data demo test lint bench clean
+.PHONY: setup data demo demo-tagger test lint bench clean
 
 setup: $(STAMP) data
 
@@ -45,6 +45,24 @@ demo: setup
 	$(BIN)/mesimp bench $(M)-dense.onnx $(M)-small-ft.onnx $(M)-dense.int8.onnx \
 	  $(M)-small-ft.int8.onnx --data $(DATA_DIR) --batch-sizes 1,256 --threads 1,2 \
 	  --markdown $(M)-bench.md --plot $(M)-bench.png
+	$(MAKE) --no-print-directory demo-tagger
+
+# The LSTM leg: a POS tagger on UD English EWT (../shared/data), dense h=500 vs meSimp
+# (unified k=20, prune rate 0.05), shrunk, exported fp32 + int8, decoding timed.
+EWT := ../shared/data/ud-english-ewt
+T := models/tagger
+demo-tagger: setup
+	@if [ ! -f $(EWT)/en_ewt-ud-test.conllu ]; then echo "skip the tagger demo: no $(EWT)"; exit 0; fi; \
+	set -e; tr="--model lstm-tagger --train $(EWT)/en_ewt-ud-dev.conllu --test $(EWT)/en_ewt-ud-test.conllu --epochs 10 --lr 3e-3"; \
+	$(BIN)/mesimp train $$tr -o $(T)-dense.pt $(DEMO_ARGS); \
+	$(BIN)/mesimp train $$tr --k 20 --simplify --prune-rate 0.05 -o $(T)-mesimp.pt $(DEMO_ARGS); \
+	$(BIN)/mesimp shrink $(T)-mesimp.pt -o $(T)-small.pt; \
+	for m in dense small; do \
+	  $(BIN)/mesimp export $(T)-$$m.pt --onnx --conllu $(EWT)/en_ewt-ud-test.conllu; \
+	  $(BIN)/mesimp export $(T)-$$m.pt --onnx --int8 --conllu $(EWT)/en_ewt-ud-test.conllu; \
+	done; \
+	$(BIN)/mesimp bench $(T)-dense.onnx $(T)-small.onnx $(T)-dense.int8.onnx $(T)-small.int8.onnx \
+	  --conllu $(EWT)/en_ewt-ud-test.conllu --threads 1 --markdown $(T)-bench.md
 
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider
@@ -54,7 +72,7 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 bench: setup
-	$(BIN)/python -m benchmarks.run   # writes benchmarks/RESULTS.md (~35 min)
+	$(BIN)/python -m benchmarks.run   # writes benchmarks/RESULTS.md (~19 min)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
