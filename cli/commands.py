@@ -227,7 +227,7 @@ def train(
     progress,
     as_json,
 ):
-    """Train an MLP with meProp (and optionally meSimp) on image data.
+    """Train an MLP or an LSTM with meProp (and optionally meSimp).
 
     \b
     Examples:
@@ -238,10 +238,11 @@ def train(
       mesimp train --resume models/mlp.last.pt   # after Ctrl-C, SIGTERM or a crash
 
     \b
-    LSTM models (single-layer LSTMs, stacked with --hidden 500,500; the shrunk model is
-    saved, ready for export):
+    LSTM models (single-layer LSTMs, stacked with --hidden 500,500; then
+    `mesimp shrink OUT.pt` removes the masked units):
       mesimp train --model lstm-tagger --train en_ewt-ud-dev.conllu \\
-          --test en_ewt-ud-test.conllu --k 20 --simplify --prune-rate 0.01 --epochs 10
+          --test en_ewt-ud-test.conllu --k 20 --simplify --prune-rate 0.05 \\
+          --epochs 10 --lr 3e-3
       mesimp train --model lstm-rows --hidden 128 --k 10 --epochs 3
     """
     from mesimp.simplify import SimplifyConfig
