@@ -596,17 +596,30 @@ def _time_interleaved(
     if repeat is None:
         per_run = max(max(warm_s), 1e-6)
         repeat = int(min(MAX_AUTO_REPEAT, max(MIN_AUTO_REPEAT, AUTO_BUDGET_S / per_run)))
-    rounds = min(MAX_ROUNDS, repeat)
-    blocks = [repeat // rounds + (1 if r < repeat % rounds else 0) for r in range(rounds)]
+    return _round_robin(sessions, [feed], [0] * repeat)
+
+
+def _round_robin(
+    sessions: list[Any], feeds: list[dict[str, np.ndarray]], plan: list[int]
+) -> list[list[float]]:
+    """Per session, the wall time (ms) of ``session.run(feeds[k])`` for every k of
+    ``plan``: the plan is cut into ``MAX_ROUNDS`` consecutive slices and each round runs
+    one slice per model, the order alternating, after one untimed re-warm run (caches
+    are cold after the other models ran). Interleaving is what makes ratios taken in
+    one run robust to a noisy machine."""
+    clock = time.perf_counter
+    rounds = min(MAX_ROUNDS, len(plan))
+    cuts = [len(plan) * r // rounds for r in range(rounds + 1)]
     times: list[list[float]] = [[] for _ in sessions]
     order = list(range(len(sessions)))
-    for r, block in enumerate(blocks):
+    for r in range(rounds):
+        block = plan[cuts[r] : cuts[r + 1]]
         for i in order if r % 2 == 0 else order[::-1]:
             s = sessions[i]
-            s.run(None, feed)  # untimed: re-warm caches after the other models ran
-            for _ in range(block):
+            s.run(None, feeds[block[0]])
+            for k in block:
                 t0 = clock()
-                s.run(None, feed)
+                s.run(None, feeds[k])
                 times[i].append((clock() - t0) * 1e3)
     return times
 
@@ -795,8 +808,7 @@ def _time_runs(
     warmup: int,
 ) -> list[list[float]]:
     """Per session, the wall time (ms) of every run of ``passes`` passes over ``feeds``,
-    measured round-robin: the passes are cut into ``MAX_ROUNDS`` consecutive slices, and
-    each round runs one slice per model (order alternating, one untimed re-warm run)."""
+    measured round-robin (``_round_robin``)."""
     clock = time.perf_counter
     per_token = []
     for s in sessions:
@@ -813,20 +825,7 @@ def _time_runs(
         per_pass = max(max(per_token) * sum(tokens), 1e-6)
         passes = int(min(MAX_AUTO_PASSES, max(1, AUTO_BUDGET_S // per_pass)))
     plan = [k for _ in range(passes) for k in range(len(feeds))]
-    rounds = min(MAX_ROUNDS, len(plan))
-    cuts = [len(plan) * r // rounds for r in range(rounds + 1)]
-    times: list[list[float]] = [[] for _ in sessions]
-    order = list(range(len(sessions)))
-    for r in range(rounds):
-        block = plan[cuts[r] : cuts[r + 1]]
-        for i in order if r % 2 == 0 else order[::-1]:
-            s = sessions[i]
-            s.run(None, feeds[block[0]])  # untimed: re-warm caches after the other models
-            for k in block:
-                t0 = clock()
-                s.run(None, feeds[k])
-                times[i].append((clock() - t0) * 1e3)
-    return times
+    return _round_robin(sessions, feeds, plan)
 
 
 def _tagger_row(

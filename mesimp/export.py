@@ -254,6 +254,8 @@ def torch_to_onnx(
             torch.onnx.export(model, example, str(path), **kwargs)
     except Exception as e:  # the exporters raise many unrelated types
         raise ExportError(f"ONNX export failed ({exporter} exporter): {_first_line(e)}") from e
+    if Path(f"{path}.data").exists():  # guard the single-file promise
+        raise ExportError("the exporter wrote external data; expected a single file")
     # The dynamo exporter converts its opset-18 graph to older opsets with onnx's
     # version converter and, where that fails (opset 13 in torch 2.13), quietly keeps 18.
     import onnx
@@ -420,8 +422,6 @@ def export_onnx(
             [OUTPUT_NAME],
             exporter=exporter,
         )
-        if (Path(tmp) / "model.onnx.data").exists():  # guard the single-file promise
-            raise ExportError("the exporter wrote external data; expected a single file")
         proto = onnx.load(str(raw))
         _set_metadata(proto, meta)
         _check(proto, "exported model")
@@ -432,14 +432,7 @@ def export_onnx(
         with torch.no_grad():
             ref = model(x_check).numpy()
         got = _run(sess, x_check.numpy())
-        if got.shape != ref.shape:
-            raise VerificationError(f"ONNX output shape {got.shape} != PyTorch's {ref.shape}")
-        max_abs_diff = float(np.abs(got - ref).max()) if ref.size else 0.0
-        if not max_abs_diff <= PARITY_TOL:  # also catches NaN
-            raise VerificationError(
-                f"ONNX and PyTorch outputs differ by {max_abs_diff:.3g} > {PARITY_TOL:g} on "
-                f"{len(x_check)} inputs; the export is not trustworthy"
-            )
+        max_abs_diff = _check_parity([got], [ref], len(x_check))
         result: dict[str, Any] = {
             "path": str(out),
             "opset": opset,
@@ -601,8 +594,6 @@ def _export_lstm(
         else:
             example = torch.from_numpy(inputs.check[0][:2].copy())
         torch_to_onnx(model, (example,), raw, opset, axes, [in_name], [OUTPUT_NAME], exporter)
-        if (Path(tmp) / "model.onnx.data").exists():
-            raise ExportError("the exporter wrote external data; expected a single file")
         proto = onnx.load(str(raw))
         _check_lstm_graph(proto, len(widths), in_name, exporter)
         _set_metadata(proto, meta)
@@ -613,15 +604,7 @@ def _export_lstm(
         got = _run_seq(sess, inputs.check)
         with torch.no_grad():
             ref = [model(torch.from_numpy(x)).numpy() for x in inputs.check]
-        for g, r in zip(got, ref, strict=True):
-            if g.shape != r.shape:
-                raise VerificationError(f"ONNX output shape {g.shape} != PyTorch's {r.shape}")
-        max_abs_diff = _max_diff(got, ref)
-        if not max_abs_diff <= PARITY_TOL:  # also catches NaN
-            raise VerificationError(
-                f"ONNX and PyTorch outputs differ by {max_abs_diff:.3g} > {PARITY_TOL:g} on "
-                f"{inputs.n_check} inputs; the export is not trustworthy"
-            )
+        max_abs_diff = _check_parity(got, ref, inputs.n_check)
         result: dict[str, Any] = {
             "path": str(out),
             "model": kind,
@@ -831,6 +814,21 @@ def _rows_inputs(
         min(n_check, len(x)),
         steps=h,
     )
+
+
+def _check_parity(got: list[np.ndarray], ref: list[np.ndarray], n_inputs: int) -> float:
+    """onnxruntime's outputs against PyTorch's, run by run: same shapes and a max |diff|
+    within ``PARITY_TOL`` (NaN fails too), else ``VerificationError``; returns the diff."""
+    for g, r in zip(got, ref, strict=True):
+        if g.shape != r.shape:
+            raise VerificationError(f"ONNX output shape {g.shape} != PyTorch's {r.shape}")
+    max_abs_diff = _max_diff(got, ref)
+    if not max_abs_diff <= PARITY_TOL:
+        raise VerificationError(
+            f"ONNX and PyTorch outputs differ by {max_abs_diff:.3g} > {PARITY_TOL:g} on "
+            f"{n_inputs} inputs; the export is not trustworthy"
+        )
+    return max_abs_diff
 
 
 def _max_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:

@@ -21,7 +21,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from conftest import FMNIST, hand_mlp
-from mesimp.cli.main import main
+from helpers import files_in, run_main
 from onnx import TensorProto, helper, numpy_helper
 
 from mesimp.bench import bench, plot, write_markdown
@@ -70,18 +70,6 @@ def _fmnist(stem: str) -> Path:
         if (FMNIST / name).is_file():
             return FMNIST / name
     pytest.skip(f"real Fashion-MNIST not found under {FMNIST}")
-
-
-def _run_main(capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return (0 if e.value.code is None else e.value.code), out, err
-
-
-def _files(d: Path) -> set[str]:
-    return {str(p.relative_to(d)) for p in d.rglob("*")}
 
 
 def gemm_model(path: Path, in_features: int = 100, out: int = 10) -> Path:
@@ -261,11 +249,11 @@ def test_write_markdown_and_plot(result, tmp_path):
     png = plot(result, tmp_path / "bench.png")
     data = Path(png).read_bytes()
     assert data.startswith(PNG_MAGIC) and len(data) > 1000
-    assert _files(tmp_path) == {"bench.md", "bench.png"}  # no temp files left
+    assert files_in(tmp_path) == {"bench.md", "bench.png"}  # no temp files left
 
 
 def test_cli_bench_json(onnx_models, tmp_path, capsys):
-    code, out, err = _run_main(
+    code, out, err = run_main(
         capsys,
         "bench",
         onnx_models.wide,
@@ -333,7 +321,7 @@ def test_cli_refuses(case, onnx_models, tmp_path, capsys, verify_npz):
         opts += ["--data", kw["data"]]
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    code, out, err = _run_main(
+    code, out, err = run_main(
         capsys,
         "bench",
         *models,
@@ -353,7 +341,7 @@ def test_cli_refuses(case, onnx_models, tmp_path, capsys, verify_npz):
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert (says if case != "batch 0" else "every value must be > 0") in lines[0]
     assert "Traceback" not in err and out == ""
-    assert _files(out_dir) == set()  # no report written
+    assert files_in(out_dir) == set()  # no report written
 
 
 def test_bench_accepts_data_with_few_training_examples(tmp_path, onnx_models):

@@ -18,27 +18,14 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from mesimp.cli.main import cli, main
+from helpers import files_in, run_main
+from mesimp.cli.main import cli
 
 from mesimp._version import __version__
 
 
 def invoke(*args: str):
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def run_main(capsys, *args: str) -> tuple[int, str, str]:
-    """The console entry point in-process: (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    code = e.value.code
-    return (0 if code is None else code), out, err
-
-
-def files_in(d: Path) -> set[str]:
-    return {str(p.relative_to(d)) for p in d.rglob("*")}
 
 
 def cost(sizes: list[int]) -> tuple[int, int]:

@@ -24,6 +24,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import FMNIST, hand_mlp, masked_forward
+from helpers import files_in, run_main
 from mesimp.cli.main import cli, main
 from onnx import numpy_helper
 
@@ -77,18 +78,6 @@ def _session(path: Path) -> ort.InferenceSession:
 def _ort(path: Path, x: np.ndarray) -> np.ndarray:
     s = _session(path)
     return s.run(None, {s.get_inputs()[0].name: np.ascontiguousarray(x, np.float32)})[0]
-
-
-def _files(d: Path) -> set[str]:
-    return {str(p.relative_to(d)) for p in d.rglob("*")}
-
-
-def _run_main(capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return (0 if e.value.code is None else e.value.code), out, err
 
 
 def _gemm_weights(proto) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -299,9 +288,9 @@ def test_shrunk_model_computes_the_masked_function(models, exported, data):
 # the file: single, valid, dynamic batch, metadata
 # --------------------------------------------------------------------------------------
 def test_only_the_onnx_files_are_written_next_to_the_checkpoints(models, exported):
-    assert _files(models["dense"].dir) == {"dense.pt", "dense.onnx", "dense.int8.onnx"}
-    assert _files(models["masked"].dir) == {"masked.pt", "masked.onnx"}
-    assert _files(models["shrunk"].dir) == {"shrunk.pt", "shrunk.onnx"}
+    assert files_in(models["dense"].dir) == {"dense.pt", "dense.onnx", "dense.int8.onnx"}
+    assert files_in(models["masked"].dir) == {"masked.pt", "masked.onnx"}
+    assert files_in(models["shrunk"].dir) == {"shrunk.pt", "shrunk.onnx"}
     for name in ALL:
         p = Path(exported[name]["path"])
         assert not Path(f"{p}.data").exists() and not p.with_suffix(".data").exists()
@@ -403,14 +392,14 @@ def test_cli_export_bad_input(case, tmp_path, capsys, models):
         "output under a file": [ckpt, "--onnx", "-o", tmp_path / "afile" / "out.onnx"],
         "output not .onnx": [ckpt, "--onnx", "-o", tmp_path / "out.txt"],
     }[case]
-    before = _files(tmp_path)
-    code, out, err = _run_main(capsys, "export", *args)
+    before = files_in(tmp_path)
+    code, out, err = run_main(capsys, "export", *args)
     assert code == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert EXPORT_BAD[case] in lines[0]
     assert "Traceback" not in err and out == ""
-    assert _files(tmp_path) == before  # no output file, no temp file left
+    assert files_in(tmp_path) == before  # no output file, no temp file left
 
 
 def test_failed_parity_raises_and_writes_nothing(tmp_path, models, data, monkeypatch):
@@ -420,14 +409,14 @@ def test_failed_parity_raises_and_writes_nothing(tmp_path, models, data, monkeyp
     monkeypatch.setattr(mesimp.export, "PARITY_TOL", -1.0)
     with pytest.raises(VerificationError, match="differ"):
         export_onnx(ckpt, tmp_path / "m.onnx", data=data.npz)
-    assert _files(tmp_path) == {"m.pt"}
+    assert files_in(tmp_path) == {"m.pt"}
 
 
 @pytest.mark.parametrize("name", ["shrunk", "int8"])
 def test_info_on_an_onnx_file(name, models, exported, capsys):
     """`mesimp info X.onnx --json`: widths, params and MACs counted from the graph by hand."""
     path = exported[name]["path"]
-    code, out, err = _run_main(capsys, "info", path, "--json")
+    code, out, err = run_main(capsys, "info", path, "--json")
     assert code == 0, err
     doc = json.loads(out)
     weights = _gemm_weights(onnx.load(path)) if name == "shrunk" else None
@@ -445,7 +434,7 @@ def test_info_on_an_onnx_file(name, models, exported, capsys):
 def test_info_refuses_a_non_onnx_file(tmp_path, capsys):
     bad = tmp_path / "x.onnx"
     bad.write_text("not a model")
-    code, out, err = _run_main(capsys, "info", bad)
+    code, out, err = run_main(capsys, "info", bad)
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and err.startswith("error:")
 
@@ -471,16 +460,14 @@ def test_an_opset_the_exporter_cannot_produce_is_refused(tmp_path, models, data,
     nothing (a later torch that can convert must then really write opset 13)."""
     ckpt = tmp_path / "m.pt"
     ckpt.write_bytes(models["shrunk"].ckpt.read_bytes())
-    code, out, err = _run_main(
-        capsys, "export", ckpt, "--onnx", "--opset", "13", "--data", data.npz
-    )
+    code, out, err = run_main(capsys, "export", ckpt, "--onnx", "--opset", "13", "--data", data.npz)
     if code == 0:
         opsets = {o.domain: o.version for o in onnx.load(tmp_path / "m.onnx").opset_import}
         assert opsets[""] == 13
         return
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and "opset" in err and "Traceback" not in err
-    assert _files(tmp_path) == {"m.pt"}
+    assert files_in(tmp_path) == {"m.pt"}
     r = export_onnx(ckpt, tmp_path / "m17.onnx", opset=17, data=data.npz)
     opsets = {o.domain: o.version for o in onnx.load(r["path"]).opset_import}
     assert r["opset"] == 17 and opsets[""] == 17

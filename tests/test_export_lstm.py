@@ -25,7 +25,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from conftest import FMNIST
-from mesimp.cli.main import main
+from helpers import files_in, run_main
 from onnx import TensorProto, helper, numpy_helper
 
 from mesimp.bench import bench, format_table, load_model_info, to_markdown
@@ -86,18 +86,6 @@ def _session(path: Path | str) -> ort.InferenceSession:
 def _ort(path: Path | str, x: np.ndarray) -> np.ndarray:
     s = _session(path)
     return s.run(None, {s.get_inputs()[0].name: x})[0]
-
-
-def _run_main(capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return (0 if e.value.code is None else e.value.code), out, err
-
-
-def _files(d: Path) -> set[str]:
-    return {str(p.relative_to(d)) for p in d.rglob("*")}
 
 
 def _ops(path: Path | str) -> list[tuple[str, str]]:
@@ -267,7 +255,7 @@ def test_parity_and_report(name, ckpts, exported):
         # no CoNLL-U file given and none recorded in the checkpoint: random sentences
         assert r["check_data"] == "random" and r["n_check"] == 1000
         assert r["fp32_accuracy"] is None and 1000 <= r["check_tokens"] <= 40 * 1000
-    assert _files(c.dir) == {f"{name}.pt", f"{name}.onnx", f"{name}.int8.onnx"}
+    assert files_in(c.dir) == {f"{name}.pt", f"{name}.onnx", f"{name}.int8.onnx"}
 
 
 @pytest.mark.parametrize("name", ["tagger2", "rows"])
@@ -294,7 +282,7 @@ def test_dynamo_exporter_is_refused_for_a_stacked_tagger(ckpts, tmp_path):
     with pytest.raises(MesimpError) as e:
         export_onnx(ckpts["tagger2"].ckpt, tmp_path / "dyn.onnx", exporter="dynamo")
     assert "\n" not in str(e.value)
-    assert _files(tmp_path) == set()
+    assert files_in(tmp_path) == set()
 
 
 # --------------------------------------------------------------------------------------
@@ -442,7 +430,7 @@ def test_bench_refuses_mixing_mlp_and_sequence_models(exported, tmp_path, capsys
     with pytest.raises(BadInputError, match="cannot bench an MLP"):
         bench([mlp, exported["tagger"]["path"]], threads=(1,), repeat=1, progress=False)
     for models in ([mlp, exported["tagger"]["path"]], [exported["rows"]["path"], mlp]):
-        line = _one_error_line(*_run_main(capsys, "bench", *models, "--threads", "1"))
+        line = _one_error_line(*run_main(capsys, "bench", *models, "--threads", "1"))
         assert "cannot bench" in line and "MLP" in line
 
 
@@ -452,14 +440,14 @@ def test_bench_refuses_mixing_mlp_and_sequence_models(exported, tmp_path, capsys
 def test_cli_export_and_bench_round_trip(ckpts, tmp_path, capsys):
     ckpt = tmp_path / "t.pt"
     ckpt.write_bytes(ckpts["tagger2"].ckpt.read_bytes())
-    code, out, err = _run_main(capsys, "export", ckpt, "--onnx", "--int8", "--json")
+    code, out, err = run_main(capsys, "export", ckpt, "--onnx", "--int8", "--json")
     assert code == 0, err
     doc = json.loads(out)
     assert doc["path"] == str(tmp_path / "t.int8.onnx") and doc["lstm_nodes"] == 2
-    code, out, err = _run_main(capsys, "export", ckpt, "--onnx")
+    code, out, err = run_main(capsys, "export", ckpt, "--onnx")
     assert code == 0, err
     assert "2 LSTM node(s)" in out and "t.onnx" in out
-    code, out, err = _run_main(
+    code, out, err = run_main(
         capsys,
         "bench",
         tmp_path / "t.onnx",
@@ -480,7 +468,7 @@ def test_cli_export_and_bench_round_trip(ckpts, tmp_path, capsys):
     assert [r["mode"] for r in doc["results"]] == ["decode", "decode"]
     assert all(r["runs"] == 20 and r["tokens_per_s"] > 0 for r in doc["results"])
     assert "decode" in (tmp_path / "b.md").read_text()
-    code, out, err = _run_main(capsys, "info", tmp_path / "t.int8.onnx", "--json")
+    code, out, err = run_main(capsys, "info", tmp_path / "t.int8.onnx", "--json")
     assert code == 0, err
     info = json.loads(out)
     assert info["input"]["kind"] == "tagger" and info["hidden_sizes"] == [40, 24]
@@ -490,7 +478,7 @@ def test_cli_tagger_bench_with_a_malformed_conllu_file(exported, tmp_path, capsy
     bad = tmp_path / "bad.conllu"
     bad.write_text("1\tThe\tthe\tDET\n\n", encoding="utf-8")  # 4 columns, not 10
     line = _one_error_line(
-        *_run_main(capsys, "bench", exported["tagger"]["path"], "--conllu", bad, "--threads", "1")
+        *run_main(capsys, "bench", exported["tagger"]["path"], "--conllu", bad, "--threads", "1")
     )
     assert str(bad) in line and "10 tab-separated columns" in line
 
@@ -509,8 +497,8 @@ def test_cli_export_refusals_write_nothing(case, ckpts, tmp_path, capsys):
         opts, says = ["--conllu", conllu], "no vocabularies"
     else:
         ckpt, opts, says = ckpts["small"].ckpt, ["--data", FMNIST], "--conllu"
-    before = _files(tmp_path)
+    before = files_in(tmp_path)
     out_path = tmp_path / "out.onnx"
-    line = _one_error_line(*_run_main(capsys, "export", ckpt, "--onnx", "-o", out_path, *opts))
+    line = _one_error_line(*run_main(capsys, "export", ckpt, "--onnx", "-o", out_path, *opts))
     assert says in line
-    assert _files(tmp_path) == before
+    assert files_in(tmp_path) == before

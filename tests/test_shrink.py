@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import N_TEST, hand_mlp, masked_forward
+from helpers import files_in
 from torch import nn
 
 from mesimp.checkpoint import make_checkpoint, save_checkpoint
@@ -24,10 +25,6 @@ from mesimp.shrink import prune_linear_in, prune_linear_out, shrink_checkpoint, 
 
 shrink_module = importlib.import_module("mesimp.shrink")
 TOL = 1e-5
-
-
-def files_in(d: Path) -> set[str]:
-    return {str(p.relative_to(d)) for p in d.rglob("*")}
 
 
 # --------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import DEV, N_TEST, hand_mlp, read_jsonl, train_tiny
+from helpers import files_in
 
 from mesimp.errors import BadInputError, DataError
 from mesimp.shrink import shrink_checkpoint
@@ -19,10 +20,6 @@ from mesimp.simplify import SimplifyConfig
 from mesimp.train import TrainConfig, train
 
 train_module = importlib.import_module("mesimp.train")  # ``mesimp.train`` is the function
-
-
-def files_in(d: Path) -> set[str]:
-    return {str(p.relative_to(d)) for p in d.rglob("*")}
 
 
 def hand_accuracy(ckpt: dict, npz: Path) -> float:

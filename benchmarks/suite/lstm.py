@@ -155,10 +155,10 @@ class _Tagger:
     """Runs ``train_tagger`` and turns its result (or its failure) into a result run."""
 
     def __init__(self, train: Path, test: Path, epochs: int, lr: float) -> None:
-        from mesimp.tagging import shrink_tagger, tagger_accuracy, train_tagger
+        from mesimp.tagging import tagger_accuracy, train_tagger
 
         self.train_path, self.test_path, self.epochs, self.lr = train, test, epochs, lr
-        self._train, self.shrink, self.accuracy = train_tagger, shrink_tagger, tagger_accuracy
+        self._train, self.accuracy = train_tagger, tagger_accuracy
         self._tensors: tuple[Any, Any] | None = None
 
     def __call__(self, seed: int, **kw: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -170,7 +170,7 @@ class _Tagger:
             return bad_run(seed, DIVERGED, first_line(e), diverged_epoch(e)), None
         except MesimpError as e:
             return bad_run(seed, FAILED, first_line(e)), None
-        small = self.shrink(r["model"])
+        small = r["shrunk"]  # train_lstm's shrink of the best (masked) model
         run = ok_run(seed, r["test_accuracy"], r["widths"], count_params(small), r["train_time_s"])
         r["small"] = small
         return run, r
