@@ -189,7 +189,12 @@ from mesimp.cli.main import IntList, KType, cli, emit_json
     show_default=True,
     help="Keep RUN.last.pt (final weights and optimizer state) when the run finishes.",
 )
-@click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Live progress bars on stderr. Default: only when stderr is a terminal; a log "
+    "file gets the plain line per epoch alone.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 def train(
     model,
@@ -310,7 +315,7 @@ def train(
             output=output,
             progress=progress,
         )
-        _lstm_report(result, as_json)
+        _train_report(result, as_json)
         return
     config = TrainConfig(
         data=data,
@@ -369,35 +374,26 @@ def _check_model_options(ctx: click.Context, model: str) -> None:
         raise click.UsageError(f"{names} do(es) not apply to --model {model}")
 
 
-def _lstm_report(result, as_json):
+def _train_report(result, as_json):
+    """The one summary of every model family (README: ``train --json``)."""
     if as_json:
-        out = {k: v for k, v in result.items() if k not in ("model", "shrunk", "records")}
-        # the vocabularies are in the checkpoint; thousands of words would drown the summary
-        out["arch"] = {k: v for k, v in out["arch"].items() if not k.endswith("_vocab")}
-        emit_json(out)
+        # Python callers also get the modules and records; the JSON document is the summary
+        emit_json({k: v for k, v in result.items() if k not in PYTHON_ONLY})
         return
+    b = result["best"]
     click.echo(
-        f"test accuracy {result['test_accuracy']:.4f} (held-out "
-        f"{result['heldout_accuracy']:.4f}, epoch {result['best_epoch']}); widths "
-        f"{result['widths']} of {result['hidden']}; params {result['params']:,}; "
+        f"test accuracy {b['test_accuracy']:.4f} (dev {b['dev_accuracy']:.4f}, "
+        f"epoch {b['epoch']:.2f}); widths {result['active_widths']} of "
+        f"{result['hidden_sizes']}; params {result['params']:,}; "
         f"train time {result['train_time_s']:.1f}s"
     )
-    click.echo(f"checkpoint: {result['checkpoint']}  metrics: {result['metrics_log']}")
-    if result["k"]:
+    if result["checkpoint"] is not None:
+        click.echo(f"checkpoint: {result['checkpoint']}  metrics: {result['metrics_log']}")
+    if result["model"] != "mlp" and result["config"]["k"]:
         click.echo(f"next: mesimp shrink {result['checkpoint']}   # removes the masked units")
 
 
-def _train_report(result, as_json):
-    if as_json:
-        emit_json(result)
-    else:
-        b = result["best"]
-        click.echo(
-            f"test accuracy {b['test_accuracy']:.4f} (dev {b['dev_accuracy']:.4f}, "
-            f"epoch {b['epoch']:.2f}); widths {result['active_widths']}; "
-            f"train time {result['train_time_s']:.1f}s"
-        )
-        click.echo(f"checkpoint: {result['checkpoint']}  metrics: {result['metrics_log']}")
+PYTHON_ONLY = ("module", "shrunk", "records", "arch")
 
 
 @cli.command(short_help="Show a checkpoint's or ONNX file's size, widths and accuracy.")

@@ -24,6 +24,23 @@ from mesimp.cli.main import IntList, cli, emit_json
     "test accuracy next to fp32.",
 )
 @click.option(
+    "--int8-mode",
+    type=click.Choice(["s7", "u8", "s8"]),
+    default="s7",
+    show_default=True,
+    help="Weight format for --int8. s7: int8 weights in 7 bits, exact on every x86-64 CPU. "
+    "u8: uint8 weights, exact everywhere (not for LSTM models). s8: full 8-bit int8, "
+    "exact only on CPUs with VNNI (elsewhere onnxruntime's u8s8 kernel saturates).",
+)
+@click.option(
+    "--min-agreement",
+    type=float,
+    default=0.95,
+    show_default=True,
+    help="With --int8: write the file only if its predictions agree with fp32's on at "
+    "least this fraction of the check data (0 accepts any).",
+)
+@click.option(
     "--data",
     type=click.Path(),
     default=None,
@@ -39,7 +56,7 @@ from mesimp.cli.main import IntList, cli, emit_json
     "exists, else random word ids).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the export report as JSON.")
-def export(path, to_onnx, output, opset, int8, data, conllu, as_json):
+def export(path, to_onnx, output, opset, int8, int8_mode, min_agreement, data, conllu, as_json):
     """Export IN.pt to a single ONNX file with a dynamic batch axis.
 
     The file passes onnx.checker (full_check), and onnxruntime's outputs on real test
@@ -62,7 +79,16 @@ def export(path, to_onnx, output, opset, int8, data, conllu, as_json):
 
     if not to_onnx:
         raise BadInputError("say which format: --onnx (the only one supported)")
-    r = export_onnx(path, output, opset=opset, int8=int8, data=data, conllu=conllu)
+    r = export_onnx(
+        path,
+        output,
+        opset=opset,
+        int8=int8,
+        int8_mode=int8_mode,
+        min_agreement=min_agreement,
+        data=data,
+        conllu=conllu,
+    )
     if as_json:
         emit_json(r)
         return
@@ -72,6 +98,7 @@ def export(path, to_onnx, output, opset, int8, data, conllu, as_json):
         if r.get("int8_accuracy") is not None:
             acc += f", int8 {what} {r['int8_accuracy']:.4f}"
         acc += f"{', ' if acc else ''}int8 agreement {r['int8_agreement']:.4f}"
+        acc += f" (mode {r['int8_mode']})"
     layers = f"{r['lstm_nodes']} LSTM node(s), " if "lstm_nodes" in r else ""
     click.echo(
         f"wrote {r['path']} ({r['size_bytes']:,} bytes, opset {r['opset']}); "
@@ -132,7 +159,12 @@ def export(path, to_onnx, output, opset, int8, data, conllu, as_json):
     help="Also write a plot (PNG, SVG, PDF by suffix): throughput and P50 latency vs "
     "batch size, one color per model, one line style per thread count.",
 )
-@click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Live progress bar on stderr. Default: only when stderr is a terminal; a log "
+    "file gets one plain line per configuration instead.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def bench(
     models,
@@ -183,6 +215,8 @@ def bench(
         conllu=conllu,
         sentences=sentences,
     )
+    for warning in r["warnings"]:
+        click.echo(f"warning: {warning}", err=True)
     if markdown:
         write_markdown(r, markdown)
     if plot_path:

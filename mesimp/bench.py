@@ -66,7 +66,6 @@ import math
 import os
 import platform
 import re
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -76,6 +75,9 @@ import numpy as np
 
 from mesimp.atomic import atomic_path, atomic_write_text, check_writable
 from mesimp.errors import BadInputError, MesimpError
+from mesimp.int8 import probe_u8s8_exact
+from mesimp.progress import bar as progress_bar
+from mesimp.progress import line as progress_line
 
 __all__ = [
     "bench",
@@ -263,6 +265,9 @@ def load_model_info(path: str | os.PathLike, metadata: bool = False) -> dict[str
         info["hidden_sizes"] = hidden
     if "quantization" in meta:
         info["quantization"] = meta["quantization"]
+    if "int8_mode" in meta:
+        info["int8_mode"] = meta["int8_mode"]
+        info["int8_portable"] = meta.get("int8_portable") != "false"
     if metadata:
         info["metadata"] = meta
         info["arch"] = _json_or_none(meta.get("arch"))
@@ -358,6 +363,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "onnxruntime": ort.__version__,
         "numpy": np.__version__,
+        "int8_u8s8_exact": probe_u8s8_exact(),
     }
 
 
@@ -380,7 +386,7 @@ def bench(
     threads: Sequence[int] = DEFAULT_THREADS,
     repeat: int | None = None,
     warmup: int = 5,
-    progress: bool = True,
+    progress: bool | None = None,
     *,
     conllu: str | os.PathLike | None = None,
     sentences: int | None = None,
@@ -424,7 +430,7 @@ def bench(
     if kind0 == "tagger":
         if data is not None:
             raise BadInputError("--data is image data; give LSTM taggers --conllu FILE")
-        return _bench_tagger(
+        result = _bench_tagger(
             paths,
             infos,
             conllu,
@@ -435,11 +441,13 @@ def bench(
             progress,
             sentences,
         )
+        result["warnings"] = int8_warnings(infos)
+        return result
     if conllu is not None or sentences is not None:
         raise BadInputError(
             f"--conllu and --sentences are for LSTM taggers; {paths[0]} is {KIND_NAMES[kind0]}"
         )
-    return _bench_batches(
+    result = _bench_batches(
         paths,
         infos,
         data,
@@ -449,6 +457,21 @@ def bench(
         warmup,
         progress,
     )
+    result["warnings"] = int8_warnings(infos)
+    return result
+
+
+def int8_warnings(infos: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per int8 file whose weight format saturates on this CPU (``mesimp.int8``):
+    its predictions here differ from the ones checked at export."""
+    risky = [i for i in infos if i.get("int8_portable") is False]
+    if not risky or probe_u8s8_exact():
+        return []
+    return [
+        f"{i['path']}: int8 mode {i.get('int8_mode')} saturates on this CPU (no VNNI), so its "
+        "outputs here differ from the exported ones; re-export with --int8-mode s7"
+        for i in risky
+    ]
 
 
 def _bench_batches(
@@ -459,11 +482,9 @@ def _bench_batches(
     threads: list[int],
     repeat: int | None,
     warmup: int,
-    progress: bool,
+    progress: bool | None,
 ) -> dict[str, Any]:
     """``bench`` for MLPs and row classifiers: every batch size, interleaved."""
-    from tqdm import tqdm
-
     sig0 = infos[0]["input"]
     for p, info in zip(paths[1:], infos[1:], strict=True):
         sig = info["input"]
@@ -518,13 +539,8 @@ def _bench_batches(
                 raise BadInputError(f"{p}: onnxruntime cannot run it ({ort_message(e)})") from e
 
     results: list[dict[str, Any]] = []
-    bar = tqdm(
-        total=len(threads) * len(batch_sizes),
-        desc="bench",
-        unit="config",
-        file=sys.stderr,
-        disable=not progress,
-        leave=False,
+    bar = progress_bar(
+        total=len(threads) * len(batch_sizes), progress=progress, desc="bench", unit="config"
     )
     used_repeats: dict[tuple[int, int], int] = {}
     try:
@@ -533,7 +549,7 @@ def _bench_batches(
             name = sig0["name"]
             for b in batch_sizes:
                 feed = {name: _batch(pool, b)}
-                bar.set_postfix_str(f"batch {b}, {t} thread{'s' if t > 1 else ''}")
+                bar.set_postfix_str(_config_name(b, t))
                 try:
                     times = _time_interleaved(sessions, feed, repeat, warmup)
                 except _ort_errors() as e:  # loads, but fails to run (e.g. a forged attribute)
@@ -552,6 +568,9 @@ def _bench_batches(
                         row["accuracy"] = info["accuracy"]
                     results.append(row)
                 bar.update(1)
+                done = len(results) // len(paths)
+                total = len(threads) * len(batch_sizes)
+                progress_line(progress, f"bench: {_config_name(b, t)} done ({done}/{total})")
             del sessions
     finally:
         bar.close()
@@ -559,7 +578,7 @@ def _bench_batches(
     models_out = []
     for info in infos:
         m = {k: info[k] for k in ("path", "macs", "params", "size_bytes")}
-        for k in ("hidden_sizes", "quantization", "accuracy"):
+        for k in ("hidden_sizes", "quantization", "int8_mode", "accuracy"):
             if k in info:
                 m[k] = info[k]
         models_out.append(m)
@@ -622,6 +641,10 @@ def _round_robin(
                 s.run(None, feeds[k])
                 times[i].append((clock() - t0) * 1e3)
     return times
+
+
+def _config_name(batch: int, threads: int) -> str:
+    return f"batch {batch}, {threads} thread{'s' if threads > 1 else ''}"
 
 
 def _row(model: str, batch: int, threads: int, times_ms: list[float]) -> dict[str, Any]:
@@ -697,7 +720,7 @@ def _bench_tagger(
     threads: list[int],
     repeat: int | None,
     warmup: int,
-    progress: bool,
+    progress: bool | None,
     sentences: int | None = None,
 ) -> dict[str, Any]:
     """``bench`` for LSTM taggers: tag whole sentences, models interleaved.
@@ -710,8 +733,6 @@ def _bench_tagger(
     ``tokens_per_s`` = real tokens / total timed time; ``speedup`` is this model's
     tokens/s over the first model's (the same runs, so a ratio of total times).
     """
-    from tqdm import tqdm
-
     lengths, source = sentence_lengths(conllu, sentences)
     if not lengths:
         raise BadInputError(f"{conllu}: no sentences to tag")
@@ -736,20 +757,15 @@ def _bench_tagger(
     results: list[dict[str, Any]] = []
     used: list[int] = []  # passes per configuration
     runs: list[int] = []  # timed runs per model per configuration
-    bar = tqdm(
-        total=len(threads) * len(batch_sizes),
-        desc="bench",
-        unit="config",
-        file=sys.stderr,
-        disable=not progress,
-        leave=False,
+    bar = progress_bar(
+        total=len(threads) * len(batch_sizes), progress=progress, desc="bench", unit="config"
     )
     try:
         for t in threads:
             sessions = [_session(p, t) for p in paths]
             for b in batch_sizes:
                 feeds, tokens = _tagger_runs(name, lengths, vocab, b)
-                bar.set_postfix_str(f"batch {b}, {t} thread{'s' if t > 1 else ''}")
+                bar.set_postfix_str(_config_name(b, t))
                 try:
                     times = _time_runs(sessions, feeds, tokens, repeat, warmup)
                 except _ort_errors() as e:
@@ -768,6 +784,9 @@ def _bench_tagger(
                     row["mac_ratio"] = (macs0 / info["macs"]) if info["macs"] else None
                     results.append(row)
                 bar.update(1)
+                done = len(results) // len(paths)
+                total = len(threads) * len(batch_sizes)
+                progress_line(progress, f"bench: {_config_name(b, t)} done ({done}/{total})")
             del sessions
     finally:
         bar.close()
@@ -775,7 +794,7 @@ def _bench_tagger(
     models_out = []
     for info in infos:
         m = {k: info[k] for k in ("path", "macs", "params", "size_bytes", "vocab_size")}
-        for k in ("hidden_sizes", "quantization"):
+        for k in ("hidden_sizes", "quantization", "int8_mode"):
             if k in info:
                 m[k] = info[k]
         models_out.append(m)

@@ -32,7 +32,9 @@ Exporter choice (measured with torch 2.13, onnxscript 0.7, MLP 784-500-500-10)
 
 int8
     ``onnxruntime.quantization.quant_pre_process`` (shape inference + graph
-    optimization) then ``quantize_dynamic`` with int8 weights, per tensor
+    optimization) then ``quantize_dynamic`` with int8 weights in the format of
+    ``int8_mode`` (default ``s7``: 7-bit int8 weights, exact on every x86-64 CPU;
+    ``mesimp.int8`` says why and what the other modes cost), per tensor
     (``per_channel=False``: on the Fashion-MNIST MLPs per-channel scales did not
     improve accuracy measurably and the per-tensor graph is the simpler one).
     Activations are quantized dynamically at run time (``DynamicQuantizeLinear`` +
@@ -85,6 +87,7 @@ from mesimp.bench import _ort_errors, ort_message
 from mesimp.checkpoint import load_checkpoint, model_from_checkpoint
 from mesimp.data import Vocab, load_eval_data, read_conllu, tagging_tensors
 from mesimp.errors import BadInputError, CheckpointError, DataError, MesimpError, VerificationError
+from mesimp.int8 import DEFAULT_INT8_MODE, get_int8_mode
 from mesimp.layers import MePropLinear
 from mesimp.models import count_macs, count_params, hidden_sizes, is_lstm_model
 
@@ -108,6 +111,8 @@ WORDS_NAME = "words"  # a tagger's input: int64 word ids [batch, seq]
 # Parity without a CoNLL-U file: random sentences of 1..RANDOM_MAX_LEN words (seed 0).
 RANDOM_MAX_LEN = 40
 CHECK_BATCH = 64  # sentences (or 8x as many images) per onnxruntime/PyTorch run in checks
+
+
 # int8 for LSTM graphs: the LSTMs, the output layer and the embedding table.
 LSTM_INT8_OPS = ("LSTM", "MatMul", "Gemm", "Gather")
 
@@ -342,6 +347,8 @@ def export_onnx(
     *,
     exporter: str | None = None,
     conllu: str | os.PathLike | None = None,
+    int8_mode: str = DEFAULT_INT8_MODE,
+    min_agreement: float = INT8_MIN_AGREEMENT,
 ) -> dict[str, Any]:
     """Export a checkpoint to one verified ONNX file; returns the ``export --json`` object.
 
@@ -353,7 +360,11 @@ def export_onnx(
 
     LSTM checkpoints (``_export_lstm``): ``conllu`` is a tagger's check file (its first
     ``n_check`` sentences for parity, all of them for token accuracy); ``data`` the
-    images of a row classifier. ``exporter=None`` picks ``"dynamo"`` for MLPs and
+    images of a row classifier. ``int8_mode``: a key of ``mesimp.int8.INT8_MODES``.
+    ``min_agreement``: the int8 file is written only if its predictions agree with
+    fp32's on at least this fraction (0 accepts any; for an untrained model, whose
+    logits are near ties, agreement says nothing about the quantization).
+    ``exporter=None`` picks ``"dynamo"`` for MLPs and
     ``"torchscript"`` for LSTM models (see the module docstring).
     """
     import onnx
@@ -368,6 +379,11 @@ def export_onnx(
     if exporter is not None and exporter not in EXPORTERS:
         raise BadInputError(f"unknown exporter {exporter!r} (choose from {', '.join(EXPORTERS)})")
 
+    get_int8_mode(int8_mode)
+    if isinstance(min_agreement, bool) or not isinstance(min_agreement, (int, float)):
+        raise BadInputError(f"min_agreement must be a number, got {min_agreement!r}")
+    if not 0.0 <= min_agreement <= 1.0:
+        raise BadInputError(f"min_agreement must be in [0, 1], got {min_agreement}")
     src = Path(checkpoint_path)
     ckpt = load_checkpoint(src)
     out = Path(output) if output is not None else default_output(src, int8)
@@ -384,6 +400,8 @@ def export_onnx(
             out,
             opset=opset,
             int8=int8,
+            int8_mode=int8_mode,
+            min_agreement=min_agreement,
             data=data,
             conllu=conllu,
             n_check=n_check,
@@ -452,7 +470,7 @@ def export_onnx(
 
         payload = fp32_bytes
         if int8:
-            payload, stats = _quantize_int8(fp32_bytes, Path(tmp), meta)
+            payload, stats = _quantize_int8(fp32_bytes, Path(tmp), meta, int8_mode)
             qsess = _session(payload)
             q_logits = _run(qsess, x_test)
             agreement = float((q_logits.argmax(-1) == fp32_logits.argmax(-1)).mean())
@@ -463,10 +481,10 @@ def export_onnx(
                 int8_max_abs_diff=float(np.abs(q_check - ref).max()),
                 **stats,
             )
-            if agreement < INT8_MIN_AGREEMENT:
+            if agreement < min_agreement:
                 raise VerificationError(
                     f"int8 predictions agree with fp32 on only {agreement:.1%} of the test set "
-                    f"(< {INT8_MIN_AGREEMENT:.0%}); not writing {out}"
+                    f"(< {min_agreement:.1%}); not writing {out}"
                 )
 
     atomic_write_bytes(out, payload)
@@ -482,13 +500,20 @@ def export_onnx(
 
 
 def _quantize_int8(
-    fp32_bytes: bytes, tmp: Path, meta: dict[str, str], op_types: list[str] | None = None
+    fp32_bytes: bytes,
+    tmp: Path,
+    meta: dict[str, str],
+    mode: str,
+    op_types: list[str] | None = None,
 ) -> tuple[bytes, dict]:
     """Dynamic int8 quantization of a float model; returns the bytes and a few stats.
 
-    ``op_types``: what ``quantize_dynamic`` may quantize (``None``: all it knows)."""
+    ``mode``: a key of ``INT8_MODES`` (see ``mesimp.int8``). ``op_types``: what
+    ``quantize_dynamic`` may quantize (``None``: all it knows)."""
     import onnx
     from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
+
+    spec = get_int8_mode(mode)
 
     fp32, pre, q = tmp / "fp32.onnx", tmp / "pre.onnx", tmp / "int8.onnx"
     fp32.write_bytes(fp32_bytes)
@@ -499,16 +524,26 @@ def _quantize_int8(
                 str(pre),
                 str(q),
                 op_types_to_quantize=op_types,
-                weight_type=QuantType.QInt8,
+                weight_type=QuantType.QUInt8 if spec.weight_type == "uint8" else QuantType.QInt8,
                 per_channel=False,
+                reduce_range=spec.reduce_range,
             )
     except Exception as e:  # the quantizer raises many unrelated types
         raise ExportError(f"int8 quantization failed: {_first_line(e)}") from e
     proto = onnx.load(str(q))
-    _set_metadata(proto, {**meta, "quantization": "dynamic int8 weights (onnxruntime)"})
+    _set_metadata(
+        proto,
+        {
+            **meta,
+            "quantization": f"dynamic int8 weights (onnxruntime), mode {mode}: {spec.about}",
+            "int8_mode": mode,
+            "int8_portable": json.dumps(spec.portable),
+        },
+    )
     _check(proto, "int8 model")
     ops = [n.op_type for n in proto.graph.node]
-    return proto.SerializeToString(), {"int8_ops": sorted(set(ops))}
+    stats = {"int8_ops": sorted(set(ops)), "int8_mode": mode, "int8_portable": spec.portable}
+    return proto.SerializeToString(), stats
 
 
 # -- LSTM models -------------------------------------------------------------------------------
@@ -540,6 +575,8 @@ def _export_lstm(
     *,
     opset: int,
     int8: bool,
+    int8_mode: str,
+    min_agreement: float,
     data: str | os.PathLike | None,
     conllu: str | os.PathLike | None,
     n_check: int,
@@ -554,6 +591,11 @@ def _export_lstm(
     if layers:
         # a masked MePropLSTM is not a plain nn.LSTM: its masked units would come back to life
         raise BadInputError(f"{src} holds meProp LSTM masks: shrink it first (mesimp shrink {src})")
+    if int8 and not get_int8_mode(int8_mode).lstm:
+        raise BadInputError(
+            f"int8 mode {int8_mode} is not available for LSTM models: onnxruntime stores LSTM "
+            f"weights as int8 (use --int8-mode {DEFAULT_INT8_MODE}, or s8)"
+        )
     model = model_from_checkpoint(ckpt, meprop=False).eval()
     widths = model.config.hidden_sizes()
     if kind == "lstm-tagger":
@@ -628,7 +670,9 @@ def _export_lstm(
 
         payload = fp32_bytes
         if int8:
-            payload, stats = _quantize_int8(fp32_bytes, Path(tmp), meta, list(LSTM_INT8_OPS))
+            payload, stats = _quantize_int8(
+                fp32_bytes, Path(tmp), meta, int8_mode, list(LSTM_INT8_OPS)
+            )
             qproto = onnx.load_from_string(payload)
             n_q = sum(n.op_type == "DynamicQuantizeLSTM" for n in qproto.graph.node)
             if n_q != len(widths):
@@ -650,11 +694,11 @@ def _export_lstm(
                 int8_max_abs_diff=_max_diff(q_check, ref),
                 **stats,
             )
-            if agreement < INT8_MIN_AGREEMENT:
+            if agreement < min_agreement:
                 raise VerificationError(
                     f"int8 predictions agree with fp32 on only {agreement:.1%} of the "
                     f"{'tokens' if kind == 'lstm-tagger' else 'test set'} "
-                    f"(< {INT8_MIN_AGREEMENT:.0%}); not writing {out}"
+                    f"(< {min_agreement:.1%}); not writing {out}"
                 )
 
     atomic_write_bytes(out, payload)

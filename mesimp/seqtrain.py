@@ -30,15 +30,22 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from mesimp.atomic import atomic_write_text, check_writable
 from mesimp.checkpoint import make_checkpoint, save_checkpoint
 from mesimp.errors import BadInputError
 from mesimp.lstm import MePropLSTM
 from mesimp.meprop import MePropConfig
-from mesimp.models import RowLSTMConfig, TaggerConfig, build_model, count_params, lstm_stack
+from mesimp.models import (
+    RowLSTMConfig,
+    TaggerConfig,
+    build_model,
+    count_macs,
+    count_params,
+    lstm_stack,
+)
 from mesimp.optim import build_optimizer, reset_optimizer_state
+from mesimp.progress import bar as progress_bar
 from mesimp.runsafety import nonfinite_grad
 from mesimp.seqdata import SeqData
 from mesimp.shrink import shrink_lstm_model
@@ -95,14 +102,14 @@ def train_lstm(
     lr: float = 1e-3,
     seed: int = 1,
     output: str | Path | None = None,
-    progress: bool = False,
+    progress: bool | None = False,
 ) -> dict[str, Any]:
     """Train an LSTM model on ``data``; keep the best held-out model; report test accuracy.
 
     ``k > 0`` trains ``MePropLSTM`` layers (unit-level top-k backward with ``selection``);
     ``simplify`` adds meSimp masking. The best model is the best held-out evaluation at
     the *current* widths (a new architecture starts a fresh best, as in ``mesimp.train``);
-    its weights are in ``result["model"]`` (masked, meProp layers) on return and its
+    its weights are in ``result["module"]`` (masked, meProp layers) on return and its
     shrunk plain copy in ``result["shrunk"]``; with ``output`` the masked model is saved
     with its counters and masks (``mesimp shrink`` turns it into the plain one).
     """
@@ -135,21 +142,21 @@ def train_lstm(
     best: dict[str, Any] | None = None
     best_state: dict[str, torch.Tensor] | None = None
     train_time = 0.0
-    gstep = 0
+    gstep = resets = 0
+    t_start = time.perf_counter()
     for epoch in range(epochs):
         if schedule is not None and schedule.cycle_starts(epoch):
             reset_optimizer_state(optimizer)
+            resets += 1
             for _, layer in prunable_layers(model):
                 layer.reset_counters()
         perm = torch.randperm(n, generator=order_gen)
         loss_sum = 0.0
         t0 = time.perf_counter()
-        bar = tqdm(
+        bar = progress_bar(
             range(steps_per_epoch),
+            progress=progress,
             desc=f"epoch {epoch + 1}/{epochs}",
-            disable=not progress,
-            file=sys.stderr,
-            leave=False,
             unit="step",
         )
         for s in bar:
@@ -177,6 +184,7 @@ def train_lstm(
         rec = {
             "event": "eval",
             "epoch": epoch + 1,
+            "step": gstep,
             "train_loss": loss_sum / steps_per_epoch,
             "heldout_accuracy": data.accuracy(model, data.x_held, data.y_held),
             "test_accuracy": data.accuracy(model, data.x_test, data.y_test),
@@ -190,7 +198,7 @@ def train_lstm(
         if best is None or score > best["score"]:
             best = {"score": score, **rec}
             best_state = {name: v.detach().clone() for name, v in model.state_dict().items()}
-        if progress:
+        if progress is not False:  # the epoch line is a log line, bar or not
             print(
                 f"epoch {epoch + 1}/{epochs}: loss {rec['train_loss']:.4f} "
                 f"held-out {rec['heldout_accuracy']:.4f} test {rec['test_accuracy']:.4f} "
@@ -207,21 +215,43 @@ def train_lstm(
     arch = {**model.config.to_dict()}
     if data.kind == "tagging":
         arch.update(word_vocab=data.arch["word_vocab"], tag_vocab=data.arch["tag_vocab"])
-    result: dict[str, Any] = {
-        "model_type": data.model,
-        "test_accuracy": best["test_accuracy"],
-        "heldout_accuracy": best["heldout_accuracy"],
-        "best_epoch": best["epoch"],
-        "widths": best["widths"],
+    last_rec = next(r for r in reversed(records) if r["event"] == "eval")
+    run_config = {
+        "model": data.model,
         "hidden": widths,
-        "params": count_params(plain),
-        "params_full": count_params(model),
-        "train_time_s": train_time,
-        "epochs": epochs,
+        "emb_dim": emb_dim,
+        "dropout": dropout,
         "k": k,
         "selection": selection,
         "simplify": simplify.to_dict() if simplify is not None else None,
+        "optimizer": "adam",
+        "lr": lr,
+        "epochs": epochs,
+        "batch_size": batch_size,
         "seed": seed,
+    }
+    # The same names and meanings as mesimp.train's summary (one ``train --json``
+    # schema for every model family; "dev" is the held-out part used to pick the best).
+    result: dict[str, Any] = {
+        "model": data.model,
+        "hidden_sizes": widths,
+        "active_widths": best["widths"],
+        "params": count_params(model),
+        "macs": count_macs(model),
+        "best": {
+            "epoch": best["epoch"],
+            "step": best["step"],
+            "dev_accuracy": best["heldout_accuracy"],
+            "test_accuracy": best["test_accuracy"],
+        },
+        "final": {
+            "dev_accuracy": last_rec["heldout_accuracy"],
+            "test_accuracy": last_rec["test_accuracy"],
+        },
+        "train_time_s": train_time,
+        "wall_time_s": time.perf_counter() - t_start,
+        "optimizer_resets": resets,
+        "config": run_config,
         "data": data.summary,
     }
     if out is not None:
@@ -237,8 +267,9 @@ def train_lstm(
         save_checkpoint(out, make_checkpoint(model, arch, mcfg if k else None, train=train_info))
         mlog = metrics_path(out)
         atomic_write_text(mlog, "".join(json.dumps(r) + "\n" for r in records))
-        result["checkpoint"] = str(out)
-        result["metrics_log"] = str(mlog)
+    result["checkpoint"] = str(out) if out is not None else None
+    result["metrics_log"] = str(mlog) if out is not None else None
     shrunk_arch = {**arch, **plain.config.to_dict()}
-    result.update(records=records, arch=shrunk_arch, model=model, shrunk=plain)
+    # Python callers also get the modules, the records and the shrunk model's arch
+    result.update(records=records, arch=shrunk_arch, module=model, shrunk=plain)
     return result

@@ -41,7 +41,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from mesimp.atomic import atomic_write_text, check_writable
 from mesimp.checkpoint import (
@@ -57,6 +56,7 @@ from mesimp.layers import MePropLinear, meprop_
 from mesimp.meprop import MePropConfig
 from mesimp.models import MLPConfig, build_model, count_macs, count_params, hidden_sizes
 from mesimp.optim import build_optimizer, reset_optimizer_state
+from mesimp.progress import bar as progress_bar
 from mesimp.runsafety import (
     StopSignals,
     nonfinite_grad,
@@ -386,7 +386,7 @@ def _build_resumed(config: TrainConfig, ckpt: dict[str, Any]) -> tuple[nn.Module
 # --------------------------------------------------------------------------------------
 def train(
     config: TrainConfig | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     log: Callable[[str], None] | None = None,
     *,
     resume: str | Path | None = None,
@@ -414,7 +414,7 @@ def train(
 
 def _train(
     config: TrainConfig | None,
-    progress: bool,
+    progress: bool | None,
     log: Callable[[str], None],
     resume: str | Path | None,
     stop: StopSignals,
@@ -622,14 +622,12 @@ def _train(
                 )
             perm = torch.randperm(n, generator=order_gen)
             loss_sum = 0.0
-        bar = tqdm(
+        bar = progress_bar(
             range(start_step, steps_per_epoch),
+            progress=progress,
             desc=f"epoch {epoch + 1}/{config.epochs}",
             initial=start_step,
             total=steps_per_epoch,
-            disable=not progress,
-            file=sys.stderr,
-            leave=False,
             unit="step",
         )
         start_step = 0
@@ -699,6 +697,7 @@ def _train(
     if not config.keep_last:
         last.unlink(missing_ok=True)
     return {
+        "model": "mlp",
         "checkpoint": str(out),
         "metrics_log": str(mlog),
         "hidden_sizes": hidden_sizes(model),
@@ -713,6 +712,7 @@ def _train(
         "wall_time_s": time.perf_counter() - t0,
         "optimizer_resets": resets,
         "config": config.to_dict(),
+        "data": data.summary(),
     }
 
 

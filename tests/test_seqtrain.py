@@ -137,11 +137,11 @@ def test_two_layer_mesimp_training_shrinks_and_matches(ewt, tmp_path):
     data = tagging_data(train, test, dev)
     simp = SimplifyConfig(prune_rate=0.05, points_per_epoch=2)
     r = train_lstm(data, hidden=[24, 16], k=6, simplify=simp, output=out, seed=2, **FAST)
-    assert len(r["widths"]) == 2 and r["widths"][0] < 24
+    assert len(r["active_widths"]) == 2 and r["active_widths"][0] < 24
     assert r["data"]["heldout_sentences"] == 60  # the given dev file, not a split
     small = r["shrunk"]
-    assert [lstm.hidden_size for lstm in small.stack.lstms] == r["widths"]
-    model = r["model"]
+    assert [lstm.hidden_size for lstm in small.stack.lstms] == r["active_widths"]
+    model = r["module"]
     model.eval()
     with torch.no_grad():
         diff = (model(data.x_test) - small(data.x_test))[data.y_test != 0].abs().max()
@@ -150,19 +150,19 @@ def test_two_layer_mesimp_training_shrinks_and_matches(ewt, tmp_path):
     ckpt = load_checkpoint(out)
     assert ckpt["arch"]["hidden"] == [24, 16]
     restored = model_from_checkpoint(ckpt).eval()
-    assert [m.active_width for m in restored.stack.lstms] == r["widths"]
+    assert [m.active_width for m in restored.stack.lstms] == r["active_widths"]
     with torch.no_grad():
         assert torch.equal(restored(data.x_test), model(data.x_test))
     # `mesimp shrink`'s library call removes the masked units, checked on the test file
     report = shrink_checkpoint(out)
     assert report["max_abs_diff"] <= 1e-5 and "sentences" in report["verified_on"]
-    assert report["after"]["hidden_sizes"] == r["widths"]
+    assert report["after"]["hidden_sizes"] == r["active_widths"]
     small_ckpt = torch.load(report["path"], weights_only=True)
     rebuilt = build_model(small_ckpt["arch"])
     rebuilt.load_state_dict(small_ckpt["state_dict"])
-    assert small_ckpt["arch"]["hidden"] == r["widths"]
+    assert small_ckpt["arch"]["hidden"] == r["active_widths"]
     acc = data.accuracy(rebuilt, data.x_test, data.y_test)
-    assert acc == pytest.approx(r["test_accuracy"])
+    assert acc == pytest.approx(r["best"]["test_accuracy"])
     assert small_ckpt["train"]["metrics"]["test_accuracy"] == pytest.approx(acc)
 
 
@@ -226,10 +226,10 @@ def test_row_sequential_fashion_mnist_learns_and_shrinks(tmp_path):
     )
     simp = SimplifyConfig(prune_rate=0.05, points_per_epoch=2)
     r = train_lstm(data, hidden=32, k=8, simplify=simp, epochs=2, batch_size=50, lr=5e-3)
-    assert r["test_accuracy"] > 0.5  # 10 classes: chance is 0.1
-    (width,) = r["widths"]
+    assert r["best"]["test_accuracy"] > 0.5  # 10 classes: chance is 0.1
+    (width,) = r["active_widths"]
     assert width < 32
-    model, small = r["model"], r["shrunk"]
+    model, small = r["module"], r["shrunk"]
     model.eval()
     with torch.no_grad():
         assert (model(data.x_test) - small(data.x_test)).abs().max().item() <= 1e-5
@@ -257,14 +257,14 @@ def test_cli_trains_a_tagger_then_shrinks_it(ewt, tmp_path, capsys):
         main([str(a) for a in args])
     assert e.value.code in (0, None)
     result = json.loads(capsys.readouterr().out)
-    assert result["model_type"] == "lstm-tagger" and result["checkpoint"] == str(out)
+    assert result["model"] == "lstm-tagger" and result["checkpoint"] == str(out)
     assert torch.load(out, weights_only=True)["arch"]["hidden"] == 16  # masked, full width
     with pytest.raises(SystemExit) as e:
         main(["shrink", str(out), "--json"])
     assert e.value.code in (0, None)
     report = json.loads(capsys.readouterr().out)
     ckpt = torch.load(report["path"], weights_only=True)
-    assert ckpt["arch"]["hidden"] == result["widths"][0] <= 16
+    assert ckpt["arch"]["hidden"] == result["active_widths"][0] <= 16
     with pytest.raises(SystemExit) as e:  # an MLP-only shrink option is refused
         main(["shrink", str(out), "--round-to", "8"])
     assert e.value.code == 2
@@ -297,3 +297,49 @@ def test_cli_tagger_needs_its_files(capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--train", "x.conllu"])  # a tagger option on the MLP
     assert e.value.code == 2
+
+
+# The README's ``train --json`` schema, one for every model family.
+TRAIN_JSON = {
+    "model": str,
+    "checkpoint": str,
+    "metrics_log": str,
+    "hidden_sizes": list,
+    "active_widths": list,
+    "params": int,
+    "macs": int,
+    "best": dict,
+    "final": dict,
+    "train_time_s": float,
+    "wall_time_s": float,
+    "optimizer_resets": int,
+    "config": dict,
+    "data": dict,
+}
+
+
+@needs_ewt
+@needs_fmnist
+def test_train_json_is_one_schema_across_model_families(ewt, tiny_npz, tmp_path, capsys):
+    train, dev, test = ewt
+    runs = {
+        "mlp": ["--data", tiny_npz, "--hidden", "16", "--dev-size", "100", "--k", "4"],
+        "lstm-tagger": ["--train", train, "--dev", dev, "--test", test, "--hidden", "8"],
+        "lstm-rows": ["--data", tiny_npz, "--hidden", "8", "--dev-size", "100"],
+    }
+    for family, extra in runs.items():
+        out = tmp_path / f"{family}.pt"
+        args = ["train", "--model", family, *extra, "--epochs", "1", "-o", out, "--json"]
+        with pytest.raises(SystemExit) as e:
+            main([str(a) for a in args])
+        assert e.value.code in (0, None)
+        doc = json.loads(capsys.readouterr().out)
+        assert set(doc) == set(TRAIN_JSON), family
+        for key, kind in TRAIN_JSON.items():
+            assert isinstance(doc[key], kind), (family, key)
+        assert doc["model"] == family and doc["checkpoint"] == str(out)
+        assert set(doc["best"]) == {"epoch", "step", "dev_accuracy", "test_accuracy"}
+        assert set(doc["final"]) == {"dev_accuracy", "test_accuracy"}
+        assert all(isinstance(w, int) for w in doc["hidden_sizes"] + doc["active_widths"])
+        assert len(doc["active_widths"]) == len(doc["hidden_sizes"])
+        assert 0.0 <= doc["best"]["test_accuracy"] <= 1.0

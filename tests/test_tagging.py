@@ -88,10 +88,10 @@ def test_training_beats_majority_baseline(slices):
     train, test = slices
     r = train_tagger(train, test, **FAST)
     base = _majority_baseline(train, test)
-    assert r["test_accuracy"] > base + 0.05, (r["test_accuracy"], base)
-    assert r["widths"] == [32]
-    acc = tagger_accuracy(r["model"], _test_tensors(r, test), _test_labels(r, test))
-    assert acc == pytest.approx(r["test_accuracy"])
+    assert r["best"]["test_accuracy"] > base + 0.05, (r["best"]["test_accuracy"], base)
+    assert r["active_widths"] == [32]
+    acc = tagger_accuracy(r["module"], _test_tensors(r, test), _test_labels(r, test))
+    assert acc == pytest.approx(r["best"]["test_accuracy"])
 
 
 def _test_labels(result: dict, test: Path) -> torch.Tensor:
@@ -104,8 +104,8 @@ def test_deterministic_for_a_seed(slices):
     train, test = slices
     a = train_tagger(train, test, k=8, **FAST, seed=3)
     b = train_tagger(train, test, k=8, **FAST, seed=3)
-    assert a["test_accuracy"] == b["test_accuracy"]
-    sa, sb = a["model"].state_dict(), b["model"].state_dict()
+    assert a["best"]["test_accuracy"] == b["best"]["test_accuracy"]
+    sa, sb = a["module"].state_dict(), b["module"].state_dict()
     assert sa.keys() == sb.keys()
     for key in sa:
         assert torch.equal(sa[key], sb[key]), key
@@ -116,9 +116,9 @@ def test_mesimp_shrinks_and_shrunk_model_matches(slices, tmp_path):
     out = tmp_path / "tagger.pt"
     simp = SimplifyConfig(prune_rate=0.05, points_per_epoch=2)
     r = train_tagger(train, test, k=8, simplify=simp, output=out, **FAST)
-    (width,) = r["widths"]
+    (width,) = r["active_widths"]
     assert 1 <= width < 32
-    model = r["model"]
+    model = r["module"]
     assert model.stack.lstms[0].active_width == width
     small = shrink_tagger(model)
     assert small.config.hidden == width and small.stack.lstms[0].hidden_size == width
@@ -138,7 +138,7 @@ def test_mesimp_shrinks_and_shrunk_model_matches(slices, tmp_path):
     rebuilt.eval()
     with torch.no_grad():
         assert (rebuilt(x) - ref).abs().max().item() <= 1e-5
-    assert ckpt["train"]["metrics"]["test_accuracy"] == r["test_accuracy"]
+    assert ckpt["train"]["metrics"]["test_accuracy"] == r["best"]["test_accuracy"]
     assert out.with_name("tagger.metrics.jsonl").is_file()
 
 

@@ -171,7 +171,13 @@ class _Tagger:
         except MesimpError as e:
             return bad_run(seed, FAILED, first_line(e)), None
         small = r["shrunk"]  # train_lstm's shrink of the best (masked) model
-        run = ok_run(seed, r["test_accuracy"], r["widths"], count_params(small), r["train_time_s"])
+        run = ok_run(
+            seed,
+            r["best"]["test_accuracy"],
+            r["active_widths"],
+            count_params(small),
+            r["train_time_s"],
+        )
         r["small"] = small
         return run, r
 
@@ -239,9 +245,9 @@ def run_lstm(cfg: SuiteConfig, work: Path, log: Log) -> dict[str, Any]:
             )
         if not timing and dense is not None and mp is not None:
             timing = {
-                "dense": dense["model"],
-                "meprop": mp["model"],
-                "mesimp_train": ms["model"],
+                "dense": dense["module"],
+                "meprop": mp["module"],
+                "mesimp_train": ms["module"],
                 "small": ms["small"],
             }
             timing_widths = widths
@@ -272,7 +278,7 @@ def _tp_run(
         return bad_run(seed, FAILED, "the dense run failed")
     if len(widths) != 1:
         return bad_run(seed, FAILED, f"one LSTM layer expected, widths {widths}")
-    model = dense["model"]
+    model = dense["module"]
     vocab = next(m for m in model.modules() if isinstance(m, nn.Embedding)).num_embeddings
     out = tp.try_prune_lstm(model, widths[0], vocab)
     if not out["ok"]:
