@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from mesimp.shrink import shrink_checkpoint
+from mesimp.checkpoint_shrink import shrink_checkpoint
 from mesimp.simplify import SimplifyConfig
 from mesimp.train import TrainConfig, train
 

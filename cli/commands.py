@@ -496,7 +496,7 @@ def shrink(path, output, prune_rate, min_width, round_to, data, as_json):
       mesimp shrink models/mesimp.pt                 # masks from meSimp training
       mesimp shrink models/k20.pt --prune-rate 0.05  # rule applied to saved counters
     """
-    from mesimp.shrink import shrink_checkpoint
+    from mesimp.checkpoint_shrink import shrink_checkpoint
 
     r = shrink_checkpoint(
         path, output, prune_rate=prune_rate, min_width=min_width, data=data, round_to=round_to

@@ -33,9 +33,10 @@ from torch import nn
 from mesimp._version import __version__
 from mesimp.atomic import atomic_write
 from mesimp.errors import CheckpointError, MesimpError
-from mesimp.layers import MePropConfig, MePropCounters, meprop_
+from mesimp.layers import MePropConfig, MePropCounters
 from mesimp.lstm import MePropLSTM
 from mesimp.models import arch_from_dict, build_model
+from mesimp.swap import meprop_
 
 FORMAT = "mesimp.checkpoint"
 VERSION = 1
@@ -122,6 +123,12 @@ def save_checkpoint(
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load and validate a checkpoint with ``weights_only=True``; never runs pickled code."""
+    return validate_checkpoint(safe_torch_load(path), Path(path))
+
+
+def safe_torch_load(path: str | os.PathLike) -> Any:
+    """``torch.load(path, weights_only=True)`` with every failure as one ``CheckpointError``
+    line (and never torch's advice to load unsafely)."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such file")
@@ -158,7 +165,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     ) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{p}: not a loadable mesimp checkpoint ({first[:200]})") from e
-    return validate_checkpoint(ckpt, p)
+    return ckpt
 
 
 def validate_checkpoint(ckpt: Any, where: str | os.PathLike = "checkpoint") -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""``MePropLinear``, a drop-in ``nn.Linear`` with a meProp backward, and ``meprop_``.
+"""``MePropLinear``, a drop-in ``nn.Linear`` with a meProp backward (``mesimp.swap.meprop_``
+puts it, ``MePropConv2d`` and ``MePropLSTM`` into a model).
 
 Counters and the mask are *non-persistent* buffers: the layer's ``state_dict`` has
 exactly ``nn.Linear``'s keys (``weight``, ``bias``), so weights move freely between
@@ -8,7 +9,8 @@ exactly ``nn.Linear``'s keys (``weight``, ``bias``), so weights move freely betw
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +18,7 @@ from torch import nn
 
 from mesimp.meprop import MePropConfig, MePropLinearFunction, MePropState
 
-__all__ = ["MePropConfig", "MePropCounters", "MePropLinear", "meprop_"]
+__all__ = ["MePropConfig", "MePropCounters", "MePropLinear", "autocast_off"]
 
 
 class MePropCounters:
@@ -92,6 +94,20 @@ class MePropCounters:
         return result
 
 
+@contextlib.contextmanager
+def autocast_off(x: torch.Tensor) -> Iterator[torch.dtype | None]:
+    """Inside ``torch.autocast``: yield its dtype (cast the inputs to it) and turn it
+    off, since a custom autograd Function is not autocast by itself. ``None`` outside.
+    The casts are autograd ops, so the fp32 parameters get fp32 gradients."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        yield None
+        return
+    dtype = torch.get_autocast_dtype(device)
+    with torch.autocast(device, enabled=False):
+        yield dtype
+
+
 class MePropLinear(MePropCounters, nn.Linear):
     """``nn.Linear`` whose backward propagates only k entries of the output gradient.
 
@@ -112,7 +128,7 @@ class MePropLinear(MePropCounters, nn.Linear):
         k: int | float = 0,
         selection: str = "topk",
         msbp_alpha: float = 0.0,
-        sparse_grad: bool = True,
+        sparse_grad: bool = False,
         config: MePropConfig | None = None,
     ) -> None:
         super().__init__(in_features, out_features, bias, device, dtype)
@@ -154,17 +170,15 @@ class MePropLinear(MePropCounters, nn.Linear):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         cfg = self.meprop_config
-        out = MePropLinearFunction.apply(
-            x2,
-            self.weight,
-            self.bias,
-            k,
-            cfg.selection,
-            cfg.msbp_alpha,
-            cfg.sparse_grad,
-            self._state,
-            masked,
-        )
+        weight, bias = self.weight, self.bias
+        with autocast_off(x2) as dtype:  # torch.amp: the GEMMs run in autocast's dtype
+            if dtype is not None:
+                x2, weight = x2.to(dtype), weight.to(dtype)
+                bias = bias.to(dtype) if bias is not None else None
+            out = MePropLinearFunction.apply(
+                x2, weight, bias, k, cfg.selection, cfg.msbp_alpha, cfg.sparse_grad,
+                self._state, masked,
+            )  # fmt: skip
         return out.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
@@ -175,34 +189,3 @@ class MePropLinear(MePropCounters, nn.Linear):
         if self._active < self.out_features:
             s += f", active={self._active}"
         return s
-
-
-def meprop_(
-    model: nn.Module,
-    config: MePropConfig,
-    filter_fn: Callable[[str, nn.Linear], bool] | None = None,
-    skip_output: bool = True,
-) -> nn.Module:
-    """Swap ``model``'s ``nn.Linear`` layers for ``MePropLinear`` in place (torchao style).
-
-    The last ``nn.Linear`` in module order is taken as the output layer and skipped by
-    default: the paper sparsifies hidden layers, and meSimp never prunes outputs.
-    ``filter_fn(name, module)`` narrows the choice further. Parameters are shared, so
-    call this before building the optimizer or after; both work.
-    """
-    linears = [
-        (n, m)
-        for n, m in model.named_modules()
-        if type(m) is nn.Linear or isinstance(m, MePropLinear)
-    ]
-    if skip_output and linears:
-        linears = linears[:-1]
-    for name, mod in linears:
-        if isinstance(mod, MePropLinear) or (filter_fn is not None and not filter_fn(name, mod)):
-            continue
-        new = MePropLinear.from_linear(mod, config)
-        new.train(mod.training)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
-    return model

@@ -530,7 +530,7 @@ def prune_lstm_hidden(lstm: MePropLSTM | nn.LSTM, keep_idx: torch.Tensor) -> nn.
 
     Each kept unit j keeps its four gate rows (``gate*h + j``) of W_ih, W_hh and both
     biases, and its column j of W_hh; all of a unit's parts go together. The next
-    layer's input columns are pruned separately (``mesimp.shrink.prune_linear_in`` for a
+    layer's input columns are pruned separately (``mesimp.checkpoint_shrink.prune_linear_in`` for a
     Linear head, ``prune_lstm_input`` for a stacked LSTM). A boolean ``keep_idx`` of
     length h is accepted too.
     """

@@ -11,11 +11,12 @@ Backward, for the 2-D view ``dy: [N, n]`` of the output gradient:
 
 Speed: ``unified`` runs dense GEMMs on exactly the k selected rows of W; per-example
 selection computes dx and dW with ``embedding_bag`` over the b*k selected entries
-(b*k*d work). The weight gradient is returned as a row-sparse COO tensor holding
-only the selected rows (k for ``unified``, the union U over the batch otherwise), so
-a row-sparse optimizer (``mesimp.optim.RowSparseAdam``, or torch's Adagrad/SGD)
-updates only those rows instead of sweeping all of W. With ``sparse_grad=False`` it
-is returned dense (zero-filled), for the exact dense optimizers.
+(b*k*d work). The weight gradient is dense and zero outside the selected rows by
+default (``sparse_grad=False``), so any optimizer takes it. With ``sparse_grad=True``
+it is a row-sparse COO tensor holding only the selected rows (k for ``unified``, the
+union U over the batch otherwise), so a row-sparse optimizer
+(``mesimp.optim.RowSparseAdam``, or torch's Adagrad/SGD) updates only those rows
+instead of sweeping all of W; mesimp's own trainer takes that path.
 
 MSBP (memorized sparse backprop): with ``msbp_alpha > 0`` the layer keeps a memory
 ``m`` of the *output gradient* residual: ``u = dy + m; s = select(u);
@@ -45,15 +46,19 @@ class MePropConfig:
     """How a layer sparsifies its backward pass.
 
     ``k``: an int (0 = off, plain ``nn.Linear``; capped at the active width) or a
-    float fraction in (0, 1] of the *active* width. ``sparse_grad`` chooses the
-    row-sparse weight gradient (fast) over a zero-filled dense one (exact for any
-    dense optimizer, no speed-up in the update).
+    float fraction in (0, 1] of the *active* width. ``sparse_grad=False`` (the default)
+    gives an ordinary dense (strided) weight gradient, zero outside the selected rows:
+    stock ``torch.optim`` optimizers, ``clip_grad_norm_``, gradient accumulation,
+    autocast and DDP all take it. ``sparse_grad=True`` is the opt-in fast path: a
+    row-sparse COO gradient holding only the selected rows, for
+    ``mesimp.optim.RowSparseAdam`` (or torch's sparse-aware SGD/Adagrad), which then
+    update only those rows; most of PyTorch cannot take a COO gradient.
     """
 
     k: int | float = 0
     selection: str = "topk"
     msbp_alpha: float = 0.0
-    sparse_grad: bool = True
+    sparse_grad: bool = False
 
     def __post_init__(self) -> None:
         k = self.k

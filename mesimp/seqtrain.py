@@ -33,6 +33,7 @@ from torch import nn
 
 from mesimp.atomic import atomic_write_text, check_writable
 from mesimp.checkpoint import make_checkpoint, save_checkpoint
+from mesimp.checkpoint_shrink import shrink_lstm_model
 from mesimp.errors import BadInputError
 from mesimp.lstm import MePropLSTM
 from mesimp.meprop import MePropConfig
@@ -44,17 +45,14 @@ from mesimp.models import (
     count_params,
     lstm_stack,
 )
-from mesimp.optim import build_optimizer, reset_optimizer_state
+from mesimp.optim import build_optimizer
 from mesimp.progress import bar as progress_bar
 from mesimp.runsafety import nonfinite_grad
 from mesimp.seqdata import SeqData
-from mesimp.shrink import shrink_lstm_model
+from mesimp.simplifier import Simplifier
 from mesimp.simplify import (
     SimplifyConfig,
-    SimplifySchedule,
     active_widths,
-    prunable_layers,
-    simplify_step,
 )
 from mesimp.train import TrainingDiverged, metrics_path, seed_everything
 
@@ -134,7 +132,11 @@ def train_lstm(
     if n == 0:
         raise BadInputError("no training examples")
     steps_per_epoch = math.ceil(n / batch_size)
-    schedule = SimplifySchedule(simplify, steps_per_epoch) if simplify is not None else None
+    simplifier = (
+        Simplifier(model, simplify, optimizer, steps_per_epoch=steps_per_epoch, epochs=epochs)
+        if simplify is not None
+        else None
+    )
     order_gen = torch.Generator().manual_seed(seed)
     records: list[dict[str, Any]] = [
         {"event": "start", "widths": active_widths(model), "data": data.summary}
@@ -142,14 +144,9 @@ def train_lstm(
     best: dict[str, Any] | None = None
     best_state: dict[str, torch.Tensor] | None = None
     train_time = 0.0
-    gstep = resets = 0
+    gstep = 0
     t_start = time.perf_counter()
     for epoch in range(epochs):
-        if schedule is not None and schedule.cycle_starts(epoch):
-            reset_optimizer_state(optimizer)
-            resets += 1
-            for _, layer in prunable_layers(model):
-                layer.reset_counters()
         perm = torch.randperm(n, generator=order_gen)
         loss_sum = 0.0
         t0 = time.perf_counter()
@@ -174,11 +171,10 @@ def train_lstm(
                 )
             optimizer.step()
             loss_sum += lv
-            if schedule is not None and schedule.is_point(epoch, s + 1):
-                before = active_widths(model)
-                now = simplify_step(model, simplify.prune_rate, simplify.min_width)
-                records.append({"event": "simplify", "epoch": epoch, "step": gstep, "widths": now})
-                if now != before:
+            if simplifier is not None:
+                before = simplifier.widths
+                records.extend(simplifier.step())
+                if simplifier.widths != before:
                     best, best_state = None, None  # a new architecture: its best starts fresh
         train_time += time.perf_counter() - t0
         rec = {
@@ -250,7 +246,7 @@ def train_lstm(
         },
         "train_time_s": train_time,
         "wall_time_s": time.perf_counter() - t_start,
-        "optimizer_resets": resets,
+        "optimizer_resets": simplifier.resets if simplifier is not None else 0,
         "config": run_config,
         "data": data.summary,
     }

@@ -3,7 +3,8 @@
 At a simplification point every prunable layer masks the neurons with
 ``hits[j] < floor(prune_rate * ref)`` (selected in fewer than ``prune_rate`` of the
 examples since the last point), then resets its counts. Masked neurons never come
-back; ``mesimp.shrink`` later removes them physically.
+back; ``mesimp.shrink`` (any model) or ``mesimp shrink`` (a checkpoint) later
+removes them physically.
 
 Differences from the C# reference (lancopku/meSimp), on purpose:
 
@@ -23,6 +24,7 @@ Differences from the C# reference (lancopku/meSimp), on purpose:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -106,9 +108,14 @@ def keep_with_min_width(
 
 
 def simplify_step(model: nn.Module, prune_rate: float, min_width: int = 1) -> list[int]:
+    """One simplification point on a chain model's prunable layers (see ``Simplifier``)."""
+    return simplify_layers([m for _, m in prunable_layers(model)], prune_rate, min_width)
+
+
+def simplify_layers(layers: Iterable[Any], prune_rate: float, min_width: int = 1) -> list[int]:
     """One simplification point: mask, reset counts; returns the active widths."""
     widths = []
-    for _, layer in prunable_layers(model):
+    for layer in layers:
         if int(layer.ref) > 0:
             keep = keep_rule(layer.hits, layer.ref, prune_rate)
             layer.apply_mask(keep_with_min_width(layer.hits, layer.mask, keep, min_width))
@@ -159,3 +166,33 @@ class SimplifySchedule:
     def is_point(self, epoch: int, step_in_epoch: int) -> bool:
         """``step_in_epoch`` counts from 1 (after that many steps of the epoch)."""
         return self.is_simplifying(epoch) and step_in_epoch in self.points
+
+
+def unit_norms(layer: nn.Module) -> torch.Tensor:
+    """The L2 norm of each output unit's incoming weights (an LSTM unit: its four gate
+    rows), to rank units when there are no counts."""
+    if isinstance(layer, MePropLSTM):
+        h = layer.hidden_size
+        rows = layer.weight_ih_l0.detach().norm(dim=1) ** 2
+        return rows.view(4, h).sum(0).sqrt()
+    return layer.weight.detach().flatten(1).norm(dim=1)
+
+
+def round_keeps(layer: nn.Module, multiple: int) -> torch.Tensor:
+    """The layer's active units, cut down to a multiple of ``multiple`` (never below it).
+
+    onnxruntime's CPU GEMMs work in column blocks of 16, so widths 83 and 96 cost the
+    same (measured: 784-83-66-10 and 784-96-80-10 both 0.19 ms at batch 256, while
+    784-80-64-10 takes 0.16 ms). Rounding down keeps the units selected most often
+    (by ``hits``; by weight norm when there are no counts); fine-tune afterwards.
+    """
+    active = layer.mask
+    width = int(active.sum())
+    target = max(multiple, width // multiple * multiple) if width > multiple else width
+    if target >= width:
+        return active.clone()
+    score = layer.hits.double() if int(layer.ref) > 0 else unit_norms(layer).double()
+    score = torch.where(active, score, torch.tensor(-1.0, dtype=torch.double))
+    keep = torch.zeros_like(active)
+    keep[torch.argsort(score, descending=True, stable=True)[:target]] = True
+    return keep

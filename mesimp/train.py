@@ -52,10 +52,10 @@ from mesimp.checkpoint import (
 )
 from mesimp.data import load_image_dataset
 from mesimp.errors import BadInputError, CheckpointError, MesimpError
-from mesimp.layers import MePropLinear, meprop_
+from mesimp.layers import MePropLinear
 from mesimp.meprop import MePropConfig
 from mesimp.models import MLPConfig, build_model, count_macs, count_params, hidden_sizes
-from mesimp.optim import build_optimizer, reset_optimizer_state
+from mesimp.optim import build_optimizer
 from mesimp.progress import bar as progress_bar
 from mesimp.runsafety import (
     StopSignals,
@@ -65,13 +65,12 @@ from mesimp.runsafety import (
     run_lock,
     set_rng_state,
 )
+from mesimp.simplifier import Simplifier
 from mesimp.simplify import (
     SimplifyConfig,
-    SimplifySchedule,
     active_widths,
-    prunable_layers,
-    simplify_step,
 )
+from mesimp.swap import meprop_
 
 # Fields that change how a run is executed, not what it computes: a resumed run may
 # set them anew. (Bit-identity across a resume still needs the same thread count.)
@@ -467,8 +466,16 @@ def _train(
         math.ceil((i + 1) * steps_per_epoch / config.evals_per_epoch)
         for i in range(min(config.evals_per_epoch, steps_per_epoch))
     }
-    schedule = (
-        SimplifySchedule(config.simplify, steps_per_epoch) if config.simplify is not None else None
+    simplifier = (
+        Simplifier(
+            model,
+            config.simplify,
+            optimizer,
+            steps_per_epoch=steps_per_epoch,
+            epochs=config.epochs,
+        )
+        if config.simplify is not None
+        else None
     )
     order_gen = torch.Generator().manual_seed(config.seed)
     records: list[dict[str, Any]] = []
@@ -478,7 +485,6 @@ def _train(
     t0 = time.perf_counter()
     train_time = 0.0
     global_step = 0
-    resets = 0
     start_epoch, start_step = 0, 0  # the next step to run is step start_step + 1
     perm: torch.Tensor | None = None
     loss_sum = 0.0
@@ -491,7 +497,9 @@ def _train(
             order_gen.set_state(r["order_gen"])
             set_rng_state(r["rng"])
             records, best, last_eval = list(r["records"]), r["best"], dict(r["last_eval"])
-            best_widths, resets = r["best_widths"], r["optimizer_resets"]
+            best_widths = r["best_widths"]
+            if simplifier is not None:  # its progress is (global step, resets done)
+                simplifier.steps, simplifier.resets = r["global_step"], r["optimizer_resets"]
             train_time, global_step, loss_sum = r["train_time_s"], r["global_step"], r["loss_sum"]
             start_epoch, start_step, perm = r["epoch"], r["step"], r["perm"]
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
@@ -525,7 +533,7 @@ def _train(
                     for k in ("dev_accuracy", "test_accuracy", "train_loss")
                     if k in metrics
                 },
-                "optimizer_resets": resets,
+                "optimizer_resets": simplifier.resets if simplifier is not None else 0,
             },
         )
 
@@ -554,7 +562,7 @@ def _train(
             "best": best,
             "last_eval": last_eval,
             "best_widths": best_widths,
-            "optimizer_resets": resets,
+            "optimizer_resets": simplifier.resets if simplifier is not None else 0,
             "train_time_s": train_time,
             "data_fingerprint": fingerprint,
         }
@@ -607,19 +615,6 @@ def _train(
         records.append({"event": "start", "epoch": 0, "step": 0, "widths": active_widths(model)})
     for epoch in range(start_epoch, config.epochs):
         if start_step == 0:
-            if schedule is not None and schedule.cycle_starts(epoch):
-                reset_optimizer_state(optimizer)
-                resets += 1
-                for _, layer in prunable_layers(model):
-                    layer.reset_counters()
-                records.append(
-                    {
-                        "event": "cycle_start",
-                        "epoch": epoch,
-                        "step": global_step,
-                        "simplifying": schedule.is_simplifying(epoch),
-                    }
-                )
             perm = torch.randperm(n, generator=order_gen)
             loss_sum = 0.0
         bar = progress_bar(
@@ -650,13 +645,10 @@ def _train(
             optimizer.step()
             global_step += 1
             loss_sum += loss_value
-            if schedule is not None and schedule.is_point(epoch, step):
-                before = active_widths(model)
-                widths = simplify_step(model, config.simplify.prune_rate, config.simplify.min_width)
-                records.append(
-                    {"event": "simplify", "epoch": epoch, "step": global_step, "widths": widths}
-                )
-                if widths != before:
+            if simplifier is not None:
+                before = simplifier.widths
+                records.extend(simplifier.step())
+                if simplifier.widths != before:
                     best = None  # a new architecture: its best starts fresh
             final = epoch == config.epochs - 1 and step == steps_per_epoch
             is_eval = step in evals
@@ -710,7 +702,7 @@ def _train(
         "final": {k: last_eval[k] for k in ("dev_accuracy", "test_accuracy")},
         "train_time_s": train_time,
         "wall_time_s": time.perf_counter() - t0,
-        "optimizer_resets": resets,
+        "optimizer_resets": simplifier.resets if simplifier is not None else 0,
         "config": config.to_dict(),
         "data": data.summary(),
     }

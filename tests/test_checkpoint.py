@@ -20,9 +20,10 @@ from mesimp.checkpoint import (
     save_checkpoint,
 )
 from mesimp.errors import CheckpointError
-from mesimp.layers import MePropLinear, meprop_
+from mesimp.layers import MePropLinear
 from mesimp.meprop import MePropConfig
 from mesimp.models import MLPConfig, build_model
+from mesimp.swap import meprop_
 
 
 def trained_meprop_model():
@@ -68,7 +69,7 @@ def test_round_trip_with_plain_torch_load(tmp_path):
         "k": 3,
         "selection": "unified",
         "msbp_alpha": 0.0,
-        "sparse_grad": True,
+        "sparse_grad": False,  # the default: dense gradients
     }
     layers = raw["meprop"]["layers"]
     assert set(layers) == {"0", "2"}

@@ -35,9 +35,9 @@ from mesimp.checkpoint import make_checkpoint, save_checkpoint
 from mesimp.data import load_idx
 from mesimp.errors import VerificationError
 from mesimp.export import export_onnx
-from mesimp.layers import meprop_
 from mesimp.meprop import MePropConfig
 from mesimp.models import MLPConfig
+from mesimp.swap import meprop_
 
 HIDDEN = [64, 64]
 KEEP = [24, 16]  # neurons kept by the masks of the two hidden layers

@@ -57,9 +57,9 @@ from mesimp.checkpoint import (
     save_checkpoint,
 )
 from mesimp.errors import CheckpointError, MesimpError
-from mesimp.layers import meprop_
 from mesimp.meprop import MePropConfig
 from mesimp.models import MLPConfig, build_model
+from mesimp.swap import meprop_
 
 # torch.load warns about the odd pickle protocols random bytes claim
 pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")

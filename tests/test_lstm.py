@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch import nn
 
+from mesimp.checkpoint_shrink import prune_linear_in
 from mesimp.errors import BadInputError
 from mesimp.lstm import MePropLSTM, prune_lstm_hidden, prune_lstm_input
 from mesimp.meprop import MePropConfig
-from mesimp.shrink import prune_linear_in
 
 DT = torch.float64
 IN, H, B, T = 4, 6, 3, 5

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mesimp.errors import BadInputError
-from mesimp.layers import MePropLinear, meprop_
+from mesimp.layers import MePropLinear
 from mesimp.meprop import MePropConfig
+from mesimp.swap import meprop_
 
 DT = torch.float64
 IN, OUT = 5, 6
@@ -71,7 +72,10 @@ def dense(g: torch.Tensor) -> torch.Tensor:
 
 
 def make_layer(bias=True, seed=0, **kw) -> MePropLinear:
+    """A layer on the row-sparse path unless told otherwise (these tests check it; the
+    dense default is checked against the same references with ``sparse_grad=False``)."""
     torch.manual_seed(seed)
+    kw.setdefault("sparse_grad", True)
     return MePropLinear(IN, OUT, bias=bias, dtype=DT, **kw)
 
 
@@ -127,7 +131,7 @@ def test_grad_matches_masked_autograd(selection, k, lead, bias, sparse_grad):
 @pytest.mark.parametrize("selection", ["topk", "unified", "random"])
 def test_sparse_weight_grad_holds_only_selected_rows(selection):
     k = 2
-    layer = make_layer(k=k, selection=selection)
+    layer = make_layer(k=k, selection=selection, sparse_grad=True)  # the opt-in fast path
     g = torch.Generator().manual_seed(5)
     x = torch.randn(4, IN, dtype=DT, generator=g)
     dy = torch.randn(4, OUT, dtype=DT, generator=g)
@@ -495,7 +499,8 @@ def test_meprop_swaps_hidden_layers_only():
     # the swapped model trains: counters move, output layer has a dense grad
     model(torch.randn(5, 4)).sum().backward()
     assert int(model[0].ref) == 5 and int(model[2].ref) == 5
-    assert model[0].weight.grad.is_sparse and not model[4].weight.grad.is_sparse
+    # the default is an ordinary dense gradient (zero outside the selected rows)
+    assert not model[0].weight.grad.is_sparse and not model[4].weight.grad.is_sparse
 
 
 def test_meprop_skip_output_false_and_filter():

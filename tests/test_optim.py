@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from mesimp.errors import BadInputError
-from mesimp.layers import MePropLinear, meprop_
+from mesimp.layers import MePropLinear
 from mesimp.meprop import MePropConfig
 from mesimp.optim import RowSparseAdam, build_optimizer
+from mesimp.swap import meprop_
 
 DT = torch.float64
 B1, B2 = 0.9, 0.999
@@ -235,7 +236,7 @@ def test_build_optimizer_rejects_nan_lr(name):
 @pytest.mark.parametrize("name", ["adagrad", "sgd", "adam"])
 def test_sparse_meprop_grads_step(name):
     torch.manual_seed(0)
-    layer = MePropLinear(5, 6, k=2, bias=False)
+    layer = MePropLinear(5, 6, k=2, bias=False, sparse_grad=True)
     opt = build_optimizer(name, layer.parameters(), 0.1)
     before = layer.weight.detach().clone()
     x = torch.randn(1, 5)
@@ -262,7 +263,7 @@ def test_end_to_end_loss_decreases():
     model = nn.Sequential(
         nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)
     )
-    meprop_(model, MePropConfig(k=2))
+    meprop_(model, MePropConfig(k=2, sparse_grad=True))
     assert isinstance(model[0], MePropLinear) and isinstance(model[2], MePropLinear)
     opt = build_optimizer("adam", model.parameters(), 1e-2)
     assert isinstance(opt, RowSparseAdam)

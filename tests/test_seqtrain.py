@@ -16,6 +16,7 @@ from mesimp.cli.main import main
 from torch import nn
 
 from mesimp.checkpoint import load_checkpoint, model_from_checkpoint
+from mesimp.checkpoint_shrink import shrink_checkpoint
 from mesimp.data.conllu import Vocab, read_conllu, tagging_tensors
 from mesimp.errors import BadInputError, DataError
 from mesimp.lstm import MePropLSTM
@@ -30,7 +31,6 @@ from mesimp.models import (
 )
 from mesimp.seqdata import SeqData, rows_data, tagging_data
 from mesimp.seqtrain import meprop_lstms_, shrink_lstm_model, train_lstm
-from mesimp.shrink import shrink_checkpoint
 from mesimp.simplify import SimplifyConfig
 
 EWT = Path(__file__).resolve().parents[2] / "shared" / "data" / "ud-english-ewt"

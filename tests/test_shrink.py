@@ -17,13 +17,19 @@ from helpers import files_in
 from torch import nn
 
 from mesimp.checkpoint import make_checkpoint, save_checkpoint
+from mesimp.checkpoint_shrink import (
+    prune_linear_in,
+    prune_linear_out,
+    shrink_checkpoint,
+    shrink_mlp,
+)
 from mesimp.errors import BadInputError, CheckpointError, DataError, VerificationError
-from mesimp.layers import MePropLinear, meprop_
+from mesimp.layers import MePropLinear
 from mesimp.meprop import MePropConfig
 from mesimp.models import MLPConfig, build_model
-from mesimp.shrink import prune_linear_in, prune_linear_out, shrink_checkpoint, shrink_mlp
+from mesimp.swap import meprop_
 
-shrink_module = importlib.import_module("mesimp.shrink")
+shrink_module = importlib.import_module("mesimp.checkpoint_shrink")
 TOL = 1e-5
 
 
@@ -343,7 +349,7 @@ def test_unwritable_output_is_refused(ckpts, tmp_path, verify_npz):
 
 def test_round_keeps_cuts_to_a_multiple_keeping_the_most_selected():
     """Rounding down to a multiple of 16 keeps the most-hit active units, hand-checked."""
-    from mesimp.shrink import round_keeps
+    from mesimp.checkpoint_shrink import round_keeps
 
     layer = MePropLinear(4, 40, k=3)
     keep = torch.ones(40, dtype=torch.bool)
@@ -365,15 +371,15 @@ def test_round_keeps_cuts_to_a_multiple_keeping_the_most_selected():
     ("width", "multiple", "expected"), [(10, 16, 10), (16, 16, 16), (17, 16, 16), (35, 8, 32)]
 )
 def test_round_keeps_widths(width, multiple, expected):
-    from mesimp.shrink import round_keeps
+    from mesimp.checkpoint_shrink import round_keeps
 
     layer = MePropLinear(4, width, k=2)
     assert int(round_keeps(layer, multiple).sum()) == expected
 
 
 def test_shrink_round_to_verifies_and_rejects_bad_values(tmp_path, masked_ckpt_for_round):
+    from mesimp.checkpoint_shrink import shrink_checkpoint
     from mesimp.errors import BadInputError
-    from mesimp.shrink import shrink_checkpoint
 
     src = masked_ckpt_for_round
     r = shrink_checkpoint(src, tmp_path / "r.pt", round_to=8, data=None)

@@ -15,7 +15,7 @@ from conftest import read_jsonl, train_tiny
 from torch import nn
 
 from mesimp.errors import BadInputError
-from mesimp.layers import MePropLinear, meprop_
+from mesimp.layers import MePropLinear
 from mesimp.meprop import MePropConfig
 from mesimp.models import MLPConfig, build_model
 from mesimp.optim import RowSparseAdam
@@ -26,10 +26,11 @@ from mesimp.simplify import (
     prunable_layers,
     simplify_step,
 )
+from mesimp.swap import meprop_
 
 # ``mesimp.train`` is the *function* (re-exported by mesimp/__init__.py, shadowing the
 # submodule attribute), so reach the module through sys.modules.
-train_module = importlib.import_module("mesimp.train")
+simplifier_module = importlib.import_module("mesimp.simplifier")  # resets the optimizer
 
 
 def one_layer(width: int = 5, k: int = 2) -> tuple[nn.Sequential, MePropLinear]:
@@ -204,7 +205,7 @@ def test_rows_masked_mid_training_stop_changing(selection):
     """The meSimp flow: train, then mask; the lazy optimizer never touches the dead rows."""
     torch.manual_seed(0)
     model = build_model(MLPConfig(in_features=20, hidden_sizes=[16], out_features=5))
-    meprop_(model, MePropConfig(k=4, selection=selection))
+    meprop_(model, MePropConfig(k=4, selection=selection, sparse_grad=True))
     opt = RowSparseAdam(model.parameters(), lr=1e-2)
     x, y = torch.randn(32, 20), torch.randint(0, 5, (32,))
 
@@ -332,14 +333,14 @@ def test_simplify_config_refuses_bad_values(kwargs):
 # --------------------------------------------------------------------------------------
 def test_optimizer_reset_once_per_cycle(tmp_path, tiny_npz, monkeypatch):
     calls: list[int] = []
-    real_reset = train_module.reset_optimizer_state
+    real_reset = simplifier_module.reset_optimizer_state
 
     def counting_reset(optimizer):
         calls.append(len(optimizer.state))
         real_reset(optimizer)
         assert len(optimizer.state) == 0
 
-    monkeypatch.setattr(train_module, "reset_optimizer_state", counting_reset)
+    monkeypatch.setattr(simplifier_module, "reset_optimizer_state", counting_reset)
     result = train_tiny(
         tiny_npz,
         tmp_path / "m.pt",
@@ -371,7 +372,7 @@ def test_optimizer_reset_once_per_cycle(tmp_path, tiny_npz, monkeypatch):
 
 def test_optimizer_reset_with_longer_cycles(tmp_path, tiny_npz, monkeypatch):
     calls = []
-    monkeypatch.setattr(train_module, "reset_optimizer_state", lambda opt: calls.append(1))
+    monkeypatch.setattr(simplifier_module, "reset_optimizer_state", lambda opt: calls.append(1))
     result = train_tiny(
         tiny_npz,
         tmp_path / "m.pt",
@@ -387,7 +388,7 @@ def test_optimizer_reset_with_longer_cycles(tmp_path, tiny_npz, monkeypatch):
 
 def test_no_simplify_means_no_resets_and_no_masks(tmp_path, tiny_npz, monkeypatch):
     calls = []
-    monkeypatch.setattr(train_module, "reset_optimizer_state", lambda opt: calls.append(1))
+    monkeypatch.setattr(simplifier_module, "reset_optimizer_state", lambda opt: calls.append(1))
     result = train_tiny(tiny_npz, tmp_path / "m.pt", k=8, epochs=2)
     assert result["optimizer_resets"] == 0 and calls == []
     records = read_jsonl(result["metrics_log"])

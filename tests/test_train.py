@@ -14,8 +14,8 @@ import torch
 from conftest import DEV, N_TEST, hand_mlp, read_jsonl, train_tiny
 from helpers import files_in
 
+from mesimp.checkpoint_shrink import shrink_checkpoint
 from mesimp.errors import BadInputError, DataError
-from mesimp.shrink import shrink_checkpoint
 from mesimp.simplify import SimplifyConfig
 from mesimp.train import TrainConfig, train
 

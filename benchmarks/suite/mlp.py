@@ -286,7 +286,7 @@ def _add_backward(
 ) -> None:
     import copy
 
-    from mesimp.layers import meprop_
+    from mesimp.swap import meprop_
 
     full = [s.hidden, s.hidden]
     base = mlp_model(full)

@@ -30,9 +30,9 @@ from torch import nn
 from benchmarks.meprop_speed import _Batches, _ratios, backward_runner, interleaved
 from mesimp.bench import bench
 from mesimp.export import export_onnx
-from mesimp.layers import meprop_
 from mesimp.meprop import MePropConfig
 from mesimp.models import MLPConfig, build_model
+from mesimp.swap import meprop_
 
 BACKWARD_METHOD = (
     "dense backward time / the row's backward time, timed as benchmarks/meprop_speed.py "

@@ -28,12 +28,13 @@ from mesimp.data import load_eval_data
 from mesimp.data.conllu import Vocab, read_conllu, tagging_tensors
 from mesimp.errors import BadInputError, VerificationError
 from mesimp.info import model_info
-from mesimp.layers import MePropLinear, meprop_
+from mesimp.layers import MePropLinear
 from mesimp.lstm import MePropLSTM, prune_lstm_hidden, prune_lstm_input
 from mesimp.meprop import MePropConfig
 from mesimp.models import MLPConfig, build_model, is_lstm_model, linear_layers, lstm_stack
 from mesimp.seqdata import sequence_accuracy
-from mesimp.simplify import check_prune_rate, keep_rule, keep_with_min_width
+from mesimp.simplify import check_prune_rate, keep_rule, keep_with_min_width, round_keeps
+from mesimp.swap import meprop_
 from mesimp.train import evaluate
 
 TOLERANCE = 1e-5
@@ -106,26 +107,6 @@ def _assemble(arch: dict[str, Any], linears: list[nn.Linear]) -> nn.Module:
     for name, lin in zip(slots, linears, strict=True):
         setattr(model, name, lin)
     return model
-
-
-def round_keeps(layer: MePropLinear, multiple: int) -> torch.Tensor:
-    """The layer's active units, cut down to a multiple of ``multiple`` (never below it).
-
-    onnxruntime's CPU GEMMs work in column blocks of 16, so widths 83 and 96 cost the
-    same (measured: 784-83-66-10 and 784-96-80-10 both 0.19 ms at batch 256, while
-    784-80-64-10 takes 0.16 ms). Rounding down keeps the units selected most often
-    (by ``hits``; by weight-row norm when there are no counts); fine-tune afterwards.
-    """
-    active = layer.mask
-    width = int(active.sum())
-    target = max(multiple, width // multiple * multiple) if width > multiple else width
-    if target >= width:
-        return active.clone()
-    score = layer.hits.double() if int(layer.ref) > 0 else layer.weight.detach().norm(dim=1)
-    score = torch.where(active, score.double(), torch.tensor(-1.0, dtype=torch.double))
-    keep = torch.zeros_like(active)
-    keep[torch.argsort(score, descending=True, stable=True)[:target]] = True
-    return keep
 
 
 def post_hoc_keeps(model: nn.Module, prune_rate: float, min_width: int) -> list[torch.Tensor]:

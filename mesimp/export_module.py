@@ -1,0 +1,138 @@
+"""ONNX export of any ``nn.Module`` (a user's shrunk model), verified against PyTorch.
+
+``mesimp.export_onnx(model, example_inputs, path)`` lands here (a checkpoint path goes
+to ``mesimp.export``'s built-in families). One self-contained file through the
+``torch.export``-based exporter, axis 0 of every input symbolic (``batch``), inputs
+named ``input`` (``input_0, input_1, ...`` for several), outputs ``output`` likewise.
+Before anything is written the graph must pass ``onnx.checker`` and onnxruntime must
+match PyTorch on the example inputs and on a second batch size (``PARITY_TOL``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mesimp._version import __version__
+from mesimp.atomic import atomic_write_bytes, check_writable
+from mesimp.coupling import meprop_layers
+from mesimp.errors import BadInputError
+from mesimp.export import (
+    _check,
+    _check_parity,
+    _session,
+    _set_metadata,
+    torch_to_onnx,
+)
+from mesimp.swap import unmeprop
+
+__all__ = ["export_module", "export_onnx"]
+
+
+def _inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
+        raise BadInputError("example_inputs must be a tensor or a non-empty tuple of tensors")
+    if not all(isinstance(t, torch.Tensor) for t in example_inputs):
+        raise BadInputError("example_inputs must be tensors (keyword inputs cannot be exported)")
+    if any(t.dim() == 0 or t.shape[0] < 1 for t in example_inputs):
+        raise BadInputError("every example input needs a batch axis (dim 0) of size >= 1")
+    return tuple(example_inputs)
+
+
+def _names(prefix: str, n: int) -> list[str]:
+    return [prefix] if n == 1 else [f"{prefix}_{i}" for i in range(n)]
+
+
+def _outputs(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in out):
+        return list(out)
+    raise BadInputError(f"the model must return a tensor or a tuple of tensors, got {type(out)}")
+
+
+def export_module(
+    model: nn.Module,
+    example_inputs: Any,
+    path: str | os.PathLike,
+    opset: int = 18,
+    metadata: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Export ``model`` (in eval mode, on CPU) to ``path``; returns ``{path, opset,
+    max_abs_diff, n_check, inputs, outputs, size_bytes}``.
+
+    A model with masked meProp units is refused: masks are training-time state, so
+    ``mesimp.shrink`` it first. meProp layers without masks export as plain layers.
+    ``metadata`` goes into ``metadata_props`` next to ``mesimp_version``.
+    """
+    out = Path(path)
+    if out.suffix != ".onnx":
+        raise BadInputError(f"output {out} must end in .onnx")
+    check_writable(out)
+    masked = [n for n, m in meprop_layers(model) if m.active_width < m.mask.numel()]
+    if masked:
+        raise BadInputError(
+            f"{masked[0]} has masked units: shrink the model first "
+            "(mesimp.shrink(model, example_inputs))"
+        )
+    inputs = tuple(t.detach().cpu() for t in _inputs(example_inputs))
+    plain = unmeprop(copy.deepcopy(model)).cpu().eval()
+    with torch.no_grad():
+        ref = _outputs(plain(*inputs))
+    in_names, out_names = _names("input", len(inputs)), _names("output", len(ref))
+    axes = {n: {0: "batch"} for n in in_names + out_names}
+    meta = {"mesimp_version": __version__, **(metadata or {})}
+    with tempfile.TemporaryDirectory(prefix="mesimp-export-") as tmp:
+        raw = Path(tmp) / "model.onnx"
+        torch_to_onnx(plain, inputs, raw, opset, axes, in_names, out_names, exporter="dynamo")
+        import onnx
+
+        proto = onnx.load(str(raw))
+        _set_metadata(proto, meta)
+        _check(proto, "exported model")
+        payload = proto.SerializeToString()
+        sess = _session(payload)
+        # parity at the example's batch size and at another one (the axis is dynamic)
+        checks = [inputs, tuple(torch.cat([t, t[:1]]) for t in inputs)]
+        got, want = [], []
+        for feed in checks:
+            with torch.no_grad():
+                want += [o.numpy() for o in _outputs(plain(*feed))]
+            res = sess.run(None, {n: t.numpy() for n, t in zip(in_names, feed, strict=True)})
+            got += [np.asarray(r) for r in res]
+        diff = _check_parity(got, want, sum(len(c[0]) for c in checks))
+    atomic_write_bytes(out, payload)
+    return {
+        "path": str(out),
+        "opset": opset,
+        "max_abs_diff": diff,
+        "n_check": sum(len(c[0]) for c in checks),
+        "inputs": [
+            {"name": n, "shape": ["batch", *t.shape[1:]]}
+            for n, t in zip(in_names, inputs, strict=True)
+        ],
+        "outputs": out_names,
+        "metadata": json.loads(json.dumps(meta)),
+        "size_bytes": out.stat().st_size,
+    }
+
+
+def export_onnx(source: str | os.PathLike | nn.Module, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """``mesimp.export_onnx``: ``(model, example_inputs, path, ...)`` for any module
+    (``export_module``), or ``(checkpoint.pt, ...)`` for mesimp's checkpoints
+    (``mesimp.export.export_onnx``: the built-in families, int8 and all)."""
+    if isinstance(source, nn.Module):
+        return export_module(source, *args, **kwargs)
+    from mesimp.export import export_onnx as export_checkpoint
+
+    return export_checkpoint(source, *args, **kwargs)

@@ -1,0 +1,183 @@
+"""``Simplifier``: meSimp in any training loop, one ``step()`` per optimizer step.
+
+    simp = mesimp.Simplifier(model, SimplifyConfig(prune_rate=0.05), optimizer=opt,
+                             steps_per_epoch=len(loader), example_inputs=x0)
+    for epoch in range(epochs):
+        for x, y in loader:
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(); loss.backward(); opt.step()
+            simp.step()
+
+It runs the schedule of ``SimplifySchedule`` exactly as mesimp's own trainers do (they
+use this object): at each simplification point the meSimp rule masks units and the
+counters restart; when the next epoch starts a new cycle, the optimizer's state
+(Adam's moments) and the counters are reset, once, after the last step of the
+epoch before it (never after the last of ``epochs``, when given). ``state_dict()``
+holds everything it needs to continue, masks and counters included (those are not
+in ``model.state_dict()``), as plain tensors that ``torch.load(weights_only=True)``
+reads.
+
+Which layers it simplifies: with ``example_inputs``, the meProp layers whose units can
+be removed without changing the function (``mesimp.coupling``: not a residual stream,
+no LayerNorm over them); BatchNorms that follow them get their masked channels zeroed
+too. Without, the meProp layers of a plain chain (every meProp Linear but the output
+layer, every meProp LSTM), which is right for mesimp's MLPs and taggers; a model with
+meProp convolutions needs ``example_inputs``. ``layers`` names them explicitly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from mesimp.conv import MePropConv2d
+from mesimp.coupling import analyze, mask_norm_outputs, meprop_layers
+from mesimp.errors import BadInputError
+from mesimp.layers import MePropCounters
+from mesimp.optim import reset_optimizer_state
+from mesimp.simplify import SimplifyConfig, SimplifySchedule, prunable_layers, simplify_layers
+
+__all__ = ["Simplifier"]
+
+STATE_VERSION = 1
+
+
+class Simplifier:
+    """Simplification points, cycles, counter and optimizer resets for one model."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: SimplifyConfig,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        steps_per_epoch: int,
+        epochs: int | None = None,
+        example_inputs: Any = None,
+        layers: Sequence[str] | None = None,
+    ) -> None:
+        if not isinstance(config, SimplifyConfig):
+            raise BadInputError(f"config must be a SimplifyConfig, got {type(config).__name__}")
+        if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int):
+            raise BadInputError(f"steps_per_epoch must be an int, got {steps_per_epoch!r}")
+        if steps_per_epoch < 1:
+            raise BadInputError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+        self.model = model
+        self.config = config
+        self.optimizer = optimizer
+        self.steps_per_epoch = steps_per_epoch
+        self.epochs = epochs  # no cycle starts at or after it (the run is over)
+        self.schedule = SimplifySchedule(config, steps_per_epoch)
+        self.layers = self._choose_layers(model, example_inputs, layers)
+        if not self.layers:
+            raise BadInputError(
+                "no meProp layer to simplify: call mesimp.meprop_(model, MePropConfig(k=...)) "
+                "first (and check that their units can be removed)"
+            )
+        self.steps = 0  # optimizer steps done
+        self.resets = 0  # optimizer resets done
+
+    # -- which layers ------------------------------------------------------------------
+    def _choose_layers(
+        self, model: nn.Module, example_inputs: Any, names: Sequence[str] | None
+    ) -> dict[str, MePropCounters]:
+        every = dict(meprop_layers(model))
+        if names is not None:
+            missing = [n for n in names if n not in every]
+            if missing:
+                raise BadInputError(f"not meProp layers of the model: {', '.join(missing)}")
+            return {n: every[n] for n in names}
+        if example_inputs is not None:
+            coupling = analyze(model, example_inputs)
+            mask_norm_outputs(model, coupling)
+            self.coupling = coupling
+            return {n: every[n] for n, c in coupling.items() if c.removable}
+        convs = [n for n, m in every.items() if isinstance(m, MePropConv2d)]
+        if convs:
+            raise BadInputError(
+                f"{convs[0]} is a meProp convolution: give Simplifier example_inputs so "
+                "that it can see which channels can be removed (BatchNorm, residual adds)"
+            )
+        return dict(prunable_layers(model))
+
+    # -- the loop ----------------------------------------------------------------------
+    @property
+    def widths(self) -> list[int]:
+        """Active units per simplified layer, in module order."""
+        return [layer.active_width for layer in self.layers.values()]
+
+    def step(self) -> list[dict[str, Any]]:
+        """Call once after every ``optimizer.step()``. Returns what happened, as metrics
+        records: ``{"event": "simplify", "epoch", "step", "widths"}`` at a point and
+        ``{"event": "cycle_start", "epoch", "step", "simplifying"}`` when the optimizer
+        was reset for the next epoch's cycle (usually nothing: ``[]``)."""
+        self.steps += 1
+        epoch, done = divmod(self.steps - 1, self.steps_per_epoch)
+        step_in_epoch = done + 1
+        events: list[dict[str, Any]] = []
+        if self.schedule.is_point(epoch, step_in_epoch):
+            c = self.config
+            widths = simplify_layers(self.layers.values(), c.prune_rate, c.min_width)
+            events.append(
+                {"event": "simplify", "epoch": epoch, "step": self.steps, "widths": widths}
+            )
+        next_epoch = epoch + 1
+        if (
+            step_in_epoch == self.steps_per_epoch
+            and self.schedule.cycle_starts(next_epoch)
+            and (self.epochs is None or next_epoch < self.epochs)
+        ):
+            self.reset()
+            events.append(
+                {
+                    "event": "cycle_start",
+                    "epoch": next_epoch,
+                    "step": self.steps,
+                    "simplifying": self.schedule.is_simplifying(next_epoch),
+                }
+            )
+        return events
+
+    def reset(self) -> None:
+        """A cycle start: forget the optimizer's state and restart the counters."""
+        if self.optimizer is not None:
+            reset_optimizer_state(self.optimizer)
+        self.resets += 1
+        for layer in self.layers.values():
+            layer.reset_counters()
+
+    # -- checkpoints -------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Steps, resets and each simplified layer's counters and mask (plain tensors)."""
+        return {
+            "version": STATE_VERSION,
+            "config": self.config.to_dict(),
+            "steps_per_epoch": self.steps_per_epoch,
+            "steps": self.steps,
+            "resets": self.resets,
+            "layers": {n: layer.meprop_state() for n, layer in self.layers.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state_dict()``: the same layers, schedule and progress."""
+        try:
+            if state["version"] != STATE_VERSION:
+                raise BadInputError(f"Simplifier state version {state['version']} is unknown")
+            if state["steps_per_epoch"] != self.steps_per_epoch:
+                raise BadInputError(
+                    f"the saved run had {state['steps_per_epoch']} steps per epoch, this "
+                    f"one {self.steps_per_epoch}"
+                )
+            if set(state["layers"]) != set(self.layers):
+                raise BadInputError(
+                    f"the saved layers {sorted(state['layers'])} are not this model's "
+                    f"{sorted(self.layers)}"
+                )
+            for name, layer in self.layers.items():
+                layer.load_meprop_state(state["layers"][name])
+            self.steps, self.resets = int(state["steps"]), int(state["resets"])
+        except (KeyError, TypeError, RuntimeError) as e:
+            raise BadInputError(f"malformed Simplifier state ({e})") from None
