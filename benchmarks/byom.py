@@ -264,7 +264,7 @@ def report(name: str, runs: list[dict], epochs: int, finetune: int, n_train: int
         "dense": "dense",
         "mesimp": f"meSimp ({epochs - finetune} ep) + shrink + {finetune} ep fine-tune",
         "scratch": "dense from scratch at the meSimp widths",
-        "tp": f"Torch-Pruning L2 at the meSimp widths ({epochs - finetune} ep dense + {finetune} ep)",
+        "tp": f"Torch-Pruning L2, same widths ({epochs - finetune} ep dense + {finetune} ep)",
     }
     for key, label in labels.items():
         accs = [r["rows"][key]["acc"] for r in runs]

@@ -16,10 +16,11 @@ from mesimp.cli.main import IntList, KType, cli, emit_json
 )
 @click.option(
     "--model",
-    type=click.Choice(["mlp", "lstm-tagger", "lstm-rows"]),
+    type=click.Choice(["mlp", "cnn", "lstm-tagger", "lstm-rows"]),
     default="mlp",
     show_default=True,
-    help="mlp: image MLP; lstm-tagger: UPOS tagger on CoNLL-U (--train/--test); "
+    help="mlp: image MLP; cnn: Conv-BN-ReLU blocks (--hidden: channels per block, default "
+    "32,64) and a Linear head; lstm-tagger: UPOS tagger on CoNLL-U (--train/--test); "
     "lstm-rows: LSTM reading each image row by row (28 steps of 28 pixels).",
 )
 @click.option(
@@ -258,10 +259,15 @@ def train(
     _check_model_options(ctx, model)
     if output is None:
         output = f"models/{model}.pt"
+    if (
+        model == "cnn"
+        and ctx.get_parameter_source("hidden") != click.core.ParameterSource.COMMANDLINE
+    ):
+        hidden = [32, 64]
     if batch_size is None:
         batch_size = 32 if model == "lstm-tagger" else 50
     if layers is None:
-        layers = 2 if model == "mlp" else 1
+        layers = 2 if model in ("mlp", "cnn") else 1
 
     if resume is not None:
         # The checkpoint's config wins; options typed on the command line must agree.
@@ -285,7 +291,7 @@ def train(
         if simplify
         else None
     )
-    if model != "mlp":
+    if model not in ("mlp", "cnn"):
         from mesimp.seqdata import rows_data, tagging_data
         from mesimp.seqtrain import train_lstm
 
@@ -319,6 +325,7 @@ def train(
         return
     config = TrainConfig(
         data=data,
+        model=model,
         hidden=hidden if len(hidden) > 1 else hidden[0],
         layers=layers,
         dropout=dropout,
@@ -363,8 +370,10 @@ def _check_model_options(ctx: click.Context, model: str) -> None:
         for name in ctx.params
         if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
     }
-    if model == "mlp":
+    if model in ("mlp", "cnn"):
         bad = [n for n in _TAGGER_ONLY if n in given]
+        if model == "cnn":
+            bad += [n for n in ("dropout",) if n in given]
     elif model == "lstm-tagger":
         bad = [n for n in (*_MLP_ONLY, "data", "dev_size") if n in given]
     else:

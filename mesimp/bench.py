@@ -152,7 +152,7 @@ def graph_macs(proto: Any) -> int:
     ``DynamicQuantizeLSTM``), i.e. ``4h * (input + h)``: for LSTM models MACs per time
     step (a token, an image row), as ``mesimp.models.count_macs`` counts them."""
     inits = {t.name: tuple(t.dims) for t in proto.graph.initializer}
-    macs = 0
+    macs = _conv_macs(proto, inits)
     for node in proto.graph.node:
         if node.op_type in _LSTM_OPS:
             for name in node.input[1:3]:  # W, R (initializers; either layout)
@@ -167,6 +167,31 @@ def graph_macs(proto: Any) -> int:
             if dims is not None and len(dims) == 2:
                 macs += dims[0] * dims[1]
                 break
+    return macs
+
+
+def _conv_macs(proto: Any, inits: dict[str, tuple[int, ...]]) -> int:
+    """Per example, every ``Conv``/``ConvInteger`` with a 4-D weight initializer:
+    output height x width (from onnx shape inference) x the weight's size."""
+    convs = [n for n in proto.graph.node if n.op_type in ("Conv", "ConvInteger")]
+    if not convs:
+        return 0
+    import onnx
+
+    try:
+        graph = onnx.shape_inference.infer_shapes(proto).graph
+    except Exception:  # shape inference is best effort here: no spatial size, no count
+        return 0
+    shapes = {}
+    for vi in [*graph.value_info, *graph.output]:
+        dims = vi.type.tensor_type.shape.dim
+        shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    macs = 0
+    for node in convs:
+        w, out = inits.get(node.input[1]), shapes.get(node.output[0])
+        if w is None or len(w) != 4 or not out or len(out) != 4 or None in out[2:]:
+            continue
+        macs += out[2] * out[3] * math.prod(w)
     return macs
 
 

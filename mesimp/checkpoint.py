@@ -35,7 +35,7 @@ from mesimp.atomic import atomic_write
 from mesimp.errors import CheckpointError, MesimpError
 from mesimp.layers import MePropConfig, MePropCounters
 from mesimp.lstm import MePropLSTM
-from mesimp.models import arch_from_dict, build_model
+from mesimp.models import CNN, arch_from_dict, build_model
 from mesimp.swap import meprop_
 
 FORMAT = "mesimp.checkpoint"
@@ -243,6 +243,13 @@ def model_from_checkpoint(ckpt: dict[str, Any], meprop: bool | None = None) -> n
         # value (BadInputError is a ValueError), counters or masks of the wrong shape or
         # type (RuntimeError from copy_).
         raise CheckpointError(f"checkpoint 'meprop' state is malformed: {_first_line(e)}") from e
+    if isinstance(model, CNN) and any(
+        isinstance(m, MePropCounters) and m.active_width < m.mask.numel() for m in model.modules()
+    ):
+        # a masked channel is zeroed after its BatchNorm too (mesimp.coupling)
+        from mesimp.coupling import analyze, mask_norm_outputs
+
+        mask_norm_outputs(model, analyze(model, torch.zeros(2, model.config.in_features)))
     return model
 
 

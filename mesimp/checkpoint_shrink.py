@@ -24,14 +24,24 @@ from mesimp.checkpoint import (
     model_from_checkpoint,
     save_checkpoint,
 )
+from mesimp.coupling import meprop_layers
 from mesimp.data import load_eval_data
 from mesimp.data.conllu import Vocab, read_conllu, tagging_tensors
 from mesimp.errors import BadInputError, VerificationError
+from mesimp.graph_shrink import shrink as graph_shrink
 from mesimp.info import model_info
 from mesimp.layers import MePropLinear
 from mesimp.lstm import MePropLSTM, prune_lstm_hidden, prune_lstm_input
 from mesimp.meprop import MePropConfig
-from mesimp.models import MLPConfig, build_model, is_lstm_model, linear_layers, lstm_stack
+from mesimp.models import (
+    CNNConfig,
+    MLPConfig,
+    build_model,
+    hidden_sizes,
+    is_lstm_model,
+    linear_layers,
+    lstm_stack,
+)
 from mesimp.seqdata import sequence_accuracy
 from mesimp.simplify import check_prune_rate, keep_rule, keep_with_min_width, round_keeps
 from mesimp.swap import meprop_
@@ -174,6 +184,13 @@ def shrink_checkpoint(
                 "checkpoint is shrunk to the masks meSimp set during training"
             )
         return _shrink_lstm_checkpoint(src, path, out_path, data)
+    if src["arch"].get("model") == "cnn":
+        if prune_rate is not None:
+            raise BadInputError(
+                "--prune-rate applies to MLP checkpoints only; a CNN checkpoint is shrunk "
+                "to the masks meSimp set during training"
+            )
+        return _shrink_cnn_checkpoint(src, path, out_path, data, round_to)
     model = model_from_checkpoint(src)
     if prune_rate is not None:
         for (_, m), keep in zip(
@@ -223,6 +240,51 @@ def shrink_checkpoint(
     cfg = src["meprop"].get("config")
     ckpt = make_checkpoint(small, arch, None, train_meta)
     ckpt["meprop"]["config"] = cfg
+    save_checkpoint(out_path, ckpt)
+    return _report(path, out_path, (model, src), (small, ckpt), diff, source)
+
+
+# -- CNN models --------------------------------------------------------------------------
+def _shrink_cnn_checkpoint(
+    src: dict[str, Any], path: str | os.PathLike, out_path: Path, data: str | None, round_to: int
+) -> dict[str, Any]:
+    """A CNN through the dependency-graph shrink (``mesimp.shrink``): each masked channel
+    goes with its BatchNorm channel and the next conv's (or the head's) input column."""
+    model = model_from_checkpoint(src).eval()
+    if round_to > 1:
+        for _, layer in meprop_layers(model):
+            layer.apply_mask(round_keeps(layer, round_to))
+    in_features = model.config.in_features
+    dev_size = ((src.get("train") or {}).get("config") or {}).get("dev_size", 5000)
+    ds = load_eval_data(data, in_features, dev_size=dev_size)
+    if ds is not None:
+        x, source = ds.x_test[:2000], f"{ds.name} test[:2000]"
+    else:
+        x, source = torch.rand(2000, in_features), "random inputs"
+    shrunk = graph_shrink(model, x[:64])  # traced and verified on real inputs
+    arch = CNNConfig(in_features, hidden_sizes(shrunk), model.config.out_features).to_dict()
+    small = build_model(arch).eval()
+    small.load_state_dict(shrunk.state_dict())
+    diff, _ = _max_abs_diff(model, small, x)
+    if not diff <= TOLERANCE:
+        raise VerificationError(
+            f"shrunk model disagrees with the masked model: max_abs_diff "
+            f"{diff:.3g} > {TOLERANCE}; nothing written"
+        )
+    train_meta = dict(src.get("train") or {})
+    if ds is not None:
+        train_meta["metrics"] = {
+            **(train_meta.get("metrics") or {}),
+            "dev_accuracy": evaluate(small, ds.x_dev, ds.y_dev) if len(ds.y_dev) else None,
+            "test_accuracy": evaluate(small, ds.x_test, ds.y_test),
+        }
+    train_meta["shrunk_from"] = {
+        "round_to": round_to,
+        "path": str(path),
+        "sha256": sha256_file(path),
+    }
+    ckpt = make_checkpoint(small, arch, None, train_meta)
+    ckpt["meprop"]["config"] = src["meprop"].get("config")
     save_checkpoint(out_path, ckpt)
     return _report(path, out_path, (model, src), (small, ckpt), diff, source)
 

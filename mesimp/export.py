@@ -85,11 +85,13 @@ from mesimp._version import __version__
 from mesimp.atomic import atomic_write_bytes, check_writable
 from mesimp.bench import _ort_errors, ort_message
 from mesimp.checkpoint import load_checkpoint, model_from_checkpoint
+from mesimp.conv import MePropConv2d
 from mesimp.data import Vocab, load_eval_data, read_conllu, tagging_tensors
 from mesimp.errors import BadInputError, CheckpointError, DataError, MesimpError, VerificationError
 from mesimp.int8 import DEFAULT_INT8_MODE, get_int8_mode
 from mesimp.layers import MePropLinear
 from mesimp.models import count_macs, count_params, hidden_sizes, is_lstm_model
+from mesimp.swap import unmeprop
 
 __all__ = [
     "EXPORTERS",
@@ -195,6 +197,13 @@ def plain_model(ckpt: dict[str, Any]) -> nn.Module:
     neuron's output is 0 either way.
     """
     model = model_from_checkpoint(ckpt)
+    for name, mod in model.named_modules():
+        if isinstance(mod, MePropConv2d) and mod.active_width < mod.out_channels:
+            # a masked channel is zeroed after its BatchNorm: no plain graph folds that
+            raise BadInputError(
+                f"the checkpoint holds masked channels ({name}): shrink it first (mesimp shrink)"
+            )
+    unmeprop(model, types=(MePropConv2d,))
     for name, mod in list(model.named_modules()):
         if not isinstance(mod, MePropLinear):
             continue

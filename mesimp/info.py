@@ -7,8 +7,9 @@ from typing import Any
 
 from torch import nn
 
+from mesimp.conv import MePropConv2d
 from mesimp.layers import MePropLinear
-from mesimp.models import count_macs, count_params, hidden_sizes, linear_layers
+from mesimp.models import CNN, count_macs, count_params, hidden_sizes, linear_layers
 
 
 def layer_table(model: nn.Module) -> list[dict[str, Any]]:
@@ -32,6 +33,18 @@ def layer_table(model: nn.Module) -> list[dict[str, Any]]:
                 "macs": 4 * h * (n_in + h),
             }
         )
+    if isinstance(model, CNN):  # conv blocks (MACs per image), then the head
+        for i, (conv, macs) in enumerate(zip(model.convs(), model.conv_macs(), strict=True)):
+            rows.append(
+                {
+                    "name": f"features.{3 * i}",
+                    "in_features": conv.in_channels,
+                    "out_features": conv.out_channels,
+                    "active": getattr(conv, "active_width", conv.out_channels),
+                    "params": sum(p.numel() for p in conv.parameters()),
+                    "macs": macs,
+                }
+            )
     for name, m in linear_layers(model):
         active = m.active_width if isinstance(m, MePropLinear) else m.out_features
         rows.append(
@@ -51,7 +64,7 @@ def counter_summary(model: nn.Module) -> list[dict[str, Any]]:
     """Update counts per meProp layer: examples seen and selection-frequency quantiles."""
     out = []
     for name, m in model.named_modules():
-        if not isinstance(m, MePropLinear):
+        if not isinstance(m, (MePropLinear, MePropConv2d)):
             continue
         ref = int(m.ref)
         active = m.hits[m.mask].double()

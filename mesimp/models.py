@@ -9,6 +9,7 @@ model needs no mesimp code to run.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -59,6 +60,71 @@ class MLP(nn.Sequential):
         mods.append(nn.Linear(width, config.out_features))
         super().__init__(*mods)
         self.config = config
+
+
+@dataclass
+class CNNConfig:
+    """Conv-BN-ReLU blocks (3x3 kernels, stride 1 for the first block and 2 after) ->
+    global average pooling -> Linear, on one-channel square images given flattened
+    (``in_features = side * side``), so it takes the MLP's data, export and bench as is.
+    ``channels``: the width of each block; meSimp removes channels.
+    """
+
+    in_features: int = 784
+    channels: list[int] = field(default_factory=lambda: [32, 64])
+    out_features: int = 10
+    model: str = "cnn"
+
+    def __post_init__(self) -> None:
+        self.channels = _hidden_list(self.channels)
+        side = math.isqrt(self.in_features) if self.in_features > 0 else 0
+        if side * side != self.in_features or self.out_features <= 0:
+            raise BadInputError(
+                f"a CNN takes square one-channel images: in_features {self.in_features} is "
+                "not a square, or out_features <= 0"
+            )
+
+    def hidden_sizes(self) -> list[int]:
+        return list(self.channels)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class CNN(nn.Module):
+    """Built from a ``CNNConfig``: ``features`` (Conv2d, BatchNorm2d, ReLU per block) and
+    ``head`` (Linear). Only ``torch.nn`` layers, so a shrunk CNN is plain PyTorch."""
+
+    def __init__(self, config: CNNConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.side = math.isqrt(config.in_features)
+        mods: list[nn.Module] = []
+        c_in = 1
+        for i, c in enumerate(config.channels):
+            mods += [nn.Conv2d(c_in, c, 3, stride=1 if i == 0 else 2, padding=1),
+                     nn.BatchNorm2d(c), nn.ReLU()]  # fmt: skip
+            c_in = c
+        self.features = nn.Sequential(*mods)
+        self.head = nn.Linear(c_in, config.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(x.shape[0], 1, self.side, self.side)
+        return self.head(self.features(x).mean((2, 3)))
+
+    def convs(self) -> list[nn.Conv2d]:
+        return [m for m in self.features if isinstance(m, nn.Conv2d)]
+
+    def conv_macs(self) -> list[int]:
+        """Multiply-accumulates per image of each conv, from the layers' current widths."""
+        side, out = self.side, []
+        for conv in self.convs():
+            side = (side + 2 - 3) // conv.stride[0] + 1
+            out.append(side * side * conv.out_channels * conv.in_channels * 9)
+        return out
+
+    def macs(self) -> int:
+        return sum(self.conv_macs()) + self.head.in_features * self.head.out_features
 
 
 def _hidden_list(hidden: Any) -> list[int]:
@@ -199,9 +265,10 @@ class RowLSTMClassifier(nn.Module):
 _ARCH_KEYS_IGNORED = ("word_vocab", "tag_vocab")  # tagger metadata kept beside the config
 
 
-ModelConfig = MLPConfig | TaggerConfig | RowLSTMConfig
+ModelConfig = MLPConfig | CNNConfig | TaggerConfig | RowLSTMConfig
 _CONFIGS: dict[str, tuple[type, str]] = {
     "mlp": (MLPConfig, "an MLP"),
+    "cnn": (CNNConfig, "a CNN"),
     "lstm-tagger": (TaggerConfig, "an LSTM tagger"),
     "lstm-rows": (RowLSTMConfig, "a row-sequential LSTM classifier"),
 }
@@ -227,8 +294,12 @@ def arch_from_dict(arch: dict[str, Any]) -> ModelConfig:
 def build_model(arch: dict[str, Any] | ModelConfig) -> nn.Module:
     """A plain PyTorch model (only ``torch.nn`` layers) for an ``arch``."""
     config = (
-        arch if isinstance(arch, (MLPConfig, TaggerConfig, RowLSTMConfig)) else arch_from_dict(arch)
+        arch
+        if isinstance(arch, (MLPConfig, CNNConfig, TaggerConfig, RowLSTMConfig))
+        else arch_from_dict(arch)
     )
+    if isinstance(config, CNNConfig):
+        return CNN(config)
     if isinstance(config, TaggerConfig):
         return LSTMTagger(config)
     if isinstance(config, RowLSTMConfig):
@@ -267,6 +338,8 @@ def hidden_sizes(model: nn.Module) -> list[int]:
     lstms = _stack_lstms(model)
     if lstms is not None:
         return [m.hidden_size for m in lstms]
+    if isinstance(model, CNN):
+        return [c.out_channels for c in model.convs()]
     return [m.out_features for _, m in linear_layers(model)[:-1]]
 
 
@@ -275,8 +348,10 @@ def count_params(model: nn.Module) -> int:
 
 
 def count_macs(model: nn.Module) -> int:
-    """Multiply-accumulates per example for an MLP; per time step (token or image row)
-    for the LSTM models: ``4h(in + h)`` per LSTM layer plus the output Linear."""
+    """Multiply-accumulates per example for an MLP or CNN; per time step (token or image
+    row) for the LSTM models: ``4h(in + h)`` per LSTM layer plus the output Linear."""
+    if isinstance(model, CNN):
+        return model.macs()
     lstms = _stack_lstms(model)
     lstm_macs = sum(4 * m.hidden_size * (m.input_size + m.hidden_size) for m in lstms or [])
     return lstm_macs + sum(m.in_features * m.out_features for _, m in linear_layers(model))

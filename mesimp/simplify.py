@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mesimp.conv import MePropConv2d
 from mesimp.errors import BadInputError
 from mesimp.layers import MePropLinear
 from mesimp.lstm import MePropLSTM
@@ -130,8 +131,10 @@ def active_widths(model: nn.Module) -> list[int]:
     output = linears[-1][1] if linears else None
     widths = []
     for _, m in model.named_modules():
-        if isinstance(m, (MePropLinear, MePropLSTM)) and m is not output:
+        if isinstance(m, (MePropLinear, MePropLSTM, MePropConv2d)) and m is not output:
             widths.append(m.active_width)
+        elif isinstance(m, nn.Conv2d):
+            widths.append(m.out_channels)
         elif isinstance(m, nn.LSTM):
             widths.append(m.hidden_size)
         elif isinstance(m, nn.Linear) and m is not output:

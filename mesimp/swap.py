@@ -88,10 +88,13 @@ def meprop_(
     return model
 
 
-def unmeprop(model: nn.Module) -> nn.Module:
-    """In place: every meProp layer back to its plain module (masks are *not* applied;
-    ``mesimp.shrink`` removes masked units). Linear and Conv2d share parameters."""
+def unmeprop(model: nn.Module, types: tuple[type, ...] = _MEPROP) -> nn.Module:
+    """In place: every meProp layer (of ``types``) back to its plain module (masks are
+    *not* applied; ``mesimp.shrink`` removes masked units). Linear and Conv2d share
+    parameters."""
     for name, mod in _candidates(model):
+        if not isinstance(mod, types):
+            continue
         if isinstance(mod, MePropLinear):
             new = mod.to_linear()
         elif isinstance(mod, MePropConv2d):

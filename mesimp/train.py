@@ -52,9 +52,9 @@ from mesimp.checkpoint import (
 )
 from mesimp.data import load_image_dataset
 from mesimp.errors import BadInputError, CheckpointError, MesimpError
-from mesimp.layers import MePropLinear
+from mesimp.layers import MePropCounters, MePropLinear
 from mesimp.meprop import MePropConfig
-from mesimp.models import MLPConfig, build_model, count_macs, count_params, hidden_sizes
+from mesimp.models import CNNConfig, MLPConfig, build_model, count_macs, count_params, hidden_sizes
 from mesimp.optim import build_optimizer
 from mesimp.progress import bar as progress_bar
 from mesimp.runsafety import (
@@ -71,6 +71,8 @@ from mesimp.simplify import (
     active_widths,
 )
 from mesimp.swap import meprop_
+
+IMAGE_MODELS = ("mlp", "cnn")  # the families this loop trains on image data
 
 # Fields that change how a run is executed, not what it computes: a resumed run may
 # set them anew. (Bit-identity across a resume still needs the same thread count.)
@@ -89,6 +91,7 @@ class TrainConfig:
     """Everything a run depends on; stored in the checkpoint under ``train.config``."""
 
     data: str | None = None
+    model: str = "mlp"  # "mlp" or "cnn" (hidden: the channels of each conv block)
     hidden: int | list[int] = 500  # one width for every layer, or a width per layer
     layers: int = 2
     dropout: float = 0.0
@@ -121,6 +124,12 @@ class TrainConfig:
             raise BadInputError(f"--hidden must be > 0, got {self.hidden}")
         if self.layers < 0:
             raise BadInputError(f"--layers must be >= 0, got {self.layers}")
+        if self.model not in IMAGE_MODELS:
+            raise BadInputError(
+                f"--model must be one of {', '.join(IMAGE_MODELS)}, got {self.model!r}"
+            )
+        if self.model == "cnn" and (not self.hidden_sizes() or self.dropout):
+            raise BadInputError("a CNN needs at least one block (--layers >= 1) and no --dropout")
         for name in ("epochs", "batch_size", "evals_per_epoch"):
             if getattr(self, name) <= 0:
                 raise BadInputError(f"--{name.replace('_', '-')} must be > 0")
@@ -342,6 +351,10 @@ def _build(config: TrainConfig, in_features: int, num_classes: int) -> tuple[nn.
                 f"{arch.get('out_features')} classes, data has {in_features}/{num_classes}"
             )
         layers_state = src["meprop"].get("layers") or {}
+    elif config.model == "cnn":
+        arch = CNNConfig(in_features, config.hidden_sizes(), num_classes).to_dict()
+        model = build_model(arch)
+        layers_state = {}
     else:
         arch = MLPConfig(
             in_features=in_features,
@@ -355,7 +368,7 @@ def _build(config: TrainConfig, in_features: int, num_classes: int) -> tuple[nn.
     if mcfg.k != 0 or config.simplify is not None or layers_state:
         meprop_(model, mcfg)
         for name, mod in model.named_modules():
-            if isinstance(mod, MePropLinear) and name in layers_state:
+            if isinstance(mod, MePropCounters) and name in layers_state:
                 mod.apply_mask(layers_state[name]["mask"])
     return model, arch
 
@@ -374,7 +387,7 @@ def _build_resumed(config: TrainConfig, ckpt: dict[str, Any]) -> tuple[nn.Module
     if layers_state:
         meprop_(model, config.meprop_config())
         for name, mod in model.named_modules():
-            if isinstance(mod, MePropLinear) and name in layers_state:
+            if isinstance(mod, MePropCounters) and name in layers_state:
                 mod.load_meprop_state(layers_state[name])
                 mod._state.memory = memory.get(name)
     return model, arch
@@ -473,6 +486,8 @@ def _train(
             optimizer,
             steps_per_epoch=steps_per_epoch,
             epochs=config.epochs,
+            # a CNN's removable channels (and the BatchNorms to mask) come from its graph
+            example_inputs=data.x_train[:2] if arch.get("model") == "cnn" else None,
         )
         if config.simplify is not None
         else None
@@ -554,7 +569,7 @@ def _train(
             "msbp_memory": {
                 name: mod._state.memory
                 for name, mod in model.named_modules()
-                if isinstance(mod, MePropLinear)
+                if isinstance(mod, MePropCounters)
             },
             # the simplify schedule is a pure function of (epoch, step): no state of its own
             "loss_sum": loss_sum,
@@ -689,7 +704,7 @@ def _train(
     if not config.keep_last:
         last.unlink(missing_ok=True)
     return {
-        "model": "mlp",
+        "model": arch["model"],
         "checkpoint": str(out),
         "metrics_log": str(mlog),
         "hidden_sizes": hidden_sizes(model),
