@@ -209,62 +209,38 @@ def shrink_checkpoint(
                 "--prune-rate or --min-width >= 1"
             )
     small, arch = shrink_mlp(model, keeps)
-    model.eval()
-    small.eval()
-    dev_size = ((src.get("train") or {}).get("config") or {}).get("dev_size", 5000)
-    ds = load_eval_data(data, model.config.in_features, dev_size=dev_size)
-    if ds is not None:
-        x, source = ds.x_test[:2000], f"{ds.name} test[:2000]"
-    else:
-        x, source = torch.rand(2000, model.config.in_features), "random inputs"
-    diff, diff32 = _max_abs_diff(model, small, x)
-    if not diff <= TOLERANCE:
-        raise VerificationError(
-            f"shrunk model disagrees with the masked model: max_abs_diff "
-            f"{diff:.3g} > {TOLERANCE}; nothing written"
-        )
-    train_meta = dict(src.get("train") or {})
-    if ds is not None:  # the masks may have changed (post hoc rule): measure again
-        train_meta["metrics"] = {
-            **(train_meta.get("metrics") or {}),
-            "dev_accuracy": evaluate(small, ds.x_dev, ds.y_dev) if len(ds.y_dev) else None,
-            "test_accuracy": evaluate(small, ds.x_test, ds.y_test),
-        }
-    train_meta["shrunk_from"] = {
-        "round_to": round_to,
-        "path": str(path),
-        "sha256": sha256_file(path),
-        "prune_rate": prune_rate,
-        "min_width": min_width,
-    }
-    cfg = src["meprop"].get("config")
-    ckpt = make_checkpoint(small, arch, None, train_meta)
-    ckpt["meprop"]["config"] = cfg
-    save_checkpoint(out_path, ckpt)
-    return _report(path, out_path, (model, src), (small, ckpt), diff, source)
+    x, source, ds = _check_inputs(src, data, model.config.in_features)
+    extra = {"prune_rate": prune_rate, "min_width": min_width}
+    return _verify_and_save(
+        src, path, out_path, model, small, arch, (x, source, ds), round_to, extra
+    )
 
 
-# -- CNN models --------------------------------------------------------------------------
-def _shrink_cnn_checkpoint(
-    src: dict[str, Any], path: str | os.PathLike, out_path: Path, data: str | None, round_to: int
-) -> dict[str, Any]:
-    """A CNN through the dependency-graph shrink (``mesimp.shrink``): each masked channel
-    goes with its BatchNorm channel and the next conv's (or the head's) input column."""
-    model = model_from_checkpoint(src).eval()
-    if round_to > 1:
-        for _, layer in meprop_layers(model):
-            layer.apply_mask(round_keeps(layer, round_to))
-    in_features = model.config.in_features
+def _check_inputs(src: dict[str, Any], data: str | None, in_features: int) -> tuple:
+    """Real test images to verify on (random inputs if there is no data), and the data."""
     dev_size = ((src.get("train") or {}).get("config") or {}).get("dev_size", 5000)
     ds = load_eval_data(data, in_features, dev_size=dev_size)
     if ds is not None:
-        x, source = ds.x_test[:2000], f"{ds.name} test[:2000]"
-    else:
-        x, source = torch.rand(2000, in_features), "random inputs"
-    shrunk = graph_shrink(model, x[:64])  # traced and verified on real inputs
-    arch = CNNConfig(in_features, hidden_sizes(shrunk), model.config.out_features).to_dict()
-    small = build_model(arch).eval()
-    small.load_state_dict(shrunk.state_dict())
+        return ds.x_test[:2000], f"{ds.name} test[:2000]", ds
+    return torch.rand(2000, in_features), "random inputs", None
+
+
+def _verify_and_save(
+    src: dict[str, Any],
+    path: str | os.PathLike,
+    out_path: Path,
+    model: nn.Module,
+    small: nn.Module,
+    arch: dict[str, Any],
+    check: tuple,
+    round_to: int,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    """masked == shrunk in float64 on ``check``'s inputs, accuracy measured again (the
+    masks may have changed: post hoc rule, rounding), then the atomic write."""
+    x, source, ds = check
+    model.eval()
+    small.eval()
     diff, _ = _max_abs_diff(model, small, x)
     if not diff <= TOLERANCE:
         raise VerificationError(
@@ -282,11 +258,31 @@ def _shrink_cnn_checkpoint(
         "round_to": round_to,
         "path": str(path),
         "sha256": sha256_file(path),
+        **extra,
     }
     ckpt = make_checkpoint(small, arch, None, train_meta)
     ckpt["meprop"]["config"] = src["meprop"].get("config")
     save_checkpoint(out_path, ckpt)
     return _report(path, out_path, (model, src), (small, ckpt), diff, source)
+
+
+# -- CNN models --------------------------------------------------------------------------
+def _shrink_cnn_checkpoint(
+    src: dict[str, Any], path: str | os.PathLike, out_path: Path, data: str | None, round_to: int
+) -> dict[str, Any]:
+    """A CNN through the dependency-graph shrink (``mesimp.shrink``): each masked channel
+    goes with its BatchNorm channel and the next conv's (or the head's) input column."""
+    model = model_from_checkpoint(src).eval()
+    if round_to > 1:
+        for _, layer in meprop_layers(model):
+            layer.apply_mask(round_keeps(layer, round_to))
+    in_features = model.config.in_features
+    check = _check_inputs(src, data, in_features)
+    shrunk = graph_shrink(model, check[0][:64])  # traced and verified on real inputs
+    arch = CNNConfig(in_features, hidden_sizes(shrunk), model.config.out_features).to_dict()
+    small = build_model(arch)
+    small.load_state_dict(shrunk.state_dict())
+    return _verify_and_save(src, path, out_path, model, small, arch, check, round_to, {})
 
 
 # -- LSTM models -------------------------------------------------------------------------
