@@ -183,7 +183,7 @@ def tp_prune(dense: nn.Module, widths: dict[str, int], x: torch.Tensor) -> nn.Mo
         layer = modules[name]
         norms = layer.weight.detach().flatten(1).norm(dim=1)
         drop = torch.argsort(norms)[: len(norms) - keep].tolist()
-        dg.get_pruning_group(layer, out_pruning_fn(layer), idxs=drop).prune()
+        dg.get_pruning_group(layer, out_pruning_fn(dg, layer), idxs=drop).prune()
     return model
 
 

@@ -84,16 +84,13 @@ def run_model(model: nn.Module, example_inputs: Any) -> Any:
     return model(example_inputs)
 
 
-def out_pruning_fn(module: nn.Module) -> Any:
-    """Torch-Pruning's "remove output units" function for a plain layer."""
-    tp = _tp()
-    if isinstance(module, nn.Linear):
-        return tp.prune_linear_out_channels
-    if isinstance(module, nn.Conv2d):
-        return tp.prune_conv_out_channels
-    if isinstance(module, nn.LSTM):
-        return tp.prune_lstm_out_channels
-    raise BadInputError(f"no pruning function for {type(module).__name__}")
+def out_pruning_fn(dg: Any, module: nn.Module) -> Any:
+    """The graph's "remove output units" function for a plain layer (its own pruner
+    for each type, mesimp's for ``nn.LSTM``)."""
+    pruner = dg.get_pruner_of_module(module)
+    if pruner is None:
+        raise BadInputError(f"no pruning function for {type(module).__name__}")
+    return pruner.prune_out_channels
 
 
 def build_graph(plain: nn.Module, example_inputs: Any, customized_pruners: dict | None = None):
@@ -175,7 +172,7 @@ def analyze(
                 "control flow, or a branch the inputs do not take)"
             )
         width = _width(root)
-        group = dg.get_pruning_group(root, out_pruning_fn(root), idxs=list(range(width)))
+        group = dg.get_pruning_group(root, out_pruning_fn(dg, root), idxs=list(range(width)))
         out[name] = _classify(name, root, group, name_of)
     return out
 

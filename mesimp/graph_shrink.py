@@ -91,7 +91,7 @@ def shrink(
     for name, keep in keeps.items():
         root = modules[name]
         drop = (~keep).nonzero().squeeze(1).tolist()
-        group = dg.get_pruning_group(root, out_pruning_fn(root), idxs=drop)
+        group = dg.get_pruning_group(root, out_pruning_fn(dg, root), idxs=drop)
         group.prune()
     plain.train(model.training)
     plain.mesimp_kept = {n: k.nonzero().squeeze(1).tolist() for n, k in keeps.items()}

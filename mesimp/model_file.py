@@ -137,7 +137,7 @@ def _rebuild(payload: dict[str, Any], where: str) -> nn.Module:
             if root is None:
                 raise CheckpointError(f"{where}: {factory} has no layer {name!r}")
             drop = sorted(set(range(_width(root))) - {int(i) for i in keep})
-            dg.get_pruning_group(root, out_pruning_fn(root), idxs=drop).prune()
+            dg.get_pruning_group(root, out_pruning_fn(dg, root), idxs=drop).prune()
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

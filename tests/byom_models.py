@@ -60,6 +60,26 @@ class SmallCNN(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
+class LSTMTagger(nn.Module):
+    """Embedding -> two stacked single-layer LSTMs -> per-token Linear."""
+
+    def __init__(self, vocab: int = 50, emb: int = 8, h1: int = 12, h2: int = 10) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, emb)
+        self.lstm1 = nn.LSTM(emb, h1, batch_first=True)
+        self.lstm2 = nn.LSTM(h1, h2, batch_first=True)
+        self.out = nn.Linear(h2, 5)
+
+    def forward(self, words: torch.Tensor) -> torch.Tensor:
+        h, _ = self.lstm1(self.emb(words))
+        h, _ = self.lstm2(h)
+        return self.out(h)
+
+
+def lstm_tagger() -> nn.Module:
+    return LSTMTagger()
+
+
 def residual_mlp() -> nn.Module:
     return ResidualMLP()
 

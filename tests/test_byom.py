@@ -210,6 +210,7 @@ CASES = {
     "small_cnn": (byom_models.small_cnn, lambda: torch.randn(4, 1, 28, 28)),
     "resnet18": (byom_models.resnet18_1ch, lambda: torch.randn(2, 1, 28, 28)),
     "small_vit": (byom_models.small_vit, lambda: torch.randn(3, 1, 28, 28)),
+    "lstm_tagger": (byom_models.lstm_tagger, lambda: torch.randint(0, 50, (3, 7))),
 }
 # the units mesimp may remove: inside blocks, never a residual stream or the output
 REMOVABLE = {
@@ -218,6 +219,7 @@ REMOVABLE = {
     "small_cnn": ["conv1", "conv2"],
     "resnet18": [f"layer{i}.{j}.conv1" for i in range(1, 5) for j in (0, 1)],
     "small_vit": [f"encoder.layers.encoder_layer_{i}.mlp.0" for i in (0, 1)],
+    "lstm_tagger": ["lstm1", "lstm2"],  # mesimp's LSTM pruner inside Torch-Pruning's graph
 }
 
 
@@ -248,17 +250,22 @@ def test_masked_equals_shrunk_in_float64(name):
     widths = {n: layer.active_width for n, layer in simp.layers.items()}
     small = shrink(model, x)
     # plain PyTorch modules, physically smaller where masked
-    assert not any(isinstance(m, (MePropLinear, MePropConv2d)) for m in small.modules())
+    assert not any(
+        isinstance(m, (MePropLinear, MePropConv2d, mesimp.MePropLSTM)) for m in small.modules()
+    )
     mods = dict(small.named_modules())
     for n, w in widths.items():
         layer = mods[n]
-        assert (layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels) == w
+        for attr in ("out_features", "out_channels", "hidden_size"):
+            if hasattr(layer, attr):
+                assert getattr(layer, attr) == w
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
     # the reference: the masked model itself, in float64, eval mode
     ref_model = copy.deepcopy(model).double().eval()
     got_model = copy.deepcopy(small).double().eval()
+    xd = x.double() if x.is_floating_point() else x  # word ids stay integers
     with torch.no_grad():
-        ref, got = ref_model(x.double()), got_model(x.double())
+        ref, got = ref_model(xd), got_model(xd)
     assert got.shape == ref.shape
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-9)
     assert model.training and small.training  # the input's mode, kept
