@@ -104,7 +104,7 @@ class MePropConv2d(MePropCounters, nn.Conv2d):
     """``nn.Conv2d`` whose backward propagates only k output channels' gradient.
 
     Same weight layout, init and ``state_dict`` keys as ``nn.Conv2d`` (counters and the
-    mask are non-persistent buffers). With ``k == 0`` or ``k >= out_channels`` (and no
+    mask stay out of it, as in ``MePropLinear``). With ``k == 0`` or ``k >= out_channels`` (and no
     mask) it is ``nn.Conv2d``. Every padding mode works (non-zero modes pad first, as
     ``nn.Conv2d`` does).
     """

@@ -1,10 +1,11 @@
 """``MePropLinear``, a drop-in ``nn.Linear`` with a meProp backward (``mesimp.swap.meprop_``
 puts it, ``MePropConv2d`` and ``MePropLSTM`` into a model).
 
-Counters and the mask are *non-persistent* buffers: the layer's ``state_dict`` has
-exactly ``nn.Linear``'s keys (``weight``, ``bias``), so weights move freely between
-``MePropLinear`` and ``nn.Linear``. Checkpoints save counters and masks separately
-(``mesimp.checkpoint``), which is what meSimp and ``shrink`` read.
+Counters (per-process tensor attributes) and the mask (a non-persistent buffer) stay
+out of the ``state_dict``: it has exactly ``nn.Linear``'s keys (``weight``, ``bias``),
+so weights move freely between ``MePropLinear`` and ``nn.Linear``. Checkpoints save
+counters and masks separately (``mesimp.checkpoint``), which is what meSimp and
+``shrink`` read.
 """
 
 from __future__ import annotations
@@ -25,19 +26,20 @@ class MePropCounters:
     """Counters, mask and MSBP-memory handling shared by meProp layers (Linear, LSTM).
 
     A host ``nn.Module`` calls ``_init_counters(width, device)`` in ``__init__``; it then
-    has non-persistent buffers ``hits`` (selections per unit), ``ref`` (examples seen)
-    and ``mask`` (active units), and ``_state``, the view the backward pass updates.
+    has ``hits`` (selections per unit) and ``ref`` (examples seen), per-process tensor
+    attributes, the non-persistent buffer ``mask`` (active units), and ``_state``, the
+    view the backward pass updates.
     """
 
     meprop_config: MePropConfig
 
     def _init_counters(self, width: int, device: torch.device | str | None) -> None:
-        self.register_buffer(
-            "hits", torch.zeros(width, dtype=torch.long, device=device), persistent=False
-        )
-        self.register_buffer(
-            "ref", torch.zeros((), dtype=torch.long, device=device), persistent=False
-        )
+        # hits and ref are plain tensor attributes, not buffers: each process counts its
+        # own examples, and DDP broadcasts every buffer from rank 0 at each forward
+        # (broadcast_buffers=True), which would overwrite the other ranks' counts.
+        # The Simplifier sums them across ranks at each point (mesimp.simplifier).
+        self.hits = torch.zeros(width, dtype=torch.long, device=device)
+        self.ref = torch.zeros((), dtype=torch.long, device=device)
         self.register_buffer(
             "mask", torch.ones(width, dtype=torch.bool, device=device), persistent=False
         )
@@ -88,8 +90,9 @@ class MePropCounters:
                 getattr(self, name).copy_(state[name])
         self._active = int(self.mask.sum())
 
-    def _apply(self, fn, recurse=True):  # keep the backward's view of the buffers current
+    def _apply(self, fn, recurse=True):  # move the counters too; keep the backward's view
         result = super()._apply(fn, recurse)
+        self.hits, self.ref = fn(self.hits), fn(self.ref)
         self._state = MePropState(self.hits, self.ref, self.mask)
         return result
 

@@ -2,8 +2,8 @@
 
 Parameters have exactly ``nn.LSTM``'s names and layout (``weight_ih_l0 [4h, in]``,
 ``weight_hh_l0 [4h, h]``, ``bias_ih_l0``, ``bias_hh_l0``; gate order i, f, g, o), so
-its ``state_dict`` loads into ``nn.LSTM(in, h)`` and back. Counters and the mask are
-non-persistent buffers, as in ``MePropLinear``.
+its ``state_dict`` loads into ``nn.LSTM(in, h)`` and back. Counters and the mask stay
+out of the ``state_dict``, as in ``MePropLinear``.
 
 Two paths:
 

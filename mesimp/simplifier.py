@@ -23,6 +23,10 @@ no LayerNorm over them); BatchNorms that follow them get their masked channels z
 too. Without, the meProp layers of a plain chain (every meProp Linear but the output
 layer, every meProp LSTM), which is right for mesimp's MLPs and taggers; a model with
 meProp convolutions needs ``example_inputs``. ``layers`` names them explicitly.
+
+Under ``torch.distributed`` (DDP, one Simplifier per rank) the hit counters of all
+ranks are summed at every simplification point before the rule runs, so every rank
+sets the same masks.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from mesimp.conv import MePropConv2d
@@ -119,6 +124,7 @@ class Simplifier:
         step_in_epoch = done + 1
         events: list[dict[str, Any]] = []
         if self.schedule.is_point(epoch, step_in_epoch):
+            self._sum_counts_across_ranks()
             c = self.config
             widths = simplify_layers(self.layers.values(), c.prune_rate, c.min_width)
             events.append(
@@ -140,6 +146,16 @@ class Simplifier:
                 }
             )
         return events
+
+    def _sum_counts_across_ranks(self) -> None:
+        """Under ``torch.distributed`` every rank counted its own shard: sum the counts
+        (``all_reduce``) before the rule runs, so every rank applies the same masks and
+        the replicas never diverge. A no-op in a single process."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return
+        for layer in self.layers.values():
+            dist.all_reduce(layer.hits)
+            dist.all_reduce(layer.ref)
 
     def reset(self) -> None:
         """A cycle start: forget the optimizer's state and restart the counters."""

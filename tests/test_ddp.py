@@ -60,3 +60,75 @@ def test_ddp_averages_meprop_gradients_across_two_processes(tmp_path):
     r0, r1 = (torch.load(f"{out}.{r}", weights_only=True) for r in (0, 1))
     assert r0["ok"] and r1["ok"] and not r0["sparse"]
     assert torch.equal(r0["grad0"], r1["grad0"])  # every rank holds the same gradient
+
+
+STEPS, SHARD = 12, 8
+
+
+def _data(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shard of global batch ``step`` that ``rank`` trains on."""
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(SHARD, 10, generator=g), torch.randint(0, 3, (SHARD,), generator=g)
+
+
+def _simplified_run(rank: int, world: int, record: list) -> nn.Module:
+    """meSimp with per-example top-k; ``world`` shards per global batch on ``world``
+    ranks (or all of them in one process when ``world == 1`` and ``rank == -1``)."""
+    from mesimp import Simplifier, SimplifyConfig
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(10, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 3)
+    )
+    meprop_(net, MePropConfig(k=6, selection="topk"))
+    model = DDP(net) if dist.is_initialized() else net
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    simp = Simplifier(
+        net,
+        SimplifyConfig(prune_rate=0.15, points_per_epoch=2, cycle_epochs=0),
+        opt,
+        steps_per_epoch=6,
+    )
+    for step in range(STEPS):
+        shards = [_data(step, r) for r in (range(2) if rank < 0 else [rank])]
+        x, y = torch.cat([s[0] for s in shards]), torch.cat([s[1] for s in shards])
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        local = {n: (m.hits.clone(), m.ref.clone()) for n, m in simp.layers.items()}
+        if any(e["event"] == "simplify" for e in simp.step()):  # a point: local counts, masks
+            masks = {n: m.mask.clone() for n, m in simp.layers.items()}
+            record.append({"local": local, "masks": masks})
+    return net
+
+
+def _simplify_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    record: list = []
+    _simplified_run(rank, world, record)
+    torch.save(record, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_simplifier_sums_counts_across_ranks_and_matches_one_process(tmp_path):
+    from mesimp.simplify import keep_rule
+
+    out = str(tmp_path / "s")
+    mp.spawn(_simplify_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    r0, r1 = (torch.load(f"{out}.{r}", weights_only=True) for r in (0, 1))
+    assert len(r0) == len(r1) == 4  # two points per epoch, two epochs
+    one: list = []
+    _simplified_run(-1, 1, one)  # one process, the same global batches
+    for p0, p1, p_one in zip(r0, r1, one, strict=True):
+        for name, mask in p0["masks"].items():
+            assert torch.equal(mask, p1["masks"][name])  # every rank: the same masks
+            # the rule ran on the counts summed over the ranks
+            hits = p0["local"][name][0] + p1["local"][name][0]
+            ref = p0["local"][name][1] + p1["local"][name][1]
+            if int(ref) > 0 and p0 is r0[0]:
+                assert torch.equal(mask, keep_rule(hits, ref, 0.15))
+            # and a single process over the same global batches sets the same masks
+            assert torch.equal(mask, p_one["masks"][name])
+    assert any(not m.all() for m in r0[-1]["masks"].values())  # something was pruned
