@@ -5,7 +5,11 @@
 Trains Conv-BN-ReLU blocks on Fashion-MNIST with meProp (top-k channels in the
 backward pass) and meSimp (channels that are rarely selected are masked), shrinks the
 network to a smaller plain ``nn.Module``, exports it to ONNX and times it against the
-full-width export with onnxruntime.
+full-width export with onnxruntime. Measured on the 2-core machine (20,000 images,
+4 epochs): test accuracy 0.79, channels 32-64-128 -> 14-31-70, params 94,410 -> 24,617,
+1.8x / 2.0x faster in onnxruntime at batch 1 / 64. The accuracy printed right after a
+simplification epoch dips (BatchNorm's running statistics were gathered with the old
+channels) and recovers in the next epoch.
 """
 
 from __future__ import annotations
@@ -63,12 +67,12 @@ def main() -> None:
     torch.manual_seed(0)
 
     model = CNN()
-    mesimp.meprop_(model, mesimp.MePropConfig(k=0.25, selection="unified"))  # mesimp
+    mesimp.meprop_(model, mesimp.MePropConfig(k=0.5, selection="unified"))  # mesimp
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     batch = 64
     steps = (n_train + batch - 1) // batch
     simp = mesimp.Simplifier(  # mesimp
-        model, mesimp.SimplifyConfig(prune_rate=0.05, points_per_epoch=1), opt,
+        model, mesimp.SimplifyConfig(prune_rate=0.01, points_per_epoch=1), opt,
         steps_per_epoch=steps, epochs=epochs, example_inputs=x_train[:8],
     )  # fmt: skip
     for epoch in range(epochs):
