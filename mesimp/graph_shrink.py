@@ -61,6 +61,12 @@ def shrink(
     error and nothing returned: a layer that would be left with no units, units that
     cannot be removed (named, with the reason), inputs that do not run, a failed check.
     """
+    return _shrink(model, example_inputs, round_to, verify, diagnose=True)
+
+
+def _shrink(
+    model: nn.Module, example_inputs: Any, round_to: int, verify: bool, diagnose: bool
+) -> nn.Module:
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise BadInputError(f"round_to must be an integer >= 1, got {round_to!r}")
     masked = copy.deepcopy(model)
@@ -106,11 +112,31 @@ def shrink(
                 "pruned widths; nothing returned"
             ) from None
         if not diff <= TOLERANCE:
+            culprit = (
+                _first_failing_layer(masked, example_inputs, list(keeps)) if diagnose else None
+            )
+            where = f" ({culprit}: e.g. an activation with f(0) != 0 after it)" if culprit else ""
             raise VerificationError(
                 f"the shrunk model differs from the masked one by {diff:.3g} (> "
-                f"{TOLERANCE:g}) on the example inputs; nothing returned"
+                f"{TOLERANCE:g}) on the example inputs{where}; nothing returned"
             )
     return plain
+
+
+def _first_failing_layer(masked: nn.Module, example_inputs: Any, names: list[str]) -> str | None:
+    """After a failed check: the first layer whose units, removed alone, change the
+    outputs (masks of the others lifted), to name it in the error."""
+    for name in names:
+        one = copy.deepcopy(masked)
+        for other, layer in meprop_layers(one):
+            if other != name:
+                layer.mask.fill_(True)
+                layer.load_meprop_state({"mask": layer.mask})  # recount the active width
+        try:
+            _shrink(one, example_inputs, 1, True, diagnose=False)
+        except VerificationError:
+            return name
+    return None
 
 
 def max_output_diff(a: nn.Module, b: nn.Module, example_inputs: Any) -> float:

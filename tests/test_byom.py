@@ -386,3 +386,23 @@ def test_save_model_refuses_a_factory_that_does_not_import(tmp_path):
         with pytest.raises(BadInputError, match=needle):
             mesimp.save_model(tmp_path / "m.pt", small, factory, x)
     assert files_in(tmp_path) == set()
+
+
+class _SigmoidAfter(nn.Module):
+    """A unit after a sigmoid is not 0 when masked (sigmoid(0) = 0.5): not removable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.b(torch.sigmoid(self.a(x)))))
+
+
+def test_a_failed_verification_names_the_layer():
+    model = meprop_(_SigmoidAfter(), MePropConfig(k=2))
+    model.a.apply_mask(torch.arange(8) % 2 == 0)  # after a sigmoid: breaks masked == shrunk
+    model.b.apply_mask(torch.arange(8) < 6)  # after a ReLU: fine
+    with pytest.raises(VerificationError, match=r"\(a: ") as e:
+        shrink(model, torch.randn(3, 4))
+    assert "\n" not in str(e.value)
