@@ -100,6 +100,14 @@ def test_idx_random_bytes_parse_or_data_error(tmp_path_factory, data: bytes, gz:
     _parse_or_data_error(write(tmp_path_factory.mktemp("rnd") / "f", data, gz))
 
 
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_empty_array_with_huge_dims_is_a_data_error(tmp_path, gz):
+    """0 bytes of payload, but dims numpy cannot hold (found by the fuzz test below)."""
+    dims = (0, 2**32 - 1, 2**32 - 1, 2**32 - 1)
+    p = write(tmp_path / "f", idx_bytes(np.zeros(0, np.uint8), dims=dims), gz)
+    raises_data_error(p, match="numpy cannot hold")
+
+
 @FUZZ
 @given(
     header=st.tuples(

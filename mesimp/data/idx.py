@@ -97,7 +97,10 @@ def _parse(f: BinaryIO, p: Path, size: int | None, max_bytes: int) -> np.ndarray
         buf = _read_bounded(f, expected + 1)
         _check_size(p, claim, expected, len(buf), exact=False)
 
-    arr = np.frombuffer(buf, dtype=dtype).reshape(dims)
+    try:
+        arr = np.frombuffer(buf, dtype=dtype).reshape(dims)
+    except ValueError as e:  # e.g. an empty array whose other dims overflow numpy's sizes
+        raise DataError(f"{p}: {claim}, a shape numpy cannot hold ({_one_line(e)})") from e
     return np.ascontiguousarray(arr.astype(dtype.newbyteorder("="), copy=False))
 
 
