@@ -40,6 +40,7 @@ __all__ = [
     "TracingError",
     "analyze",
     "build_graph",
+    "classify",
     "mask_norm_outputs",
     "meprop_layers",
     "out_pruning_fn",
@@ -161,28 +162,25 @@ def analyze(
         layers = {n: layers[n] for n in names}
     plain = unmeprop(copy.deepcopy(model))
     dg = build_graph(plain, example_inputs, customized_pruners=lstm_pruners(plain))
+    return classify(plain, dg, list(layers))
+
+
+def classify(plain: nn.Module, dg: Any, names: Sequence[str]) -> dict[str, LayerCoupling]:
+    """``analyze`` on a graph already traced (``build_graph``) of the plain model."""
     modules = dict(plain.named_modules())
     name_of = {m: n for n, m in modules.items()}
     out: dict[str, LayerCoupling] = {}
-    for name in layers:
+    for name in names:
         root = modules[name]
         if root not in dg.module2node:
             raise TracingError(
                 f"the tracer did not reach {name} on the example inputs (data-dependent "
                 "control flow, or a branch the inputs do not take)"
             )
-        width = _width(root)
-        group = dg.get_pruning_group(root, out_pruning_fn(dg, root), idxs=list(range(width)))
+        every = list(range(dg.get_out_channels(root)))
+        group = dg.get_pruning_group(root, out_pruning_fn(dg, root), idxs=every)
         out[name] = _classify(name, root, group, name_of)
     return out
-
-
-def _width(module: nn.Module) -> int:
-    if isinstance(module, nn.Linear):
-        return module.out_features
-    if isinstance(module, nn.Conv2d):
-        return module.out_channels
-    return module.hidden_size
 
 
 def _classify(name: str, root: nn.Module, group: Any, name_of: dict) -> LayerCoupling:

@@ -11,7 +11,6 @@ match PyTorch on the example inputs and on a second batch size (``PARITY_TOL``).
 from __future__ import annotations
 
 import copy
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -122,7 +121,7 @@ def export_module(
             for n, t in zip(in_names, inputs, strict=True)
         ],
         "outputs": out_names,
-        "metadata": json.loads(json.dumps(meta)),
+        "metadata": meta,
         "size_bytes": out.stat().st_size,
     }
 

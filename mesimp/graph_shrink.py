@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from mesimp.coupling import (
-    analyze,
     build_graph,
+    classify,
     lstm_pruners,
     mask_norm_outputs,
     meprop_layers,
@@ -83,16 +83,16 @@ def _shrink(
         strip_norm_masks(plain)
         plain.mesimp_kept = {}
         return plain
-    coupling = analyze(masked, example_inputs, names=list(keeps))
+    # one trace serves both: which units may go, and the groups that remove them
+    plain = unmeprop(copy.deepcopy(masked))
+    strip_norm_masks(plain)
+    dg = build_graph(plain, example_inputs, customized_pruners=lstm_pruners(plain))
+    coupling = classify(plain, dg, list(keeps))
     blocked = [c for c in coupling.values() if not c.removable]
     if blocked:
         c = blocked[0]
         raise BadInputError(f"cannot remove the masked units of {c.name}: {c.reason}")
     mask_norm_outputs(masked, coupling)  # the masked model's meaning (idempotent)
-
-    plain = unmeprop(copy.deepcopy(masked))
-    strip_norm_masks(plain)
-    dg = build_graph(plain, example_inputs, customized_pruners=lstm_pruners(plain))
     modules = dict(plain.named_modules())
     for name, keep in keeps.items():
         root = modules[name]
@@ -130,8 +130,7 @@ def _first_failing_layer(masked: nn.Module, example_inputs: Any, names: list[str
         one = copy.deepcopy(masked)
         for other, layer in meprop_layers(one):
             if other != name:
-                layer.mask.fill_(True)
-                layer.load_meprop_state({"mask": layer.mask})  # recount the active width
+                layer.load_meprop_state({"mask": torch.ones_like(layer.mask)})
         try:
             _shrink(one, example_inputs, 1, True, diagnose=False)
         except VerificationError:

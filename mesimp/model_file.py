@@ -136,7 +136,7 @@ def _rebuild(payload: dict[str, Any], where: str) -> nn.Module:
             root = modules.get(name)
             if root is None:
                 raise CheckpointError(f"{where}: {factory} has no layer {name!r}")
-            drop = sorted(set(range(_width(root))) - {int(i) for i in keep})
+            drop = sorted(set(range(dg.get_out_channels(root))) - {int(i) for i in keep})
             dg.get_pruning_group(root, out_pruning_fn(dg, root), idxs=drop).prune()
     try:
         model.load_state_dict(state, strict=True)
@@ -145,13 +145,6 @@ def _rebuild(payload: dict[str, Any], where: str) -> nn.Module:
         raise CheckpointError(f"{where}: the weights do not fit {factory} ({first})") from None
     model.mesimp_kept = dict(kept)
     return model
-
-
-def _width(module: nn.Module) -> int:
-    for attr in ("out_features", "out_channels", "hidden_size"):
-        if hasattr(module, attr):
-            return int(getattr(module, attr))
-    raise BadInputError(f"cannot prune a {type(module).__name__}")
 
 
 def _same_outputs(a: nn.Module, b: nn.Module, example_inputs: Any) -> bool:

@@ -98,7 +98,6 @@ class Simplifier:
         if example_inputs is not None:
             coupling = analyze(model, example_inputs)
             mask_norm_outputs(model, coupling)
-            self.coupling = coupling
             return {n: every[n] for n, c in coupling.items() if c.removable}
         convs = [n for n, m in every.items() if isinstance(m, MePropConv2d)]
         if convs:
