@@ -40,10 +40,10 @@ from torch import nn
 
 import mesimp
 from benchmarks.torchvision_cpu import load as load_torchvision
-from mesimp.atomic import atomic_write_text
-from mesimp.bench import bench
-from mesimp.coupling import build_graph, out_pruning_fn
 from mesimp.data import find_image_data, load_idx
+from mesimp.deploy.bench import bench
+from mesimp.files.atomic import atomic_write_text
+from mesimp.simplify.coupling import build_graph, out_pruning_fn
 
 BATCH = 64
 LR = 1e-3
@@ -214,7 +214,7 @@ def one_seed(
 
     simp = train(model, data, epochs - finetune, seed, make_simplifier)
     small = mesimp.shrink(model, x0)
-    widths = {n: len(kept) for n, kept in mesimp.graph_shrink.kept_units(small).items()}
+    widths = {n: len(kept) for n, kept in mesimp.simplify.graph_shrink.kept_units(small).items()}
     rows["mesimp_before_ft"] = {"acc": accuracy(small, data)}
     train(small, data, finetune, seed + 1000)
     rows["mesimp"] = {"acc": accuracy(small, data), "time_s": time.perf_counter() - t}

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mesimp.checkpoint import load_checkpoint
+from mesimp.files.checkpoint import load_checkpoint
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 COMMON = [

@@ -5,7 +5,7 @@
 
 Defaults: the checkpoints ``make demo`` writes (``models/fmnist-dense.pt``,
 ``models/fmnist-small-ft.pt``, ``models/tagger-dense.pt``, ``models/tagger-small.pt``).
-Every checkpoint is exported fp32 and once per int8 mode (``mesimp.int8``; ``u8`` is
+Every checkpoint is exported fp32 and once per int8 mode (``mesimp.deploy.int8``; ``u8`` is
 refused for LSTM models), with no agreement threshold so that a bad mode shows its
 number instead of failing. Then, per checkpoint, its fp32 file and all its int8 files
 are timed interleaved in one ``mesimp.bench`` run at batch 1 and 256, 1 thread; the
@@ -22,11 +22,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from mesimp.atomic import atomic_write_text
-from mesimp.bench import bench, machine_info
 from mesimp.data import find_image_data
-from mesimp.export import export_onnx
-from mesimp.int8 import INT8_MODES, probe_u8s8_exact
+from mesimp.deploy.bench import bench, machine_info
+from mesimp.deploy.export import export_onnx
+from mesimp.deploy.int8 import INT8_MODES, probe_u8s8_exact
+from mesimp.files.atomic import atomic_write_text
 
 EWT_TEST = Path(__file__).resolve().parents[2] / "shared/data/ud-english-ewt/en_ewt-ud-test.conllu"
 DEFAULT_MLP = ["models/fmnist-dense.pt", "models/fmnist-small-ft.pt"]

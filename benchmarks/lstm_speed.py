@@ -39,10 +39,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-import mesimp.lstm as mlstm
-from mesimp.atomic import atomic_write_text
-from mesimp.lstm import MePropLSTM
-from mesimp.meprop import MePropConfig
+import mesimp.nn.lstm as mlstm
+from mesimp.files.atomic import atomic_write_text
+from mesimp.nn.lstm import MePropLSTM
+from mesimp.nn.meprop import MePropConfig
 
 EMB, HID, BATCH, STEPS = 100, 500, 32, 25
 UNIFIED_KS = (10, 20, 50)

@@ -48,9 +48,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mesimp.meprop import MePropConfig
-from mesimp.optim import build_optimizer
-from mesimp.swap import meprop_
+from mesimp.nn.meprop import MePropConfig
+from mesimp.nn.swap import meprop_
+from mesimp.training.optim import build_optimizer
 
 IN, HID, OUT = 784, 500, 10
 BATCHES = (50, 100)

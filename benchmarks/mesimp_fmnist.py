@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from mesimp.checkpoint_shrink import shrink_checkpoint
-from mesimp.simplify import SimplifyConfig
-from mesimp.train import TrainConfig, train
+from mesimp.simplify.checkpoint_shrink import shrink_checkpoint
+from mesimp.simplify.rule import SimplifyConfig
+from mesimp.training.loop import TrainConfig, train
 
 
 def _run(out: Path, name: str, **kw) -> dict:

@@ -19,10 +19,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mesimp.atomic import atomic_write_text
-from mesimp.bench import bench
 from mesimp.data import find_image_data
-from mesimp.export import export_onnx
+from mesimp.deploy.bench import bench
+from mesimp.deploy.export import export_onnx
+from mesimp.files.atomic import atomic_write_text
 
 
 def bar(batch: int) -> float | None:

@@ -44,8 +44,8 @@ from benchmarks.suite.plots import draw
 from benchmarks.suite.report import PLOTS, build_report
 from benchmarks.suite.results import check_results
 from benchmarks.suite.speed import BACKWARD_METHOD
-from mesimp.atomic import atomic_write_text
-from mesimp.bench import machine_info
+from mesimp.deploy.bench import machine_info
+from mesimp.files.atomic import atomic_write_text
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_OUT = BENCH_DIR / "RESULTS.md"

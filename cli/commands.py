@@ -251,9 +251,9 @@ def train(
           --epochs 10 --lr 3e-3
       mesimp train --model lstm-rows --hidden 128 --k 10 --epochs 3
     """
-    from mesimp.simplify import SimplifyConfig
-    from mesimp.train import TrainConfig, resume_config
-    from mesimp.train import train as run_train
+    from mesimp.simplify.rule import SimplifyConfig
+    from mesimp.training.loop import TrainConfig, resume_config
+    from mesimp.training.loop import train as run_train
 
     ctx = click.get_current_context()
     _check_model_options(ctx, model)
@@ -292,8 +292,8 @@ def train(
         else None
     )
     if model not in ("mlp", "cnn"):
-        from mesimp.seqdata import rows_data, tagging_data
-        from mesimp.seqtrain import train_lstm
+        from mesimp.data.sequences import rows_data, tagging_data
+        from mesimp.training.sequence import train_lstm
 
         if threads:
             import torch
@@ -411,7 +411,7 @@ PYTHON_ONLY = ("module", "shrunk", "records", "arch")
 def info(path, as_json):
     """Show a checkpoint's architecture, size, accuracy and update counters, or an ONNX
     file's widths, size and metadata (for IN.onnx)."""
-    from mesimp.info import path_info
+    from mesimp.models.info import path_info
 
     result = path_info(path)
     if as_json:
@@ -505,7 +505,7 @@ def shrink(path, output, prune_rate, min_width, round_to, data, as_json):
       mesimp shrink models/mesimp.pt                 # masks from meSimp training
       mesimp shrink models/k20.pt --prune-rate 0.05  # rule applied to saved counters
     """
-    from mesimp.checkpoint_shrink import shrink_checkpoint
+    from mesimp.simplify.checkpoint_shrink import shrink_checkpoint
 
     r = shrink_checkpoint(
         path, output, prune_rate=prune_rate, min_width=min_width, data=data, round_to=round_to
@@ -545,7 +545,7 @@ def report(run, output, as_json):
     RUN is a checkpoint (RUN.pt) or its metrics log (RUN.metrics.jsonl).
     Needs matplotlib (pip install 'mesimp[plot]').
     """
-    from mesimp.report import plot_run
+    from mesimp.training.report import plot_run
 
     r = plot_run(run, output)
     if as_json:

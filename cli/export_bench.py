@@ -74,8 +74,8 @@ def export(path, to_onnx, output, opset, int8, int8_mode, min_agreement, data, c
       mesimp export models/mlp.small.pt --onnx --int8    # -> models/mlp.small.int8.onnx
       mesimp export models/tagger.pt --onnx --int8 --conllu en_ewt-ud-test.conllu
     """
+    from mesimp.deploy.export import export_onnx
     from mesimp.errors import BadInputError
-    from mesimp.export import export_onnx
 
     if not to_onnx:
         raise BadInputError("say which format: --onnx (the only one supported)")
@@ -201,8 +201,8 @@ def bench(
       mesimp bench models/tagger.onnx models/tagger.small.int8.onnx --threads 1 \\
           --conllu en_ewt-ud-test.conllu
     """
-    from mesimp.bench import bench as run_bench
-    from mesimp.bench import format_table, plot, write_markdown
+    from mesimp.deploy.bench import bench as run_bench
+    from mesimp.deploy.bench import format_table, plot, write_markdown
 
     r = run_bench(
         list(models),

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from mesimp.data import load_idx
-from mesimp.simplify import SimplifyConfig
-from mesimp.train import TrainConfig, train
+from mesimp.simplify.rule import SimplifyConfig
+from mesimp.training.loop import TrainConfig, train
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 N_TRAIN, N_TEST, DEV = 600, 200, 100  # -> 500 train examples, 10 steps of 50 per epoch

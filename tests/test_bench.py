@@ -24,11 +24,11 @@ from conftest import FMNIST, hand_mlp
 from helpers import files_in, run_main
 from onnx import TensorProto, helper, numpy_helper
 
-from mesimp.bench import bench, plot, write_markdown
-from mesimp.checkpoint import make_checkpoint, save_checkpoint
 from mesimp.data import load_idx
+from mesimp.deploy.bench import bench, plot, write_markdown
+from mesimp.deploy.export import export_onnx
 from mesimp.errors import BadInputError
-from mesimp.export import export_onnx
+from mesimp.files.checkpoint import make_checkpoint, save_checkpoint
 from mesimp.models import MLPConfig
 
 WIDE, NARROW = [64, 64], [16, 16]

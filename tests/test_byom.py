@@ -20,10 +20,10 @@ from torch import nn
 
 import mesimp
 from mesimp import MePropConfig, Simplifier, SimplifyConfig, meprop_, shrink
-from mesimp.conv import MePropConv2d
-from mesimp.coupling import TracingError, analyze
 from mesimp.errors import BadInputError, VerificationError
-from mesimp.layers import MePropLinear
+from mesimp.nn.conv import MePropConv2d
+from mesimp.nn.linear import MePropLinear
+from mesimp.simplify.coupling import TracingError, analyze
 
 # --------------------------------------------------------------------------------------
 # a real drop-in: dense gradients for stock PyTorch

@@ -12,18 +12,18 @@ import torch
 from torch import nn
 
 from mesimp._version import __version__
-from mesimp.atomic import atomic_write, atomic_write_text
-from mesimp.checkpoint import (
+from mesimp.errors import CheckpointError
+from mesimp.files.atomic import atomic_write, atomic_write_text
+from mesimp.files.checkpoint import (
     load_checkpoint,
     make_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
 )
-from mesimp.errors import CheckpointError
-from mesimp.layers import MePropLinear
-from mesimp.meprop import MePropConfig
 from mesimp.models import MLPConfig, build_model
-from mesimp.swap import meprop_
+from mesimp.nn.linear import MePropLinear
+from mesimp.nn.meprop import MePropConfig
+from mesimp.nn.swap import meprop_
 
 
 def trained_meprop_model():
@@ -49,7 +49,7 @@ def test_round_trip_with_plain_torch_load(tmp_path):
     assert os.listdir(tmp_path) == ["m.pt"]
 
     raw = torch.load(path, weights_only=True)  # no pickled code needed
-    assert raw["format"] == "mesimp.checkpoint"
+    assert raw["format"] == "mesimp.files.checkpoint"
     assert raw["version"] == 1
     assert raw["mesimp_version"] == __version__
     assert raw["arch"] == {

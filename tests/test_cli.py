@@ -300,7 +300,7 @@ def test_train_hidden_and_layers_compose(tmp_path, tiny_npz, monkeypatch, args, 
     """The default is the paper's 784-500-500-10; --hidden N[,N] and --layers combine."""
     import importlib
 
-    train_module = importlib.import_module("mesimp.train")
+    train_module = importlib.import_module("mesimp.training.loop")
     seen = {}
 
     def fake_train(config, progress=True):

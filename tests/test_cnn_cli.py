@@ -12,7 +12,7 @@ import onnxruntime as ort
 import torch
 from helpers import files_in, run_main
 
-from mesimp.checkpoint import load_checkpoint, model_from_checkpoint
+from mesimp.files.checkpoint import load_checkpoint, model_from_checkpoint
 from mesimp.models import CNN
 
 

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mesimp.conv import MePropConv2d
-from mesimp.meprop import MePropConfig
+from mesimp.nn.conv import MePropConv2d
+from mesimp.nn.meprop import MePropConfig
 
 DT = torch.float64
 

@@ -113,7 +113,7 @@ def _simplify_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_simplifier_sums_counts_across_ranks_and_matches_one_process(tmp_path):
-    from mesimp.simplify import keep_rule
+    from mesimp.simplify.rule import keep_rule
 
     out = str(tmp_path / "s")
     mp.spawn(_simplify_worker, args=(2, _free_port(), out), nprocs=2, join=True)

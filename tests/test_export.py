@@ -28,16 +28,16 @@ from helpers import files_in, run_main
 from mesimp.cli.main import cli, main
 from onnx import numpy_helper
 
-import mesimp.export
+import mesimp.deploy.export
 from mesimp._version import __version__
-from mesimp.bench import load_model_info
-from mesimp.checkpoint import make_checkpoint, save_checkpoint
 from mesimp.data import load_idx
+from mesimp.deploy.bench import load_model_info
+from mesimp.deploy.export import export_onnx
 from mesimp.errors import VerificationError
-from mesimp.export import export_onnx
-from mesimp.meprop import MePropConfig
+from mesimp.files.checkpoint import make_checkpoint, save_checkpoint
 from mesimp.models import MLPConfig
-from mesimp.swap import meprop_
+from mesimp.nn.meprop import MePropConfig
+from mesimp.nn.swap import meprop_
 
 HIDDEN = [64, 64]
 KEEP = [24, 16]  # neurons kept by the masks of the two hidden layers
@@ -406,7 +406,7 @@ def test_failed_parity_raises_and_writes_nothing(tmp_path, models, data, monkeyp
     ckpt = tmp_path / "m.pt"
     ckpt.write_bytes(models["dense"].ckpt.read_bytes())
     # export_onnx reads the module global at call time
-    monkeypatch.setattr(mesimp.export, "PARITY_TOL", -1.0)
+    monkeypatch.setattr(mesimp.deploy.export, "PARITY_TOL", -1.0)
     with pytest.raises(VerificationError, match="differ"):
         export_onnx(ckpt, tmp_path / "m.onnx", data=data.npz)
     assert files_in(tmp_path) == {"m.pt"}

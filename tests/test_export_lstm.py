@@ -28,11 +28,11 @@ from conftest import FMNIST
 from helpers import files_in, run_main
 from onnx import TensorProto, helper, numpy_helper
 
-from mesimp.bench import bench, format_table, load_model_info, to_markdown
-from mesimp.checkpoint import make_checkpoint, save_checkpoint
 from mesimp.data.conllu import Vocab, read_conllu
+from mesimp.deploy.bench import bench, format_table, load_model_info, to_markdown
+from mesimp.deploy.export import export_onnx
 from mesimp.errors import BadInputError, MesimpError
-from mesimp.export import export_onnx
+from mesimp.files.checkpoint import make_checkpoint, save_checkpoint
 from mesimp.models import LSTMTagger, RowLSTMClassifier, RowLSTMConfig, TaggerConfig
 
 EWT_TEST = (

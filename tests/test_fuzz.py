@@ -49,17 +49,17 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from mesimp.cli.main import main
 
-from mesimp.bench import bench, load_model_info
-from mesimp.checkpoint import (
+from mesimp.deploy.bench import bench, load_model_info
+from mesimp.errors import CheckpointError, MesimpError
+from mesimp.files.checkpoint import (
     load_checkpoint,
     make_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
 )
-from mesimp.errors import CheckpointError, MesimpError
-from mesimp.meprop import MePropConfig
 from mesimp.models import MLPConfig, build_model
-from mesimp.swap import meprop_
+from mesimp.nn.meprop import MePropConfig
+from mesimp.nn.swap import meprop_
 
 # torch.load warns about the odd pickle protocols random bytes claim
 pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")

@@ -1,4 +1,4 @@
-"""int8 weight formats (``mesimp.int8``): exactness on this CPU and on every other, and
+"""int8 weight formats (``mesimp.deploy.int8``): exactness on this CPU and on every other, and
 agreement with fp32 on models trained for a few epochs on real data.
 
 What depends on the CPU, and what these tests assert about it:
@@ -29,14 +29,14 @@ from conftest import FMNIST
 from helpers import files_in, run_main
 from onnx import TensorProto, helper, numpy_helper
 
-from mesimp.bench import bench, load_model_info
 from mesimp.data import load_idx
+from mesimp.data.sequences import tagging_data
+from mesimp.deploy.bench import bench, load_model_info
+from mesimp.deploy.export import export_onnx
+from mesimp.deploy.int8 import DEFAULT_INT8_MODE, INT8_MODES, get_int8_mode, probe_u8s8_exact
 from mesimp.errors import BadInputError
-from mesimp.export import export_onnx
-from mesimp.int8 import DEFAULT_INT8_MODE, INT8_MODES, get_int8_mode, probe_u8s8_exact
-from mesimp.seqdata import tagging_data
-from mesimp.seqtrain import train_lstm
-from mesimp.train import TrainConfig, train
+from mesimp.training.loop import TrainConfig, train
+from mesimp.training.sequence import train_lstm
 
 EWT = Path(__file__).resolve().parents[2] / "shared" / "data" / "ud-english-ewt"
 MIN_AGREEMENT = 0.99

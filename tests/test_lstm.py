@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from mesimp.checkpoint_shrink import prune_linear_in
 from mesimp.errors import BadInputError
-from mesimp.lstm import MePropLSTM, prune_lstm_hidden, prune_lstm_input
-from mesimp.meprop import MePropConfig
+from mesimp.nn.lstm import MePropLSTM, prune_lstm_hidden, prune_lstm_input
+from mesimp.nn.meprop import MePropConfig
+from mesimp.simplify.checkpoint_shrink import prune_linear_in
 
 DT = torch.float64
 IN, H, B, T = 4, 6, 3, 5
@@ -372,7 +372,7 @@ def test_bad_inputs_raise():
 def test_simplify_prunes_lstm_units_but_never_the_output_layer():
     """meSimp on Embedding -> MePropLSTM -> Linear: the rule masks LSTM units from their
     hand-set counts; the output Linear is untouched; widths are reported per layer."""
-    from mesimp.simplify import active_widths, prunable_layers, simplify_step
+    from mesimp.simplify.rule import active_widths, prunable_layers, simplify_step
 
     torch.manual_seed(0)
     lstm = MePropLSTM(4, 6, batch_first=True, k=2)
@@ -615,7 +615,7 @@ def test_prune_lstm_input_keeps_meprop_state_and_validates():
 def test_float32_grads_match_reference(monkeypatch, onednn, selection):
     """float32 through the fast GEMMs (oneDNN where available) and through torch's own,
     against the float64 reference on the same weights."""
-    import mesimp.lstm as mlstm
+    import mesimp.nn.lstm as mlstm
 
     monkeypatch.setattr(mlstm, "_USE_ONEDNN", onednn)
     k, hs, b, steps = 3, 16, 4, 7

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mesimp.errors import BadInputError
-from mesimp.layers import MePropLinear
-from mesimp.meprop import MePropConfig
-from mesimp.swap import meprop_
+from mesimp.nn.linear import MePropLinear
+from mesimp.nn.meprop import MePropConfig
+from mesimp.nn.swap import meprop_
 
 DT = torch.float64
 IN, OUT = 5, 6

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from mesimp.errors import BadInputError
-from mesimp.layers import MePropLinear
-from mesimp.meprop import MePropConfig
-from mesimp.optim import RowSparseAdam, build_optimizer
-from mesimp.swap import meprop_
+from mesimp.nn.linear import MePropLinear
+from mesimp.nn.meprop import MePropConfig
+from mesimp.nn.swap import meprop_
+from mesimp.training.optim import RowSparseAdam, build_optimizer
 
 DT = torch.float64
 B1, B2 = 0.9, 0.999

@@ -60,7 +60,7 @@ def test_train_progress_flag_forces_the_bar(capsys, tiny_npz, tmp_path):
 
 
 def test_bench_log_has_one_line_per_configuration(capsys, ckpts, tmp_path):
-    from mesimp.export import export_onnx
+    from mesimp.deploy.export import export_onnx
 
     onnx_path = export_onnx(ckpts["dense"], tmp_path / "d.onnx")["path"]
     args = ["bench", onnx_path, "--batch-sizes", "1,4", "--threads", "1", "--repeat", "2"]

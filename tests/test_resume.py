@@ -25,16 +25,16 @@ import torch.nn.functional as F
 from conftest import DEV, read_jsonl
 from mesimp.cli.main import main as cli_main
 
-from mesimp.checkpoint import (
+from mesimp.errors import BadInputError, CheckpointError, MesimpError
+from mesimp.files.checkpoint import (
     NonFiniteError,
     load_checkpoint,
     make_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
 )
-from mesimp.errors import BadInputError, CheckpointError, MesimpError
-from mesimp.simplify import SimplifyConfig
-from mesimp.train import (
+from mesimp.simplify.rule import SimplifyConfig
+from mesimp.training.loop import (
     TrainConfig,
     TrainingDiverged,
     TrainingInterrupted,

@@ -15,12 +15,10 @@ import torch
 from mesimp.cli.main import main
 from torch import nn
 
-from mesimp.checkpoint import load_checkpoint, model_from_checkpoint
-from mesimp.checkpoint_shrink import shrink_checkpoint
 from mesimp.data.conllu import Vocab, read_conllu, tagging_tensors
+from mesimp.data.sequences import SeqData, rows_data, tagging_data
 from mesimp.errors import BadInputError, DataError
-from mesimp.lstm import MePropLSTM
-from mesimp.meprop import MePropConfig
+from mesimp.files.checkpoint import load_checkpoint, model_from_checkpoint
 from mesimp.models import (
     LSTMTagger,
     RowLSTMClassifier,
@@ -29,9 +27,11 @@ from mesimp.models import (
     arch_from_dict,
     build_model,
 )
-from mesimp.seqdata import SeqData, rows_data, tagging_data
-from mesimp.seqtrain import meprop_lstms_, shrink_lstm_model, train_lstm
-from mesimp.simplify import SimplifyConfig
+from mesimp.nn.lstm import MePropLSTM
+from mesimp.nn.meprop import MePropConfig
+from mesimp.simplify.checkpoint_shrink import shrink_checkpoint
+from mesimp.simplify.rule import SimplifyConfig
+from mesimp.training.sequence import meprop_lstms_, shrink_lstm_model, train_lstm
 
 EWT = Path(__file__).resolve().parents[2] / "shared" / "data" / "ud-english-ewt"
 DEV = EWT / "en_ewt-ud-dev.conllu"

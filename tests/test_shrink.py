@@ -16,20 +16,20 @@ from conftest import N_TEST, hand_mlp, masked_forward
 from helpers import files_in
 from torch import nn
 
-from mesimp.checkpoint import make_checkpoint, save_checkpoint
-from mesimp.checkpoint_shrink import (
+from mesimp.errors import BadInputError, CheckpointError, DataError, VerificationError
+from mesimp.files.checkpoint import make_checkpoint, save_checkpoint
+from mesimp.models import MLPConfig, build_model
+from mesimp.nn.linear import MePropLinear
+from mesimp.nn.meprop import MePropConfig
+from mesimp.nn.swap import meprop_
+from mesimp.simplify.checkpoint_shrink import (
     prune_linear_in,
     prune_linear_out,
     shrink_checkpoint,
     shrink_mlp,
 )
-from mesimp.errors import BadInputError, CheckpointError, DataError, VerificationError
-from mesimp.layers import MePropLinear
-from mesimp.meprop import MePropConfig
-from mesimp.models import MLPConfig, build_model
-from mesimp.swap import meprop_
 
-shrink_module = importlib.import_module("mesimp.checkpoint_shrink")
+shrink_module = importlib.import_module("mesimp.simplify.checkpoint_shrink")
 TOL = 1e-5
 
 
@@ -155,7 +155,7 @@ def check_plain_load(out_path: Path, src_raw: dict, masks: list[torch.Tensor], x
     """The shrunk file loads with weights_only into a hand-written nn.Sequential and
     computes the masked source model's function."""
     small = torch.load(out_path, weights_only=True)
-    assert small["format"] == "mesimp.checkpoint" and small["version"] == 1
+    assert small["format"] == "mesimp.files.checkpoint" and small["version"] == 1
     widths = small["arch"]["hidden_sizes"]
     assert widths == [int(m.sum()) for m in masks]
     net = hand_mlp(widths)
@@ -349,7 +349,7 @@ def test_unwritable_output_is_refused(ckpts, tmp_path, verify_npz):
 
 def test_round_keeps_cuts_to_a_multiple_keeping_the_most_selected():
     """Rounding down to a multiple of 16 keeps the most-hit active units, hand-checked."""
-    from mesimp.checkpoint_shrink import round_keeps
+    from mesimp.simplify.checkpoint_shrink import round_keeps
 
     layer = MePropLinear(4, 40, k=3)
     keep = torch.ones(40, dtype=torch.bool)
@@ -371,15 +371,15 @@ def test_round_keeps_cuts_to_a_multiple_keeping_the_most_selected():
     ("width", "multiple", "expected"), [(10, 16, 10), (16, 16, 16), (17, 16, 16), (35, 8, 32)]
 )
 def test_round_keeps_widths(width, multiple, expected):
-    from mesimp.checkpoint_shrink import round_keeps
+    from mesimp.simplify.checkpoint_shrink import round_keeps
 
     layer = MePropLinear(4, width, k=2)
     assert int(round_keeps(layer, multiple).sum()) == expected
 
 
 def test_shrink_round_to_verifies_and_rejects_bad_values(tmp_path, masked_ckpt_for_round):
-    from mesimp.checkpoint_shrink import shrink_checkpoint
     from mesimp.errors import BadInputError
+    from mesimp.simplify.checkpoint_shrink import shrink_checkpoint
 
     src = masked_ckpt_for_round
     r = shrink_checkpoint(src, tmp_path / "r.pt", round_to=8, data=None)

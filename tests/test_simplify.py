@@ -15,22 +15,22 @@ from conftest import read_jsonl, train_tiny
 from torch import nn
 
 from mesimp.errors import BadInputError
-from mesimp.layers import MePropLinear
-from mesimp.meprop import MePropConfig
 from mesimp.models import MLPConfig, build_model
-from mesimp.optim import RowSparseAdam
-from mesimp.simplify import (
+from mesimp.nn.linear import MePropLinear
+from mesimp.nn.meprop import MePropConfig
+from mesimp.nn.swap import meprop_
+from mesimp.simplify.rule import (
     SimplifyConfig,
     SimplifySchedule,
     active_widths,
     prunable_layers,
     simplify_step,
 )
-from mesimp.swap import meprop_
+from mesimp.training.optim import RowSparseAdam
 
 # ``mesimp.train`` is the *function* (re-exported by mesimp/__init__.py, shadowing the
 # submodule attribute), so reach the module through sys.modules.
-simplifier_module = importlib.import_module("mesimp.simplifier")  # resets the optimizer
+simplifier_module = importlib.import_module("mesimp.simplify.simplifier")  # resets the optimizer
 
 
 def one_layer(width: int = 5, k: int = 2) -> tuple[nn.Sequential, MePropLinear]:

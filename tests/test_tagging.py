@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from mesimp.checkpoint_shrink import shrink_checkpoint
 from mesimp.data.conllu import Vocab, read_conllu, tagging_tensors
 from mesimp.errors import BadInputError
-from mesimp.lstm import MePropLSTM
-from mesimp.meprop import MePropConfig
 from mesimp.models import MLP, LSTMTagger, MLPConfig, TaggerConfig, arch_from_dict, build_model
-from mesimp.simplify import SimplifyConfig
-from mesimp.tagging import meprop_lstms_, shrink_tagger, tagger_accuracy, train_tagger
+from mesimp.nn.lstm import MePropLSTM
+from mesimp.nn.meprop import MePropConfig
+from mesimp.simplify.checkpoint_shrink import shrink_checkpoint
+from mesimp.simplify.rule import SimplifyConfig
+from mesimp.training.tagging import meprop_lstms_, shrink_tagger, tagger_accuracy, train_tagger
 
 EWT = Path(__file__).resolve().parents[2] / "shared" / "data" / "ud-english-ewt"
 DEV = EWT / "en_ewt-ud-dev.conllu"

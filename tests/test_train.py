@@ -14,12 +14,12 @@ import torch
 from conftest import DEV, N_TEST, hand_mlp, read_jsonl, train_tiny
 from helpers import files_in
 
-from mesimp.checkpoint_shrink import shrink_checkpoint
 from mesimp.errors import BadInputError, DataError
-from mesimp.simplify import SimplifyConfig
-from mesimp.train import TrainConfig, train
+from mesimp.simplify.checkpoint_shrink import shrink_checkpoint
+from mesimp.simplify.rule import SimplifyConfig
+from mesimp.training.loop import TrainConfig, train
 
-train_module = importlib.import_module("mesimp.train")  # ``mesimp.train`` is the function
+train_module = importlib.import_module("mesimp.training.loop")  # ``mesimp.train`` is the function
 
 
 def hand_accuracy(ckpt: dict, npz: Path) -> float:
@@ -58,7 +58,7 @@ def test_training_writes_checkpoint_and_metrics(tmp_path, tiny_npz):
         assert round(e["test_accuracy"] * N_TEST, 6).is_integer()
 
     ckpt = torch.load(out, weights_only=True)
-    assert ckpt["format"] == "mesimp.checkpoint"
+    assert ckpt["format"] == "mesimp.files.checkpoint"
     assert ckpt["arch"]["hidden_sizes"] == [32, 32]
     assert ckpt["train"]["seed"] == 1
     assert ckpt["train"]["data"]["train"] == 500 and ckpt["train"]["data"]["dev"] == DEV

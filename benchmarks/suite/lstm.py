@@ -35,12 +35,12 @@ from benchmarks.suite.results import (
     skipped_row,
 )
 from benchmarks.suite.speed import lstm_backward_ratios
-from mesimp.atomic import atomic_write_text
 from mesimp.data.conllu import Vocab, read_conllu, tagging_tensors
 from mesimp.errors import MesimpError
+from mesimp.files.atomic import atomic_write_text
 from mesimp.models import count_params
-from mesimp.simplify import SimplifyConfig
-from mesimp.train import TrainingDiverged
+from mesimp.simplify.rule import SimplifyConfig
+from mesimp.training.loop import TrainingDiverged
 
 Log = Callable[[str], None]
 TRAIN_FILE, TEST_FILE = "en_ewt-ud-dev.conllu", "en_ewt-ud-test.conllu"
@@ -65,9 +65,9 @@ def lstm_ort_speedups(
     (int8 against int8 dense). Returns ``{"fp32_b1", ..., "int8_b256"}`` plus the
     tokens/s and per-sentence P50/P99 of each model.
     """
-    from mesimp.bench import bench
-    from mesimp.checkpoint import make_checkpoint, save_checkpoint
-    from mesimp.export import export_onnx
+    from mesimp.deploy.bench import bench
+    from mesimp.deploy.export import export_onnx
+    from mesimp.files.checkpoint import make_checkpoint, save_checkpoint
 
     paths: dict[tuple[str, bool], str] = {}
     for name, r in (("dense", dense), ("mesimp", small)):
@@ -155,7 +155,7 @@ class _Tagger:
     """Runs ``train_tagger`` and turns its result (or its failure) into a result run."""
 
     def __init__(self, train: Path, test: Path, epochs: int, lr: float) -> None:
-        from mesimp.tagging import tagger_accuracy, train_tagger
+        from mesimp.training.tagging import tagger_accuracy, train_tagger
 
         self.train_path, self.test_path, self.epochs, self.lr = train, test, epochs, lr
         self._train, self.accuracy = train_tagger, tagger_accuracy

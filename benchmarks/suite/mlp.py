@@ -36,19 +36,19 @@ from benchmarks.suite.results import (
     skipped_row,
 )
 from benchmarks.suite.speed import mlp_backward_ratios, mlp_model, ort_speedups
-from mesimp.atomic import atomic_write
-from mesimp.checkpoint import (
+from mesimp.data import find_image_data, load_idx
+from mesimp.data.images import IDX_FILES
+from mesimp.errors import MesimpError
+from mesimp.files.atomic import atomic_write
+from mesimp.files.checkpoint import (
     load_checkpoint,
     make_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
 )
-from mesimp.data import find_image_data, load_idx
-from mesimp.data.images import IDX_FILES
-from mesimp.errors import MesimpError
-from mesimp.meprop import MePropConfig
-from mesimp.report import read_metrics, width_history
-from mesimp.train import TrainingDiverged
+from mesimp.nn.meprop import MePropConfig
+from mesimp.training.loop import TrainingDiverged
+from mesimp.training.report import read_metrics, width_history
 
 Log = Callable[[str], None]
 IN_FEATURES, CLASSES = 784, 10
@@ -286,7 +286,7 @@ def _add_backward(
 ) -> None:
     import copy
 
-    from mesimp.swap import meprop_
+    from mesimp.nn.swap import meprop_
 
     full = [s.hidden, s.hidden]
     base = mlp_model(full)

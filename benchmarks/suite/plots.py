@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.suite.results import LSTM_ROWS, MLP_ROWS, ok_runs
-from mesimp.atomic import atomic_path
+from mesimp.files.atomic import atomic_path
 
 MISSING = "matplotlib not installed (pip install '.[bench]')"
 

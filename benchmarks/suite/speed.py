@@ -28,11 +28,11 @@ import torch
 from torch import nn
 
 from benchmarks.meprop_speed import _Batches, _ratios, backward_runner, interleaved
-from mesimp.bench import bench
-from mesimp.export import export_onnx
-from mesimp.meprop import MePropConfig
+from mesimp.deploy.bench import bench
+from mesimp.deploy.export import export_onnx
 from mesimp.models import MLPConfig, build_model
-from mesimp.swap import meprop_
+from mesimp.nn.meprop import MePropConfig
+from mesimp.nn.swap import meprop_
 
 BACKWARD_METHOD = (
     "dense backward time / the row's backward time, timed as benchmarks/meprop_speed.py "

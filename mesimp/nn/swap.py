@@ -18,11 +18,11 @@ from collections.abc import Callable
 
 from torch import nn
 
-from mesimp.conv import MePropConv2d
 from mesimp.errors import BadInputError
-from mesimp.layers import MePropLinear
-from mesimp.lstm import MePropLSTM
-from mesimp.meprop import MePropConfig
+from mesimp.nn.conv import MePropConv2d
+from mesimp.nn.linear import MePropLinear
+from mesimp.nn.lstm import MePropLSTM
+from mesimp.nn.meprop import MePropConfig
 
 __all__ = ["MEPROP_TYPES", "meprop_", "unmeprop"]
 

@@ -25,11 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from mesimp.atomic import atomic_write, check_writable
-from mesimp.checkpoint import safe_torch_load
-from mesimp.coupling import build_graph, lstm_pruners, out_pruning_fn, run_model
 from mesimp.errors import BadInputError, CheckpointError
-from mesimp.graph_shrink import flatten_outputs, kept_units
+from mesimp.files.atomic import atomic_write, check_writable
+from mesimp.files.checkpoint import safe_torch_load
+from mesimp.simplify.coupling import build_graph, lstm_pruners, out_pruning_fn, run_model
+from mesimp.simplify.graph_shrink import flatten_outputs, kept_units
 
 __all__ = ["FORMAT", "load_model", "save_model"]
 

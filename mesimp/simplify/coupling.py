@@ -30,10 +30,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from mesimp.conv import MePropConv2d
 from mesimp.errors import BadInputError, MesimpError
-from mesimp.layers import MePropCounters, MePropLinear
-from mesimp.lstm import MePropLSTM
+from mesimp.nn.conv import MePropConv2d
+from mesimp.nn.linear import MePropCounters, MePropLinear
+from mesimp.nn.lstm import MePropLSTM
 
 __all__ = [
     "LayerCoupling",
@@ -152,7 +152,7 @@ def analyze(
 ) -> dict[str, LayerCoupling]:
     """The coupling of each meProp layer of ``model`` (or of ``names``), traced on a copy
     of the model with plain modules; ``model`` itself is not touched."""
-    from mesimp.swap import unmeprop
+    from mesimp.nn.swap import unmeprop
 
     layers = dict(meprop_layers(model))
     if names is not None:
@@ -269,6 +269,6 @@ def lstm_pruners(model: nn.Module) -> dict | None:
     and asserts one layer), when the model has LSTMs."""
     if not any(isinstance(m, nn.LSTM) for m in model.modules()):
         return None
-    from mesimp.lstm_pruner import LSTMPruner
+    from mesimp.simplify.lstm_pruner import LSTMPruner
 
     return {nn.LSTM: LSTMPruner()}

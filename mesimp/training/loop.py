@@ -42,22 +42,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mesimp.atomic import atomic_write_text, check_writable
-from mesimp.checkpoint import (
+from mesimp.data import load_image_dataset
+from mesimp.errors import BadInputError, CheckpointError, MesimpError
+from mesimp.files.atomic import atomic_write_text, check_writable
+from mesimp.files.checkpoint import (
     NonFiniteError,
     first_nonfinite,
     load_checkpoint,
     make_checkpoint,
     save_checkpoint,
 )
-from mesimp.data import load_image_dataset
-from mesimp.errors import BadInputError, CheckpointError, MesimpError
-from mesimp.layers import MePropCounters, MePropLinear
-from mesimp.meprop import MePropConfig
 from mesimp.models import CNNConfig, MLPConfig, build_model, count_macs, count_params, hidden_sizes
-from mesimp.optim import build_optimizer
+from mesimp.nn.linear import MePropCounters, MePropLinear
+from mesimp.nn.meprop import MePropConfig
+from mesimp.nn.swap import meprop_
 from mesimp.progress import bar as progress_bar
-from mesimp.runsafety import (
+from mesimp.simplify.rule import (
+    SimplifyConfig,
+    active_widths,
+)
+from mesimp.simplify.simplifier import Simplifier
+from mesimp.training.optim import build_optimizer
+from mesimp.training.runsafety import (
     StopSignals,
     nonfinite_grad,
     remove_stale_temp_files,
@@ -65,12 +71,6 @@ from mesimp.runsafety import (
     run_lock,
     set_rng_state,
 )
-from mesimp.simplifier import Simplifier
-from mesimp.simplify import (
-    SimplifyConfig,
-    active_widths,
-)
-from mesimp.swap import meprop_
 
 IMAGE_MODELS = ("mlp", "cnn")  # the families this loop trains on image data
 

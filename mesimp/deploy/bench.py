@@ -73,9 +73,9 @@ from typing import Any
 
 import numpy as np
 
-from mesimp.atomic import atomic_path, atomic_write_text, check_writable
+from mesimp.deploy.int8 import probe_u8s8_exact
 from mesimp.errors import BadInputError, MesimpError
-from mesimp.int8 import probe_u8s8_exact
+from mesimp.files.atomic import atomic_path, atomic_write_text, check_writable
 from mesimp.progress import bar as progress_bar
 from mesimp.progress import line as progress_line
 
@@ -487,7 +487,7 @@ def bench(
 
 
 def int8_warnings(infos: Sequence[dict[str, Any]]) -> list[str]:
-    """One line per int8 file whose weight format saturates on this CPU (``mesimp.int8``):
+    """One line per int8 file whose weight format saturates on this CPU (``mesimp.deploy.int8``):
     its predictions here differ from the ones checked at export."""
     risky = [i for i in infos if i.get("int8_portable") is False]
     if not risky or probe_u8s8_exact():

@@ -15,7 +15,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from mesimp.lstm import prune_lstm_hidden, prune_lstm_input
+from mesimp.nn.lstm import prune_lstm_hidden, prune_lstm_input
 
 __all__ = ["LSTMPruner"]
 

@@ -31,11 +31,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from mesimp.conv import MePropConv2d
 from mesimp.errors import BadInputError
-from mesimp.layers import MePropLinear
-from mesimp.lstm import MePropLSTM
 from mesimp.models import linear_layers
+from mesimp.nn.conv import MePropConv2d
+from mesimp.nn.linear import MePropLinear
+from mesimp.nn.lstm import MePropLSTM
 
 
 @dataclass

@@ -21,17 +21,17 @@ import torch
 from torch import nn
 
 from mesimp._version import __version__
-from mesimp.atomic import atomic_write_bytes, check_writable
-from mesimp.coupling import meprop_layers
-from mesimp.errors import BadInputError
-from mesimp.export import (
+from mesimp.deploy.export import (
     _check,
     _check_parity,
     _session,
     _set_metadata,
     torch_to_onnx,
 )
-from mesimp.swap import unmeprop
+from mesimp.errors import BadInputError
+from mesimp.files.atomic import atomic_write_bytes, check_writable
+from mesimp.nn.swap import unmeprop
+from mesimp.simplify.coupling import meprop_layers
 
 __all__ = ["export_module", "export_onnx"]
 
@@ -132,6 +132,6 @@ def export_onnx(source: str | os.PathLike | nn.Module, *args: Any, **kwargs: Any
     (``mesimp.export.export_onnx``: the built-in families, int8 and all)."""
     if isinstance(source, nn.Module):
         return export_module(source, *args, **kwargs)
-    from mesimp.export import export_onnx as export_checkpoint
+    from mesimp.deploy.export import export_onnx as export_checkpoint
 
     return export_checkpoint(source, *args, **kwargs)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mesimp.meprop import MePropConfig, MePropLinearFunction, MePropState
+from mesimp.nn.meprop import MePropConfig, MePropLinearFunction, MePropState
 
 __all__ = ["MePropConfig", "MePropCounters", "MePropLinear", "autocast_off"]
 

@@ -7,9 +7,9 @@ from typing import Any
 
 from torch import nn
 
-from mesimp.conv import MePropConv2d
-from mesimp.layers import MePropLinear
 from mesimp.models import CNN, count_macs, count_params, hidden_sizes, linear_layers
+from mesimp.nn.conv import MePropConv2d
+from mesimp.nn.linear import MePropLinear
 
 
 def layer_table(model: nn.Module) -> list[dict[str, Any]]:
@@ -104,7 +104,7 @@ def model_info(model: nn.Module, ckpt: dict[str, Any] | None = None) -> dict[str
 
 def onnx_info(path: str | os.PathLike) -> dict[str, Any]:
     """The ``info`` object of an ONNX file: sizes read from the graph, plus its metadata."""
-    from mesimp.bench import load_model_info
+    from mesimp.deploy.bench import load_model_info
 
     # refuses non-ONNX files with a one-line BadInputError
     base = load_model_info(path, metadata=True)
@@ -127,7 +127,7 @@ def path_info(path: str | os.PathLike) -> dict[str, Any]:
     """``mesimp info`` for a checkpoint (``.pt``) or an ONNX file (``.onnx``)."""
     if str(path).endswith(".onnx"):
         return onnx_info(path)
-    from mesimp.checkpoint import load_checkpoint, model_from_checkpoint
+    from mesimp.files.checkpoint import load_checkpoint, model_from_checkpoint
 
     ckpt = load_checkpoint(path)
     return {

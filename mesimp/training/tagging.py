@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mesimp.seqdata import DEFAULT_MAX_LEN, sequence_accuracy, tagging_data
-from mesimp.seqtrain import meprop_lstms_, shrink_lstm_model, train_lstm
+from mesimp.data.sequences import DEFAULT_MAX_LEN, sequence_accuracy, tagging_data
+from mesimp.training.sequence import meprop_lstms_, shrink_lstm_model, train_lstm
 
 __all__ = ["meprop_lstms_", "shrink_tagger", "tagger_accuracy", "train_tagger"]
 

@@ -2,7 +2,7 @@
 
 Layout (all plain types and tensors, so no pickle code ever runs on load)::
 
-    {"format": "mesimp.checkpoint", "version": 1, "mesimp_version": str,
+    {"format": "mesimp.files.checkpoint", "version": 1, "mesimp_version": str,
      "arch": {...},                       # rebuild the module from this
      "state_dict": {...},                 # nn.Linear-compatible keys
      "meprop": {"config": {...} | None,   # MePropConfig as a dict
@@ -31,14 +31,14 @@ import torch
 from torch import nn
 
 from mesimp._version import __version__
-from mesimp.atomic import atomic_write
 from mesimp.errors import CheckpointError, MesimpError
-from mesimp.layers import MePropConfig, MePropCounters
-from mesimp.lstm import MePropLSTM
+from mesimp.files.atomic import atomic_write
 from mesimp.models import CNN, arch_from_dict, build_model
-from mesimp.swap import meprop_
+from mesimp.nn.linear import MePropConfig, MePropCounters
+from mesimp.nn.lstm import MePropLSTM
+from mesimp.nn.swap import meprop_
 
-FORMAT = "mesimp.checkpoint"
+FORMAT = "mesimp.files.checkpoint"
 VERSION = 1
 
 
@@ -247,7 +247,7 @@ def model_from_checkpoint(ckpt: dict[str, Any], meprop: bool | None = None) -> n
         isinstance(m, MePropCounters) and m.active_width < m.mask.numel() for m in model.modules()
     ):
         # a masked channel is zeroed after its BatchNorm too (mesimp.coupling)
-        from mesimp.coupling import analyze, mask_norm_outputs
+        from mesimp.simplify.coupling import analyze, mask_norm_outputs
 
         mask_norm_outputs(model, analyze(model, torch.zeros(2, model.config.in_features)))
     return model

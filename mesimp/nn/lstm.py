@@ -56,8 +56,8 @@ import torch.nn.functional as F
 from torch import _VF, nn
 
 from mesimp.errors import BadInputError
-from mesimp.layers import MePropCounters
-from mesimp.meprop import MePropConfig, MePropState, select
+from mesimp.nn.linear import MePropCounters
+from mesimp.nn.meprop import MePropConfig, MePropState, select
 
 __all__ = ["MePropLSTM", "prune_lstm_hidden", "prune_lstm_input"]
 

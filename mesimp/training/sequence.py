@@ -31,12 +31,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from mesimp.atomic import atomic_write_text, check_writable
-from mesimp.checkpoint import make_checkpoint, save_checkpoint
-from mesimp.checkpoint_shrink import shrink_lstm_model
+from mesimp.data.sequences import SeqData
 from mesimp.errors import BadInputError
-from mesimp.lstm import MePropLSTM
-from mesimp.meprop import MePropConfig
+from mesimp.files.atomic import atomic_write_text, check_writable
+from mesimp.files.checkpoint import make_checkpoint, save_checkpoint
 from mesimp.models import (
     RowLSTMConfig,
     TaggerConfig,
@@ -45,16 +43,18 @@ from mesimp.models import (
     count_params,
     lstm_stack,
 )
-from mesimp.optim import build_optimizer
+from mesimp.nn.lstm import MePropLSTM
+from mesimp.nn.meprop import MePropConfig
 from mesimp.progress import bar as progress_bar
-from mesimp.runsafety import nonfinite_grad
-from mesimp.seqdata import SeqData
-from mesimp.simplifier import Simplifier
-from mesimp.simplify import (
+from mesimp.simplify.checkpoint_shrink import shrink_lstm_model
+from mesimp.simplify.rule import (
     SimplifyConfig,
     active_widths,
 )
-from mesimp.train import TrainingDiverged, metrics_path, seed_everything
+from mesimp.simplify.simplifier import Simplifier
+from mesimp.training.loop import TrainingDiverged, metrics_path, seed_everything
+from mesimp.training.optim import build_optimizer
+from mesimp.training.runsafety import nonfinite_grad
 
 __all__ = ["meprop_lstms_", "shrink_lstm_model", "train_lstm"]  # shrink_lstm_model: re-export
 

@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mesimp.atomic import atomic_path
 from mesimp.errors import BadInputError, MesimpError
+from mesimp.files.atomic import atomic_path
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mesimp.layers import MePropCounters, autocast_off
-from mesimp.meprop import MePropConfig
+from mesimp.nn.linear import MePropCounters, autocast_off
+from mesimp.nn.meprop import MePropConfig
 
 __all__ = ["MePropConv2d"]
 

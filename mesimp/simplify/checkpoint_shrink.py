@@ -18,21 +18,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from mesimp.checkpoint import (
+from mesimp.data import load_eval_data
+from mesimp.data.conllu import Vocab, read_conllu, tagging_tensors
+from mesimp.data.sequences import sequence_accuracy
+from mesimp.errors import BadInputError, VerificationError
+from mesimp.files.checkpoint import (
     load_checkpoint,
     make_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
 )
-from mesimp.coupling import meprop_layers
-from mesimp.data import load_eval_data
-from mesimp.data.conllu import Vocab, read_conllu, tagging_tensors
-from mesimp.errors import BadInputError, VerificationError
-from mesimp.graph_shrink import shrink as graph_shrink
-from mesimp.info import model_info
-from mesimp.layers import MePropLinear
-from mesimp.lstm import MePropLSTM, prune_lstm_hidden, prune_lstm_input
-from mesimp.meprop import MePropConfig
 from mesimp.models import (
     CNNConfig,
     MLPConfig,
@@ -42,10 +37,15 @@ from mesimp.models import (
     linear_layers,
     lstm_stack,
 )
-from mesimp.seqdata import sequence_accuracy
-from mesimp.simplify import check_prune_rate, keep_rule, keep_with_min_width, round_keeps
-from mesimp.swap import meprop_
-from mesimp.train import evaluate
+from mesimp.models.info import model_info
+from mesimp.nn.linear import MePropLinear
+from mesimp.nn.lstm import MePropLSTM, prune_lstm_hidden, prune_lstm_input
+from mesimp.nn.meprop import MePropConfig
+from mesimp.nn.swap import meprop_
+from mesimp.simplify.coupling import meprop_layers
+from mesimp.simplify.graph_shrink import shrink as graph_shrink
+from mesimp.simplify.rule import check_prune_rate, keep_rule, keep_with_min_width, round_keeps
+from mesimp.training.loop import evaluate
 
 TOLERANCE = 1e-5
 

@@ -34,7 +34,7 @@ int8
     ``onnxruntime.quantization.quant_pre_process`` (shape inference + graph
     optimization) then ``quantize_dynamic`` with int8 weights in the format of
     ``int8_mode`` (default ``s7``: 7-bit int8 weights, exact on every x86-64 CPU;
-    ``mesimp.int8`` says why and what the other modes cost), per tensor
+    ``mesimp.deploy.int8`` says why and what the other modes cost), per tensor
     (``per_channel=False``: on the Fashion-MNIST MLPs per-channel scales did not
     improve accuracy measurably and the per-tensor graph is the simpler one).
     Activations are quantized dynamically at run time (``DynamicQuantizeLinear`` +
@@ -82,16 +82,16 @@ import torch
 from torch import nn
 
 from mesimp._version import __version__
-from mesimp.atomic import atomic_write_bytes, check_writable
-from mesimp.bench import _ort_errors, ort_message
-from mesimp.checkpoint import load_checkpoint, model_from_checkpoint
-from mesimp.conv import MePropConv2d
 from mesimp.data import Vocab, load_eval_data, read_conllu, tagging_tensors
+from mesimp.deploy.bench import _ort_errors, ort_message
+from mesimp.deploy.int8 import DEFAULT_INT8_MODE, get_int8_mode
 from mesimp.errors import BadInputError, CheckpointError, DataError, MesimpError, VerificationError
-from mesimp.int8 import DEFAULT_INT8_MODE, get_int8_mode
-from mesimp.layers import MePropLinear
+from mesimp.files.atomic import atomic_write_bytes, check_writable
+from mesimp.files.checkpoint import load_checkpoint, model_from_checkpoint
 from mesimp.models import count_macs, count_params, hidden_sizes, is_lstm_model
-from mesimp.swap import unmeprop
+from mesimp.nn.conv import MePropConv2d
+from mesimp.nn.linear import MePropLinear
+from mesimp.nn.swap import unmeprop
 
 __all__ = [
     "EXPORTERS",
@@ -369,7 +369,7 @@ def export_onnx(
 
     LSTM checkpoints (``_export_lstm``): ``conllu`` is a tagger's check file (its first
     ``n_check`` sentences for parity, all of them for token accuracy); ``data`` the
-    images of a row classifier. ``int8_mode``: a key of ``mesimp.int8.INT8_MODES``.
+    images of a row classifier. ``int8_mode``: a key of ``mesimp.deploy.int8.INT8_MODES``.
     ``min_agreement``: the int8 file is written only if its predictions agree with
     fp32's on at least this fraction (0 accepts any; for an untrained model, whose
     logits are near ties, agreement says nothing about the quantization).
@@ -517,7 +517,7 @@ def _quantize_int8(
 ) -> tuple[bytes, dict]:
     """Dynamic int8 quantization of a float model; returns the bytes and a few stats.
 
-    ``mode``: a key of ``INT8_MODES`` (see ``mesimp.int8``). ``op_types``: what
+    ``mode``: a key of ``INT8_MODES`` (see ``mesimp.deploy.int8``). ``op_types``: what
     ``quantize_dynamic`` may quantize (``None``: all it knows)."""
     import onnx
     from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic

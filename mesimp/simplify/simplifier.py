@@ -38,12 +38,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mesimp.conv import MePropConv2d
-from mesimp.coupling import analyze, mask_norm_outputs, meprop_layers
 from mesimp.errors import BadInputError
-from mesimp.layers import MePropCounters
-from mesimp.optim import reset_optimizer_state
-from mesimp.simplify import SimplifyConfig, SimplifySchedule, prunable_layers, simplify_layers
+from mesimp.nn.conv import MePropConv2d
+from mesimp.nn.linear import MePropCounters
+from mesimp.simplify.coupling import analyze, mask_norm_outputs, meprop_layers
+from mesimp.simplify.rule import SimplifyConfig, SimplifySchedule, prunable_layers, simplify_layers
+from mesimp.training.optim import reset_optimizer_state
 
 __all__ = ["Simplifier"]
 

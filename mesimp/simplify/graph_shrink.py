@@ -19,7 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from mesimp.coupling import (
+from mesimp.errors import BadInputError, VerificationError
+from mesimp.nn.swap import unmeprop
+from mesimp.simplify.coupling import (
     build_graph,
     classify,
     lstm_pruners,
@@ -29,9 +31,7 @@ from mesimp.coupling import (
     run_model,
     strip_norm_masks,
 )
-from mesimp.errors import BadInputError, VerificationError
-from mesimp.simplify import round_keeps
-from mesimp.swap import unmeprop
+from mesimp.simplify.rule import round_keeps
 
 __all__ = ["TOLERANCE", "flatten_outputs", "kept_units", "max_output_diff", "shrink"]
 

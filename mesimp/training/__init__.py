@@ -1,0 +1,1 @@
+"""The training loop (one for every task), its optimizers, resume and run safety."""
