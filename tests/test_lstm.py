@@ -3,10 +3,14 @@
 The reference re-implements the LSTM step loop with plain autograd and a hook on each
 step's gate pre-activation that keeps the gradient only on the units it selects itself
 (argsort of the per-unit sum of |grad| over the four gates); it never calls
-``mesimp.meprop.select`` or ``mesimp.lstm``.
+``mesimp.meprop.select`` or ``mesimp.lstm``. With MSBP the same hook first adds the
+previous backward's memory (zero-padded or cropped to this batch's [T, B]), selects on
+the sum, and records the unselected remainder times alpha as the next memory.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import pytest
 import torch
@@ -59,8 +63,40 @@ def _mask_units(grad, k, selection, keep):
     return (grad.reshape(b, 4, h) * sel.unsqueeze(1)).reshape(b, 4 * h)
 
 
-def ref_forward(params, x_tbi, k=0, selection="topk", keep=None, h0=None, c0=None):
-    """Plain LSTM loop on [T, B, in]; with k > 0 each step's gate grad is unit-masked."""
+class RefMsbp:
+    """The reference's MSBP state for one backward: ``old`` memory [T', B', 4h] (or
+    None) in, ``new`` memory by step out (filled by the hooks, in backward order)."""
+
+    def __init__(self, alpha: float, old: torch.Tensor | None) -> None:
+        self.alpha = alpha
+        self.old = old
+        self.new: dict[int, torch.Tensor] = {}
+
+    def memory(self) -> torch.Tensor:
+        return torch.stack([self.new[t] for t in range(len(self.new))])
+
+
+def _msbp_units(grad, t, k, selection, keep, msbp):
+    """Hook with MSBP: u = grad + memory[t] (memory padded with zeros or cropped to this
+    batch; masked units' memory ignored), keep u on the units selected from u, and
+    remember alpha * (u - kept)."""
+    b, h4 = grad.shape
+    mem = torch.zeros(b, h4, dtype=grad.dtype)
+    if msbp.old is not None and t < msbp.old.shape[0]:
+        old = msbp.old[t]
+        for i in range(min(b, old.shape[0])):
+            mem[i] = old[i]
+    if keep is not None:
+        mem = mem * keep.to(grad.dtype).tile(4)
+    u = grad + mem
+    sel = _unit_keep(u, k, selection, keep).tile(1, 4)  # column gate*h + j <- unit j
+    msbp.new[t] = msbp.alpha * (u - u * sel)
+    return u * sel
+
+
+def ref_forward(params, x_tbi, k=0, selection="topk", keep=None, h0=None, c0=None, msbp=None):
+    """Plain LSTM loop on [T, B, in]; with k > 0 each step's gate grad is unit-masked
+    (after adding the MSBP memory when ``msbp`` is a ``RefMsbp``)."""
     w_ih, w_hh, b_ih, b_hh = params
     tb, bb = x_tbi.shape[0], x_tbi.shape[1]
     h_size = w_hh.shape[1]
@@ -72,7 +108,11 @@ def ref_forward(params, x_tbi, k=0, selection="topk", keep=None, h0=None, c0=Non
     outs = []
     for t in range(tb):
         gates = x_tbi[t] @ w_ih.t() + b_ih + h @ w_hh.t() + b_hh
-        if k:
+        if k and msbp is not None:
+            gates.register_hook(
+                partial(_msbp_units, t=t, k=k, selection=selection, keep=keep, msbp=msbp)
+            )
+        elif k:
             gates.register_hook(lambda g: _mask_units(g, k, selection, keep))
         i, f, gg, o = (gates[:, j * h_size : (j + 1) * h_size] for j in range(4))
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(gg)
@@ -392,7 +432,7 @@ def test_simplify_prunes_lstm_units_but_never_the_output_layer():
 # --------------------------------------------------------------------------------------
 # the whole-sequence BPTT Function and the fused dense path, more cases vs the reference
 # --------------------------------------------------------------------------------------
-def _grads_with_state(layer, x, hx, g_out, g_h, g_c, k, selection, keep):
+def _grads_with_state(layer, x, hx, g_out, g_h, g_c, k, selection, keep, msbp=None):
     """Grads of (params, x, h0, c0) from the layer and the reference; loss also uses
     h_n and c_n. ``x`` is in the layer's layout, ``hx`` as (h0, c0) of [1, B, H]."""
     xl = _leaf(x)
@@ -405,7 +445,7 @@ def _grads_with_state(layer, x, hx, g_out, g_h, g_c, k, selection, keep):
     xr = _leaf(x)
     h0r, c0r = (_leaf(t) for t in hx)
     x_tbi = xr.transpose(0, 1) if layer.batch_first else xr
-    out_r, h_r, c_r = ref_forward(params, x_tbi, k, selection, keep, h0r[0], c0r[0])
+    out_r, h_r, c_r = ref_forward(params, x_tbi, k, selection, keep, h0r[0], c0r[0], msbp)
     out_r = out_r.transpose(0, 1) if layer.batch_first else out_r
     ((out_r * g_out).sum() + (h_r * g_h[0]).sum() + (c_r * g_c[0]).sum()).backward()
     want = [p.grad for p in params] + [xr.grad, h0r.grad, c0r.grad]
@@ -416,13 +456,13 @@ def _grads_with_state(layer, x, hx, g_out, g_h, g_c, k, selection, keep):
     return got
 
 
-def _case(batch_first, seed):
+def _case(batch_first, seed, b=B, steps=T):
     g = torch.Generator().manual_seed(seed)
-    shape = (B, T, IN) if batch_first else (T, B, IN)
+    shape = (b, steps, IN) if batch_first else (steps, b, IN)
     x = torch.randn(shape, generator=g, dtype=DT)
-    hx = tuple(torch.randn(1, B, H, generator=g, dtype=DT) for _ in range(2))
+    hx = tuple(torch.randn(1, b, H, generator=g, dtype=DT) for _ in range(2))
     g_out = torch.randn(shape[:2] + (H,), generator=g, dtype=DT)
-    g_h, g_c = (torch.randn(1, B, H, generator=g, dtype=DT) for _ in range(2))
+    g_h, g_c = (torch.randn(1, b, H, generator=g, dtype=DT) for _ in range(2))
     return x, hx, g_out, g_h, g_c
 
 
@@ -646,3 +686,148 @@ def test_empty_batch():
     out, (h_n, _) = layer(x)
     out.sum().backward()
     assert out.shape == (0, T, H) and h_n.shape == (1, 0, H)
+
+
+# --------------------------------------------------------------------------------------
+# MSBP: error feedback on the gate gradient, against the reference's own memory
+# --------------------------------------------------------------------------------------
+ALPHA = 0.5
+# (B, T) of consecutive batches: then fewer rows and more steps, then more rows and
+# fewer steps, so the memory is used on its (step, row) overlap both ways
+MSBP_SHAPES = [(3, 5), (2, 7), (4, 3)]
+
+
+def _msbp_layer(selection, with_mask, k=2, alpha=ALPHA, seed=31):
+    layer = MePropLSTM(
+        IN, H, dtype=DT, config=MePropConfig(k=k, selection=selection, msbp_alpha=alpha)
+    )
+    _distinct_params(layer, seed=seed)
+    keep = torch.tensor([True, True, False, True, False, True]) if with_mask else None
+    if keep is not None:
+        layer.apply_mask(keep)
+    return layer, keep
+
+
+@pytest.mark.parametrize("selection", ["topk", "unified"])
+@pytest.mark.parametrize("with_mask", [False, True])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_msbp_consecutive_backwards_match_reference(selection, with_mask, batch_first):
+    k = 2
+    layer, keep = _msbp_layer(selection, with_mask, k)
+    layer.batch_first = batch_first
+    plain, _ = _msbp_layer(selection, with_mask, k, alpha=0.0)
+    plain.load_state_dict(layer.state_dict())
+    plain.batch_first = batch_first
+    old = None
+    for n, (b, steps) in enumerate(MSBP_SHAPES):
+        case = _case(batch_first, seed=40 + n, b=b, steps=steps)
+        layer.zero_grad(set_to_none=True)
+        ref = RefMsbp(ALPHA, old)
+        got = _grads_with_state(layer, *case, k, selection, keep, msbp=ref)
+        old = ref.memory()
+        mem = layer._state.memory
+        assert mem.shape == (steps, b, 4 * H)
+        torch.testing.assert_close(mem, old, rtol=1e-10, atol=1e-12)
+        per_unit = mem.view(steps, b, 4, H).abs().sum(2)  # [T, B, h]
+        assert torch.all((per_unit == 0).sum(-1) >= k)  # the selected units hold nothing
+        if keep is not None:
+            assert torch.all(per_unit[..., ~keep] == 0)
+            assert layer.hits[~keep].sum() == 0
+        # with a memory it is not plain meProp (which the reference also checks)
+        plain.zero_grad(set_to_none=True)
+        want_plain = _grads_with_state(plain, *case, k, selection, keep)
+        assert plain._state.memory is None
+        if n:
+            assert not torch.allclose(got[1], want_plain[1])
+        else:  # no memory yet: the first backward is plain meProp
+            for a, w in zip(got, want_plain, strict=True):
+                torch.testing.assert_close(a, w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("selection", ["topk", "unified", "random"])
+def test_msbp_alpha_zero_is_plain_meprop_exactly(selection):
+    """alpha = 0 (given explicitly) is the old code path: bit-equal gradients, no memory."""
+    layers = []
+    for cfg in (MePropConfig(k=2, selection=selection, msbp_alpha=0.0), None):
+        layer = MePropLSTM(IN, H, k=2, selection=selection, dtype=DT, config=cfg)
+        _distinct_params(layer, seed=32)
+        layers.append(layer)
+    grads = []
+    for layer in layers:
+        torch.manual_seed(0)  # the same random draws
+        run = []
+        for n, (b, steps) in enumerate(MSBP_SHAPES[:2]):
+            x, _, g_out, _, _ = _case(True, seed=50 + n, b=b, steps=steps)
+            layer.zero_grad(set_to_none=True)
+            xl = _leaf(x)
+            layer(xl)[0].backward(g_out)
+            run.append([getattr(layer, m).grad.clone() for m in NAMES] + [xl.grad])
+            assert layer._state.memory is None
+        grads.append(run)
+    for a_run, b_run in zip(*grads, strict=True):
+        for a, b in zip(a_run, b_run, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_msbp_reset_memory_and_apply_mask_clear_it():
+    layer, _ = _msbp_layer("unified", False)
+    fresh, _ = _msbp_layer("unified", False, alpha=0.0)
+    fresh.load_state_dict(layer.state_dict())
+    x, hx, g_out, g_h, g_c = _case(True, seed=60)
+    for _ in range(2):
+        layer.zero_grad(set_to_none=True)
+        _grads_with_state(layer, x, hx, g_out, g_h, g_c, 2, "unified", None, RefMsbp(ALPHA, None))
+        assert layer._state.memory is not None and layer._state.memory.abs().sum() > 0
+        layer.reset_memory()  # so the second pass is a first pass again
+        assert layer._state.memory is None
+    after_reset = layer.weight_hh_l0.grad.clone()
+    _grads_with_state(fresh, x, hx, g_out, g_h, g_c, 2, "unified", None)
+    assert torch.equal(after_reset, fresh.weight_hh_l0.grad)
+    layer(_leaf(x))[0].backward(g_out)
+    assert layer._state.memory is not None
+    layer.apply_mask(torch.tensor([True, True, True, True, True, False]))
+    assert layer._state.memory is None
+    assert set(layer.state_dict()) == set(NAMES)  # the memory is not part of the weights
+
+
+@pytest.mark.parametrize("selection", ["topk", "unified", "random"])
+def test_msbp_every_active_unit_selected_uses_and_empties_the_memory(selection):
+    """k >= active width (mask): a given memory is added on the active units only (the
+    masked units' part is ignored), everything is propagated, and nothing is left."""
+    layer, keep = _msbp_layer(selection, True, k=H)
+    g = torch.Generator().manual_seed(61)
+    old = torch.randn(T + 1, B - 1, 4 * H, generator=g, dtype=DT)  # overlap: B-1 rows, T steps
+    layer._state.memory = old.clone()
+    case = _case(False, seed=62)
+    layer.batch_first = False
+    ref = RefMsbp(ALPHA, old)
+    _grads_with_state(layer, *case, 4, "topk", keep, msbp=ref)  # 4 = every active unit
+    assert layer._state.memory is None
+    assert ref.memory().abs().max() == 0
+    assert layer.hits[keep].tolist() == [B * T] * 4
+
+
+def test_msbp_ignored_by_the_dense_paths_and_carried_by_conversions():
+    from mesimp.nn.swap import meprop_
+
+    cfg = MePropConfig(k=2, selection="unified", msbp_alpha=0.8)
+    model = nn.Sequential(nn.LSTM(IN, H, batch_first=True, dtype=DT))
+    meprop_(model, cfg)
+    lstm = model[0]
+    assert isinstance(lstm, MePropLSTM) and lstm.meprop_config.msbp_alpha == 0.8
+    assert "msbp_alpha=0.8" in repr(lstm)
+    conv = MePropLSTM.from_lstm(nn.LSTM(IN, H, batch_first=True, dtype=DT), cfg)
+    assert conv.meprop_config.msbp_alpha == 0.8
+    x = torch.randn(B, T, IN, dtype=DT)
+    with torch.no_grad():  # evaluation: the fused path, no memory
+        lstm(x)
+    assert lstm._state.memory is None
+    lstm(_leaf(x))[0].sum().backward()
+    assert lstm._state.memory.shape == (T, B, 4 * H)
+    # a stacked layer losing input features keeps its memory (its hidden units stay)
+    pruned = prune_lstm_input(lstm, torch.tensor([0, 2, 3]))
+    assert pruned.meprop_config.msbp_alpha == 0.8
+    assert torch.equal(pruned._state.memory, lstm._state.memory)
+    dense = MePropLSTM(IN, H, dtype=DT, config=MePropConfig(k=0, msbp_alpha=0.8))
+    dense(_leaf(x))[0].sum().backward()  # k = 0: nn.LSTM's kernel, no memory
+    assert dense._state.memory is None

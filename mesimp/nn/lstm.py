@@ -42,6 +42,24 @@ Two paths:
   selected, so the backward skips the selection (and, for ``random``, the draw).
   The backward is ``once_differentiable`` (no double backward).
 
+MSBP (``msbp_alpha > 0``, error feedback as in ``MePropLinear``): the sparsified
+quantity is ``dg``, so the memory is the unpropagated part of ``dg``, kept as
+``state.memory [T, B, 4h]`` from the previous backward. At step t, before the
+selection, ``u_t = dg_t + memory[t]``; units are scored and selected on ``u_t``, the
+selected part of ``u_t`` is what flows into the weights, x_t and h_{t-1}, and the new
+``memory[t] = alpha * u_t`` with the selected units' four gate columns zeroed (for
+every row with ``unified``, per row with ``topk``/``random``). The memory is aligned by
+(time step, batch row): tagger batches are trimmed to their longest sentence and the
+last batch is smaller, so T and B change between batches; the memory is added on the
+overlap (steps ``< min(T, T_mem)``, rows ``< min(B, B_mem)``) instead of being
+dropped, which would switch MSBP off for most tagger batches. (``MePropLinear`` drops
+it on any shape change; its shapes change only on the last batch.) Masked units get
+``dg = 0``, and the memory is multiplied by the mask before use, so they never hold
+memory. With every active unit selected (``k >=`` the active width) nothing is left
+over and the memory becomes empty. The cell-state path ``dc_{t-1} = dc_t * f`` is not
+sparsified and carries no memory. ``reset_memory()`` and ``apply_mask`` clear it; it
+is not in the ``state_dict``.
+
 Mask semantics (both paths): h_t and c_t are multiplied by the mask every step, and
 h0, c0 too; masked units output exactly 0, are never selected and never counted.
 """
@@ -122,11 +140,12 @@ class _MePropLSTMFunction(torch.autograd.Function):
     Returns ``(out [T, B, h], h_n [B, h], c_n [B, h])``; needs ``T, B >= 1``. ``m`` is
     the mask as ``x``'s dtype, or None. ``all_units`` (``k >=`` the active width): every
     active unit is selected, so the backward skips the selection (dense manual BPTT,
-    still counted; masked units' ``dg`` is exactly 0 there anyway).
+    still counted; masked units' ``dg`` is exactly 0 there anyway). ``alpha > 0``: MSBP
+    with ``state.memory`` (module docstring).
     """
 
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, k, selection, all_units, state, m):
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, k, selection, all_units, alpha, state, m):
         steps, b, n_in = x.shape
         hs = w_hh.shape[1]
         h = h0 * m if m is not None else h0
@@ -159,20 +178,25 @@ class _MePropLSTMFunction(torch.autograd.Function):
             if m is not None:
                 h.mul_(m)
         ctx.save_for_backward(x, h_init, w_ih, w_hh, acts, cs, tcs, out)
-        ctx.meprop = (k, selection, all_units, state, m)
+        ctx.meprop = (k, selection, all_units, alpha, state, m)
         return out, h.clone(), cs[steps].clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dh_n, dc_n):
         x, h_init, w_ih, w_hh, acts, cs, tcs, out = ctx.saved_tensors
-        k, selection, dense, state, m = ctx.meprop
+        k, selection, dense, alpha, state, m = ctx.meprop
         need = ctx.needs_input_grad
         steps, b, n_in = x.shape
         hs = w_hh.shape[1]
         h4 = 4 * hs
         masked = m is not None
         unified = selection == "unified" and not dense
+        # MSBP: the previous backward's residual and its overlap with this batch
+        mem = _msbp_memory(state, h4, m, x) if alpha > 0 else None
+        t_mem = min(steps, mem.shape[0]) if mem is not None else 0
+        b_mem = min(b, mem.shape[1]) if mem is not None else 0
+        new_mem = x.new_empty(steps, b, h4) if alpha > 0 and not dense else None
 
         dh = dh_n.clone()
         dc = dc_n.clone()
@@ -212,6 +236,8 @@ class _MePropLSTMFunction(torch.autograd.Function):
             deriv = a - a * a
             torch.mul(g, g, out=deriv[:, g_cols]).neg_().add_(1)
             dg.mul_(deriv)
+            if t < t_mem:  # MSBP: u_t = dg_t + memory[t] on the overlap
+                dg[:b_mem].add_(mem[t, :b_mem])
             dc.mul_(f)
             if dense:
                 dgs[t] = dg
@@ -226,6 +252,8 @@ class _MePropLSTMFunction(torch.autograd.Function):
             if unified:
                 rows = (gate_off + idx).view(-1)  # the k units' 4 gate rows, gate-major
                 sel = dg.index_select(1, rows)  # [B, 4k]
+                if new_mem is not None:  # the residual: every row, the k units zeroed
+                    torch.mul(dg, alpha, out=new_mem[t]).index_fill_(1, rows, 0.0)
                 dh = sel @ w_hh.index_select(0, rows)
                 sel_t = sel.t()
                 if dx is not None:
@@ -240,8 +268,12 @@ class _MePropLSTMFunction(torch.autograd.Function):
                 keep = torch.zeros(b, 1, hs, dtype=dg.dtype, device=dg.device)
                 keep.view(b, hs).scatter_(1, idx, 1.0)
                 torch.mul(dg.view(b, 4, hs), keep, out=dgs[t].view(b, 4, hs))
+                if new_mem is not None:  # the residual: each row's own units zeroed
+                    torch.sub(dg, dgs[t], out=new_mem[t]).mul_(alpha)
                 dh = _linear(dgs[t], w_hh_t, packed=w_hh_t_p)
         _count(state, dense, selection, picked, steps, b, hs, m)
+        if alpha > 0:
+            state.memory = new_mem  # None when every active unit was selected
 
         dh0 = (dh * m if masked else dh) if need[1] else None
         dc0 = (dc * m if masked else dc) if need[2] else None
@@ -260,7 +292,24 @@ class _MePropLSTMFunction(torch.autograd.Function):
         # returned tensor as the parameter's .grad and accumulate into it in place.
         db_ih = db if need[5] else None
         db_hh = (db.clone() if need[5] else db) if need[6] else None
-        return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, None, None, None, None, None
+        return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, None, None, None, None, None, None
+
+
+def _msbp_memory(
+    state: MePropState, h4: int, m: torch.Tensor | None, like: torch.Tensor
+) -> torch.Tensor | None:
+    """The stored MSBP memory ready to add (masked units zeroed), or None if there is none.
+
+    A memory whose last dimension is not ``4h`` (not this layer's gates) is ignored, as
+    ``MePropLinear`` ignores a memory of another shape; T and B may differ (overlap).
+    The mask product keeps a masked unit memory-free even if the memory came from
+    elsewhere (a resume file); ``apply_mask`` clears it anyway.
+    """
+    mem = state.memory
+    if mem is None or mem.dim() != 3 or mem.shape[2] != h4:
+        return None
+    mem = mem.to(device=like.device, dtype=like.dtype)
+    return mem * m.repeat(4) if m is not None else mem
 
 
 def _count(
@@ -334,6 +383,7 @@ class MePropLSTM(MePropCounters, nn.Module):
         *,
         k: int | float = 0,
         selection: str = "topk",
+        msbp_alpha: float = 0.0,
         config: MePropConfig | None = None,
     ) -> None:
         super().__init__()
@@ -342,9 +392,7 @@ class MePropLSTM(MePropCounters, nn.Module):
             raise BadInputError(
                 f"MePropLSTM needs input_size, hidden_size >= 1, got {input_size}, {hidden_size}"
             )
-        self.meprop_config = config or MePropConfig(k=k, selection=selection)
-        if self.meprop_config.msbp_alpha:
-            raise BadInputError("MePropLSTM: msbp_alpha > 0 is not supported yet")
+        self.meprop_config = config or MePropConfig(k=k, selection=selection, msbp_alpha=msbp_alpha)
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.num_layers = 1
@@ -452,6 +500,7 @@ class MePropLSTM(MePropCounters, nn.Module):
                 k,
                 cfg.selection,
                 k >= self._active,
+                cfg.msbp_alpha,
                 self._state,
                 m,
             )
@@ -491,6 +540,8 @@ class MePropLSTM(MePropCounters, nn.Module):
             f"{self.input_size}, {self.hidden_size}, batch_first={self.batch_first}, "
             f"k={c.k}, selection={c.selection}"
         )
+        if c.msbp_alpha:
+            s += f", msbp_alpha={c.msbp_alpha}"
         if self._active < self.hidden_size:
             s += f", active={self._active}"
         return s
@@ -561,7 +612,7 @@ def prune_lstm_input(lstm: MePropLSTM | nn.LSTM, keep_idx: torch.Tensor) -> MePr
     For the next layer of a stack whose previous layer lost hidden units. Returns the
     same type: an ``nn.LSTM`` stays an ``nn.LSTM``; a ``MePropLSTM`` stays a
     ``MePropLSTM`` with the same config, counters, mask and counting flag (its hidden
-    units are untouched), so a stack can be shrunk mid-training. A boolean
+    units are untouched) and MSBP memory, so a stack can be shrunk mid-training. A boolean
     ``keep_idx`` of length ``input_size`` is accepted too.
     """
     _check_lstm(lstm, "prune_lstm_input")
@@ -573,6 +624,8 @@ def prune_lstm_input(lstm: MePropLSTM | nn.LSTM, keep_idx: torch.Tensor) -> MePr
         new = MePropLSTM(cols.numel(), lstm.hidden_size, config=config, **fk)
         new.load_meprop_state(lstm.meprop_state())
         new.counting = lstm.counting
+        mem = lstm._state.memory  # over the hidden units' gates, which are unchanged
+        new._state.memory = mem.clone() if mem is not None else None
     else:
         new = nn.LSTM(cols.numel(), lstm.hidden_size, **fk)
     new.train(lstm.training)
