@@ -252,8 +252,9 @@ def train(
       mesimp train --model lstm-rows --hidden 128 --k 10 --epochs 3
     """
     from mesimp.simplify.rule import SimplifyConfig
-    from mesimp.training.loop import TrainConfig, resume_config
+    from mesimp.training.config import TrainConfig
     from mesimp.training.loop import train as run_train
+    from mesimp.training.resume import resume_config
 
     ctx = click.get_current_context()
     _check_model_options(ctx, model)
@@ -291,41 +292,14 @@ def train(
         if simplify
         else None
     )
-    if model not in ("mlp", "cnn"):
-        from mesimp.data.sequences import rows_data, tagging_data
-        from mesimp.training.sequence import train_lstm
-
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
-        if model == "lstm-tagger":
-            if train_file is None or test_file is None:
-                raise click.UsageError("--model lstm-tagger needs --train and --test CoNLL-U files")
-            seq = tagging_data(train_file, test_file, dev_file, max_len=max_len)
-        else:
-            seq = rows_data(data, dev_size)
-        widths = hidden if len(hidden) > 1 else [hidden[0]] * layers
-        result = train_lstm(
-            seq,
-            hidden=widths,
-            emb_dim=emb_dim,
-            dropout=dropout,
-            k=k,
-            selection=selection,
-            simplify=simp,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            seed=seed,
-            output=output,
-            progress=progress,
-        )
-        _train_report(result, as_json)
-        return
     config = TrainConfig(
-        data=data,
         model=model,
+        data=data,
+        train_file=train_file,
+        dev_file=dev_file,
+        test_file=test_file,
+        max_len=max_len,
+        emb_dim=emb_dim,
         hidden=hidden if len(hidden) > 1 else hidden[0],
         layers=layers,
         dropout=dropout,
@@ -350,18 +324,9 @@ def train(
     _train_report(run_train(config, progress=progress), as_json)
 
 
-# Options that only one family reads: giving one to the other is an error, not a no-op.
-_MLP_ONLY = (
-    "msbp",
-    "sparse_update",
-    "optimizer",
-    "evals_per_epoch",
-    "init",
-    "resume",
-    "save_every",
-    "keep_last",
-)
+# Options that only some families read: giving one to another is an error, not a no-op.
 _TAGGER_ONLY = ("train_file", "dev_file", "test_file", "emb_dim", "max_len")
+_IMAGE_DATA = ("data", "dev_size")
 
 
 def _check_model_options(ctx: click.Context, model: str) -> None:
@@ -370,17 +335,20 @@ def _check_model_options(ctx: click.Context, model: str) -> None:
         for name in ctx.params
         if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
     }
-    if model in ("mlp", "cnn"):
-        bad = [n for n in _TAGGER_ONLY if n in given]
-        if model == "cnn":
-            bad += [n for n in ("dropout",) if n in given]
-    elif model == "lstm-tagger":
-        bad = [n for n in (*_MLP_ONLY, "data", "dev_size") if n in given]
+    if model == "lstm-tagger":
+        bad = [n for n in _IMAGE_DATA if n in given]
     else:
-        bad = [n for n in (*_MLP_ONLY, *_TAGGER_ONLY) if n in given]
+        bad = [n for n in _TAGGER_ONLY if n in given]
+    if model == "cnn" and "dropout" in given:
+        bad.append("dropout")
     if bad:
         names = ", ".join("--" + n.removesuffix("_file").replace("_", "-") for n in bad)
         raise click.UsageError(f"{names} do(es) not apply to --model {model}")
+    if model != "mlp" and "sparse_update" in given and ctx.params["sparse_update"]:
+        raise click.UsageError(
+            f"--sparse-update does not apply to --model {model}: its Conv2d and LSTM meProp "
+            "layers make dense gradients (zero rows where unselected)"
+        )
 
 
 def _train_report(result, as_json):

@@ -4,6 +4,7 @@ The public API; every name here is re-exported from the module that owns it.
 """
 
 from mesimp._version import __version__
+from mesimp.data.tasks import Task
 from mesimp.deploy.bench import bench
 from mesimp.deploy.export_module import export_onnx
 from mesimp.errors import BadInputError, CheckpointError, DataError, MesimpError
@@ -18,14 +19,12 @@ from mesimp.nn.swap import meprop_
 from mesimp.simplify.graph_shrink import shrink
 from mesimp.simplify.rule import SimplifyConfig
 from mesimp.simplify.simplifier import Simplifier
-from mesimp.training.loop import (
-    TrainConfig,
-    TrainingDiverged,
-    TrainingInterrupted,
-    resume_config,
-    train,
-)
+from mesimp.training.config import TrainConfig
+from mesimp.training.loop import train
 from mesimp.training.optim import RowSparseAdam, build_optimizer
+from mesimp.training.resume import resume_config
+from mesimp.training.runsafety import TrainingDiverged, TrainingInterrupted
+from mesimp.training.sequence import train_lstm, train_tagger
 
 __all__ = [
     "__version__",
@@ -44,6 +43,7 @@ __all__ = [
     "RowSparseAdam",
     "Simplifier",
     "SimplifyConfig",
+    "Task",
     "TrainConfig",
     "build_model",
     "build_optimizer",
@@ -55,6 +55,8 @@ __all__ = [
     "save_model",
     "shrink",
     "train",
+    "train_lstm",
+    "train_tagger",
     "resume_config",
     "TrainingDiverged",
     "TrainingInterrupted",

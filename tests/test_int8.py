@@ -30,7 +30,7 @@ from helpers import files_in, run_main
 from onnx import TensorProto, helper, numpy_helper
 
 from mesimp.data import load_idx
-from mesimp.data.sequences import tagging_data
+from mesimp.data.tasks import tagging_data
 from mesimp.deploy.bench import bench, load_model_info
 from mesimp.deploy.export import export_onnx
 from mesimp.deploy.int8 import DEFAULT_INT8_MODE, INT8_MODES, get_int8_mode, probe_u8s8_exact

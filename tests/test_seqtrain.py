@@ -16,7 +16,7 @@ from mesimp.cli.main import main
 from torch import nn
 
 from mesimp.data.conllu import Vocab, read_conllu, tagging_tensors
-from mesimp.data.sequences import SeqData, rows_data, tagging_data
+from mesimp.data.tasks import SeqData, rows_data, tagging_data
 from mesimp.errors import BadInputError, DataError
 from mesimp.files.checkpoint import load_checkpoint, model_from_checkpoint
 from mesimp.models import (
@@ -274,9 +274,9 @@ def test_cli_trains_a_tagger_then_shrinks_it(ewt, tmp_path, capsys):
 @pytest.mark.parametrize(
     "extra, needle",
     [
-        (["--msbp", "0.8"], "--msbp"),
-        (["--resume", "x.pt"], "--resume"),
+        (["--data", "x.npz"], "--data"),
         (["--dev-size", "10"], "--dev-size"),
+        (["--sparse-update"], "dense gradients"),
     ],
 )
 def test_cli_rejects_options_of_the_other_family(ewt, capsys, extra, needle):

@@ -20,7 +20,7 @@ from mesimp.nn.lstm import MePropLSTM
 from mesimp.nn.meprop import MePropConfig
 from mesimp.simplify.checkpoint_shrink import shrink_checkpoint
 from mesimp.simplify.rule import SimplifyConfig
-from mesimp.training.tagging import meprop_lstms_, shrink_tagger, tagger_accuracy, train_tagger
+from mesimp.training.sequence import meprop_lstms_, shrink_tagger, tagger_accuracy, train_tagger
 
 EWT = Path(__file__).resolve().parents[2] / "shared" / "data" / "ud-english-ewt"
 DEV = EWT / "en_ewt-ud-dev.conllu"

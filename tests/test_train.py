@@ -19,7 +19,7 @@ from mesimp.simplify.checkpoint_shrink import shrink_checkpoint
 from mesimp.simplify.rule import SimplifyConfig
 from mesimp.training.loop import TrainConfig, train
 
-train_module = importlib.import_module("mesimp.training.loop")  # ``mesimp.train`` is the function
+train_module = importlib.import_module("mesimp.training.loop")
 
 
 def hand_accuracy(ckpt: dict, npz: Path) -> float:
@@ -190,7 +190,7 @@ def no_training(monkeypatch):
     def boom(*_a, **_k):
         raise AssertionError("bad input must be refused before loading data / training")
 
-    monkeypatch.setattr(train_module, "load_image_dataset", boom)
+    monkeypatch.setattr(train_module, "load_task", boom)
 
 
 @pytest.mark.parametrize(

@@ -155,7 +155,7 @@ class _Tagger:
     """Runs ``train_tagger`` and turns its result (or its failure) into a result run."""
 
     def __init__(self, train: Path, test: Path, epochs: int, lr: float) -> None:
-        from mesimp.training.tagging import tagger_accuracy, train_tagger
+        from mesimp.training.sequence import tagger_accuracy, train_tagger
 
         self.train_path, self.test_path, self.epochs, self.lr = train, test, epochs, lr
         self._train, self.accuracy = train_tagger, tagger_accuracy

@@ -1,6 +1,6 @@
 """Run safety for training: RNG snapshots, a one-writer lock, stop signals, finite checks.
 
-Kept apart from the training loop (``mesimp.train``) so each piece can be read and
+Kept apart from the training loop (``mesimp.training.loop``) so each piece can be read and
 tested on its own; none of it knows about models or configs.
 """
 
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from mesimp.errors import MesimpError
+from mesimp.files.checkpoint import NonFiniteError
 
 
 # --------------------------------------------------------------------------------------
@@ -99,6 +100,23 @@ def remove_stale_temp_files(*paths: Path) -> None:
     for p in paths:
         for tmp in p.parent.glob(f".{glob_escape(p.name)}.*.tmp"):
             tmp.unlink(missing_ok=True)
+
+
+class TrainingInterrupted(MesimpError):
+    """SIGINT/SIGTERM stopped training after a complete step; RUN.last.pt holds it.
+
+    ``exit_code`` is the shell's convention, 128 + signal number (130, 143).
+    """
+
+    def __init__(self, message: str, signum: int, resume_path: Path) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
+        self.resume_path = resume_path
+
+
+class TrainingDiverged(NonFiniteError):
+    """The loss or a gradient became NaN/Inf; nothing from that step on was saved."""
 
 
 # --------------------------------------------------------------------------------------

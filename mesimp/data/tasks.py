@@ -1,18 +1,23 @@
-"""Data for the LSTM tasks: POS tagging on CoNLL-U and row-sequential images.
+"""Tasks: what the training loop needs to know about data, for every model family.
 
-Both tasks become a :class:`SeqData`: padded tensors for train / held-out / test, how a
-batch is cut, the loss and the accuracy. The trainer (``mesimp.seqtrain``) only sees
-this interface, so the meProp / meSimp loop is written once for both.
+A :class:`Task` is the three splits as tensors plus the task's rules: how a batch is
+cut, the loss, the accuracy, and the model sizes the data fixes (input size, classes,
+vocabularies). The one training loop (``mesimp.training.loop``) sees only this
+interface, so meProp, meSimp, evaluation, resume and the run safety are written once.
 
+* ``images``: inputs ``[N, H*W]`` floats in [0, 1], targets ``[N]`` (MLP, CNN).
+* ``rows``: inputs ``[N, rows, row_width]``, targets ``[N]`` (the row-sequential LSTM).
 * ``tagging``: inputs ``[N, T]`` word ids (0 = padding), targets ``[N, T]`` tag ids (0 =
   padding, ignored by loss and accuracy). A batch is trimmed to its longest sentence, so
   the LSTM runs no steps over pure padding. Unknown test tags map to ``<unk-tag>``, which
   no prediction matches: they count as errors and are reported, never a crash.
-* ``rows``: inputs ``[N, rows, row_width]`` floats in [0, 1], targets ``[N]`` classes.
+* Any other ``kind`` (a user's own data through the Python API) is classification:
+  targets ``[N]``, cross-entropy, example accuracy.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,49 +29,101 @@ from mesimp.data.conllu import Sentence, build_vocabs, read_conllu, split_dev, t
 from mesimp.data.images import load_image_dataset
 from mesimp.errors import BadInputError
 
-__all__ = ["SPLIT_SEED", "SeqData", "rows_data", "sequence_accuracy", "tagging_data"]
+__all__ = [
+    "SPLIT_SEED",
+    "SeqData",
+    "Task",
+    "image_task",
+    "rows_data",
+    "sequence_accuracy",
+    "tagging_data",
+]
 
 SPLIT_SEED = 0  # the held-out split is fixed, so runs with different seeds see the same data
 DEFAULT_MAX_LEN = 250  # words; UD English EWT's longest sentence has 159
+# Evaluation batch: the MLP loop always evaluated 2,000 images at a time, the LSTM
+# tasks 256 sequences (an LSTM batch holds T steps of activations).
+EVAL_BATCH = {"images": 2000}
 
 
 @dataclass
-class SeqData:
-    """Tensors of one LSTM task and the task's loss/accuracy rules."""
+class Task:
+    """The tensors of one task and its loss/accuracy rules.
 
-    kind: str  # "tagging" | "rows"
+    ``x_dev``/``y_dev`` is the held-out split the loop picks the best model on; when it
+    is empty the lowest training loss picks it.
+    """
+
+    kind: str  # "images" | "rows" | "tagging" | anything else: plain classification
     x_train: torch.Tensor
     y_train: torch.Tensor
-    x_held: torch.Tensor
-    y_held: torch.Tensor
+    x_dev: torch.Tensor
+    y_dev: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
     arch: dict[str, Any]  # model config fields fixed by the data (sizes, vocabularies)
     summary: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def model(self) -> str:
-        return "lstm-tagger" if self.kind == "tagging" else "lstm-rows"
+    def tagging(self) -> bool:
+        return self.kind == "tagging"
 
     def batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch as the model sees it: tagging batches lose their all-padding columns."""
-        if self.kind != "tagging" or not len(y):
+        if not self.tagging or not len(y):
             return x, y
         n = int((y != 0).sum(1).max())
         return x[:, :n], y[:, :n]
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.kind == "tagging":
+        if self.tagging:
             return F.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=0
             )
         return F.cross_entropy(logits, y)
 
     def accuracy(
-        self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 256
+        self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int | None = None
     ) -> float:
         """Token accuracy (tagging, padding excluded) or example accuracy; NaN if empty."""
-        return sequence_accuracy(model, x, y, tagging=self.kind == "tagging", batch=batch)
+        batch = batch or EVAL_BATCH.get(self.kind, 256)
+        return sequence_accuracy(model, x, y, tagging=self.tagging, batch=batch)
+
+    def fingerprint(self) -> str:
+        """Cheap identity of the data (a resume must see the same): every label and a
+        strided sample of the training inputs."""
+        h = hashlib.sha256()
+        for t in (self.y_train, self.y_dev, self.y_test):
+            h.update(t.contiguous().numpy().tobytes())
+        step = max(1, len(self.x_train) // 64)
+        h.update(self.x_train[::step].contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    @property
+    def source(self) -> str:
+        """Where the data came from, for messages."""
+        s = self.summary
+        return str(s.get("source") or s.get("train") or s.get("name") or self.kind)
+
+
+SeqData = Task  # the name before the training loops were merged
+
+
+def image_task(path: str | Path | None = None, dev_size: int = 5000) -> Task:
+    """Image classification (MLP, CNN): flattened images; the dev split is the first
+    ``dev_size`` training images, as in the meProp paper."""
+    ds = load_image_dataset(path, dev_size)
+    return Task(
+        kind="images",
+        x_train=ds.x_train,
+        y_train=ds.y_train,
+        x_dev=ds.x_dev,
+        y_dev=ds.y_dev,
+        x_test=ds.x_test,
+        y_test=ds.y_test,
+        arch={"in_features": ds.x_train.shape[1], "num_classes": ds.num_classes},
+        summary=ds.summary(),
+    )
 
 
 @torch.no_grad()
@@ -99,7 +156,7 @@ def tagging_data(
     heldout: float = 0.1,
     max_len: int = DEFAULT_MAX_LEN,
     min_count: int = 2,
-) -> SeqData:
+) -> Task:
     """UPOS tagging data from CoNLL-U files.
 
     Without ``dev``, a fixed ``heldout`` fraction of ``train`` is held out for model
@@ -123,12 +180,12 @@ def tagging_data(
     def tokens(sents: list[Sentence]) -> int:
         return sum(len(s) for s in sents)
 
-    return SeqData(
+    return Task(
         kind="tagging",
         x_train=x_train,
         y_train=y_train,
-        x_held=x_held,
-        y_held=y_held,
+        x_dev=x_held,
+        y_dev=y_held,
         x_test=x_test,
         y_test=y_test,
         arch={
@@ -156,7 +213,7 @@ def tagging_data(
     )
 
 
-def rows_data(path: str | Path | None = None, dev_size: int = 5000) -> SeqData:
+def rows_data(path: str | Path | None = None, dev_size: int = 5000) -> Task:
     """Row-sequential image classification: each image is ``rows`` steps of ``row_width``
     pixels (Fashion-MNIST: 28 x 28). The held-out split is the first ``dev_size`` training
     images, as for the MLP."""
@@ -168,12 +225,12 @@ def rows_data(path: str | Path | None = None, dev_size: int = 5000) -> SeqData:
     def rows(x: torch.Tensor) -> torch.Tensor:
         return x.reshape(len(x), h, w)
 
-    return SeqData(
+    return Task(
         kind="rows",
         x_train=rows(ds.x_train),
         y_train=ds.y_train,
-        x_held=rows(ds.x_dev),
-        y_held=ds.y_dev,
+        x_dev=rows(ds.x_dev),
+        y_dev=ds.y_dev,
         x_test=rows(ds.x_test),
         y_test=ds.y_test,
         arch={"in_features": w, "num_classes": ds.num_classes},
