@@ -49,7 +49,7 @@ def test_round_trip_with_plain_torch_load(tmp_path):
     assert os.listdir(tmp_path) == ["m.pt"]
 
     raw = torch.load(path, weights_only=True)  # no pickled code needed
-    assert raw["format"] == "mesimp.files.checkpoint"
+    assert raw["format"] == "mesimp.checkpoint"
     assert raw["version"] == 1
     assert raw["mesimp_version"] == __version__
     assert raw["arch"] == {

@@ -155,7 +155,7 @@ def check_plain_load(out_path: Path, src_raw: dict, masks: list[torch.Tensor], x
     """The shrunk file loads with weights_only into a hand-written nn.Sequential and
     computes the masked source model's function."""
     small = torch.load(out_path, weights_only=True)
-    assert small["format"] == "mesimp.files.checkpoint" and small["version"] == 1
+    assert small["format"] == "mesimp.checkpoint" and small["version"] == 1
     widths = small["arch"]["hidden_sizes"]
     assert widths == [int(m.sum()) for m in masks]
     net = hand_mlp(widths)

@@ -58,7 +58,7 @@ def test_training_writes_checkpoint_and_metrics(tmp_path, tiny_npz):
         assert round(e["test_accuracy"] * N_TEST, 6).is_integer()
 
     ckpt = torch.load(out, weights_only=True)
-    assert ckpt["format"] == "mesimp.files.checkpoint"
+    assert ckpt["format"] == "mesimp.checkpoint"
     assert ckpt["arch"]["hidden_sizes"] == [32, 32]
     assert ckpt["train"]["seed"] == 1
     assert ckpt["train"]["data"]["train"] == 500 and ckpt["train"]["data"]["dev"] == DEV

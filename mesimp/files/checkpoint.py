@@ -2,7 +2,7 @@
 
 Layout (all plain types and tensors, so no pickle code ever runs on load)::
 
-    {"format": "mesimp.files.checkpoint", "version": 1, "mesimp_version": str,
+    {"format": "mesimp.checkpoint", "version": 1, "mesimp_version": str,
      "arch": {...},                       # rebuild the module from this
      "state_dict": {...},                 # nn.Linear-compatible keys
      "meprop": {"config": {...} | None,   # MePropConfig as a dict
@@ -38,7 +38,7 @@ from mesimp.nn.linear import MePropConfig, MePropCounters
 from mesimp.nn.lstm import MePropLSTM
 from mesimp.nn.swap import meprop_
 
-FORMAT = "mesimp.files.checkpoint"
+FORMAT = "mesimp.checkpoint"
 VERSION = 1
 
 
