@@ -567,3 +567,21 @@ def test_msbp_memory_dropped_by_apply_mask():
     _, gx = run_layer(layer, x, dy)
     ref = ref_grads(x, layer.weight, layer.bias, dy * ref_mask(dy, k, "topk", keep=KEEP), KEEP)
     assert_grads(layer, gx, ref, exact_layout_sparse=True)
+
+
+def test_moving_a_layer_keeps_its_msbp_memory_and_counting_switch():
+    """``.to()``/``.double()`` rebuild the backward's view of the counters; the MSBP memory
+    and a Simplifier's "not counting now" must survive it (a resumed run moves the model
+    to its device after restoring both)."""
+    layer = MePropLinear(6, 8, k=2, selection="topk", msbp_alpha=0.5)
+    layer(torch.randn(4, 6)).sum().backward()
+    memory = layer._state.memory.clone()
+    layer.counting = False
+    layer.to("cpu")
+    assert layer.counting is False and torch.equal(layer._state.memory, memory)
+    layer.double()
+    assert layer._state.memory.dtype == torch.float64
+    assert torch.equal(layer._state.memory, memory.double())
+    hits = layer.hits.clone()
+    layer(torch.randn(4, 6, dtype=torch.float64)).sum().backward()
+    assert torch.equal(layer.hits, hits)  # still not counting

@@ -92,8 +92,12 @@ class MePropCounters:
 
     def _apply(self, fn, recurse=True):  # move the counters too; keep the backward's view
         result = super()._apply(fn, recurse)
+        old = self._state
         self.hits, self.ref = fn(self.hits), fn(self.ref)
         self._state = MePropState(self.hits, self.ref, self.mask)
+        # ...and what it holds besides: the MSBP memory and whether counting is on
+        self._state.memory = fn(old.memory) if old.memory is not None else None
+        self._state.count = old.count
         return result
 
 
