@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 from mesimp.cli.main import IntList, KType, cli, emit_json
 
@@ -159,7 +161,21 @@ from mesimp.cli.main import IntList, KType, cli, emit_json
     default=None,
     help="Start from this checkpoint's weights and widths (e.g. a shrunk model).",
 )
-@click.option("--threads", type=int, default=None, help="torch CPU threads.")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (per process).")
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Where to train: auto is CUDA when available (under torchrun, one GPU per local rank).",
+)
+@click.option(
+    "--nproc",
+    type=int,
+    default=None,
+    help="Train on N processes of this machine: runs this command under `torchrun "
+    "--standalone --nproc_per_node N` (data parallel; the global batch is N x --batch-size).",
+)
 @click.option(
     "-o",
     "--output",
@@ -225,6 +241,8 @@ def train(
     min_width,
     init,
     threads,
+    device,
+    nproc,
     data,
     output,
     resume,
@@ -253,11 +271,14 @@ def train(
     """
     from mesimp.simplify.rule import SimplifyConfig
     from mesimp.training.config import TrainConfig
+    from mesimp.training.distributed import is_main_process, relaunch
     from mesimp.training.loop import train as run_train
     from mesimp.training.resume import resume_config
 
     ctx = click.get_current_context()
     _check_model_options(ctx, model)
+    if nproc is not None:
+        relaunch(nproc, _without_nproc(sys.argv[1:]))
     if output is None:
         output = f"models/{model}.pt"
     if (
@@ -275,12 +296,14 @@ def train(
         given = {
             name: value
             for name, value in ctx.params.items()
-            if name not in ("resume", "progress", "as_json", "model")
+            if name not in ("resume", "progress", "as_json", "model", "nproc")
             and ctx.get_parameter_source(name)
             in (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
         }
         config = resume_config(resume, given)
-        _train_report(run_train(config, progress=progress, resume=resume), as_json)
+        result = run_train(config, progress=progress, resume=resume)
+        if is_main_process():
+            _train_report(result, as_json)
         return
     simp = (
         SimplifyConfig(
@@ -318,10 +341,27 @@ def train(
         init=init,
         simplify=simp,
         threads=threads,
+        device=device,
         save_every=save_every,
         keep_last=keep_last,
     )
-    _train_report(run_train(config, progress=progress), as_json)
+    result = run_train(config, progress=progress)
+    if is_main_process():  # under torchrun, rank 0 prints (and writes) alone
+        _train_report(result, as_json)
+
+
+def _without_nproc(args: list[str]) -> list[str]:
+    """The command line minus ``--nproc N`` (the processes torchrun starts must not
+    start torchrun again)."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
 
 
 # Options that only some families read: giving one to another is an error, not a no-op.

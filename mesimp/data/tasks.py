@@ -99,6 +99,11 @@ class Task:
         h.update(self.x_train[::step].contiguous().numpy().tobytes())
         return h.hexdigest()
 
+    def to(self, device: torch.device | str) -> Task:
+        """The same task with its tensors on ``device`` (the run's device)."""
+        move = {k: getattr(self, k).to(device) for k in _TENSORS}
+        return Task(self.kind, **move, arch=self.arch, summary=self.summary)
+
     @property
     def source(self) -> str:
         """Where the data came from, for messages."""
@@ -106,6 +111,7 @@ class Task:
         return str(s.get("source") or s.get("train") or s.get("name") or self.kind)
 
 
+_TENSORS = ("x_train", "y_train", "x_dev", "y_dev", "x_test", "y_test")
 SeqData = Task  # the name before the training loops were merged
 
 

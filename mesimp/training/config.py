@@ -27,7 +27,7 @@ CUSTOM = "custom"  # a user's own nn.Module (Python API only)
 
 # Fields that change how a run is executed, not what it computes: a resumed run may
 # set them anew. (Bit-identity across a resume still needs the same thread count.)
-RUNTIME_FIELDS = frozenset({"threads", "save_every", "keep_last"})
+RUNTIME_FIELDS = frozenset({"threads", "save_every", "keep_last", "device"})
 
 
 @dataclass
@@ -62,6 +62,7 @@ class TrainConfig:
     init: str | None = None
     simplify: SimplifyConfig | None = None
     threads: int | None = None
+    device: str = "auto"  # auto (CUDA when available), cpu or cuda
     extra: dict[str, Any] = field(default_factory=dict)
     # Write RUN.last.pt every N optimizer steps (and at every evaluation); 0 = only at
     # evaluations and on SIGINT/SIGTERM. One write of the default 784-500-500-10 model

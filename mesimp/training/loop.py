@@ -29,6 +29,7 @@ import contextlib
 import json
 import math
 import random
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -38,9 +39,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from mesimp.data.tasks import Task, sequence_accuracy
-from mesimp.errors import BadInputError, CheckpointError
+from mesimp.errors import BadInputError, CheckpointError, MesimpError
 from mesimp.files.atomic import atomic_write_text, check_writable
 from mesimp.files.checkpoint import (
     NonFiniteError,
@@ -56,6 +58,7 @@ from mesimp.simplify.rule import active_widths
 from mesimp.simplify.simplifier import Simplifier
 from mesimp.training.build import build, load_task, rebuild, restore_meprop
 from mesimp.training.config import CUSTOM, RUNTIME_FIELDS, TrainConfig
+from mesimp.training.distributed import Distributed
 from mesimp.training.optim import build_optimizer
 from mesimp.training.resume import (
     RESUME_VERSION,
@@ -142,10 +145,15 @@ def train(
     """
     stop = StopSignals()
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    device = config.device if config is not None else "auto"
     # signals from the start, so that a signal during set-up is graceful too; the
-    # ExitStack releases the run lock however the run ends
+    # ExitStack releases the run lock and the process group however the run ends
     with stop.installed(), contextlib.ExitStack() as on_exit:
-        run = _Run(config, resume, task, model, progress, log, stop, on_exit)
+        ranks = Distributed.from_env(device)
+        on_exit.callback(ranks.close)
+        if not ranks.main:  # one writer of logs and files: rank 0
+            log, progress = (lambda _m: None), False
+        run = _Run(config, resume, task, model, progress, log, stop, on_exit, ranks)
         return run.fit()
 
 
@@ -189,17 +197,20 @@ class _Run:
         log: Callable[[str], None],
         stop: StopSignals,
         on_exit: contextlib.ExitStack,
+        ranks: Distributed,
     ) -> None:
         self.config, self.rwhere, rckpt = _resolve_config(config, resume, model)
         config = self.config
-        self.progress, self.log, self.stop = progress, log, stop
+        self.progress, self.log, self.stop, self.ranks = progress, log, stop, ranks
         if config.threads:
             torch.set_num_threads(config.threads)
-        self.out = check_writable(config.output)  # before the data: fail fast on a bad -o
-        self.mlog = check_writable(metrics_path(self.out))
-        self.last = check_writable(resume_path(self.out))
-        on_exit.enter_context(run_lock(self.out))
-        self.task = task if task is not None else load_task(config)
+        self.out = Path(config.output)
+        self.mlog, self.last = metrics_path(self.out), resume_path(self.out)
+        if ranks.main:  # before the data: fail fast on a bad -o
+            for path in (self.out, self.mlog, self.last):
+                check_writable(path)
+            on_exit.enter_context(run_lock(self.out))
+        self.task = (task if task is not None else load_task(config)).to(ranks.device)
         if len(self.task.y_train) == 0:
             raise BadInputError("no training examples")
         self.fingerprint = self.task.fingerprint()
@@ -210,16 +221,25 @@ class _Run:
             )
         if rckpt is None and self.last.exists():
             log(f"note: {self.last} (an unfinished run's state) will be replaced by this run's")
-        remove_stale_temp_files(self.out, self.mlog, self.last)
+        if ranks.main:
+            remove_stale_temp_files(self.out, self.mlog, self.last)
+        if ranks.world > 1 and config.sparse_update:
+            # DDP all-reduces dense gradients: meProp's are zero outside the selected rows
+            log(f"note: {ranks.world} processes: dense updates (DDP takes no row-sparse gradients)")
+            config.sparse_update = False
         seed_everything(config.seed)
         self.model, self.arch = self._model(model, rckpt)
-        self.model.train()
+        self.model.to(ranks.device).train()
+        if ranks.world > 1:  # the same initial model everywhere, then each rank its own
+            seed_everything(config.seed + 1_000_003 * ranks.rank)  # dropout/random-k draws
+        self.forward = self.model  # what the training step calls: DDP when world > 1
         self.optimizer = build_optimizer(
             config.optimizer, self.model.parameters(), config.lr, config.sparse_update
         )
         self.named_params = list(self.model.named_parameters())
         self.n = len(self.task.y_train)
-        self.steps_per_epoch = math.ceil(self.n / config.batch_size)
+        per_rank = math.ceil(self.n / ranks.world)  # DistributedSampler pads by wrapping
+        self.steps_per_epoch = math.ceil(per_rank / config.batch_size)
         spe = self.steps_per_epoch
         self.evals = {
             math.ceil((i + 1) * spe / config.evals_per_epoch)
@@ -251,10 +271,17 @@ class _Run:
         self.global_step = 0
         self.start_epoch, self.start_step = 0, 0  # the next step is start_step + 1
         self.perm: torch.Tensor | None = None
+        self.shard: torch.Tensor | None = None  # this rank's part of perm
+        self.stopping = False  # a signal reached some rank: all stop after this step
         self.loss_sum = 0.0
         self.last_saved: tuple[int, int] | None = None  # (epoch, step) in RUN.last.pt
         if rckpt is not None:
             self._restore(rckpt)
+        if ranks.world > 1:
+            cuda = ranks.device.type == "cuda"
+            self.forward = DistributedDataParallel(
+                self.model, device_ids=[ranks.device.index] if cuda else None
+            )
 
     # ---------------------------------------------------------------- building
     def _model(
@@ -293,6 +320,16 @@ class _Run:
             self.start_epoch, self.start_step, self.perm = r["epoch"], r["step"], r["perm"]
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{self.rwhere}: malformed resume section ({e})") from e
+        world = r.get("world_size", 1)
+        if world != self.ranks.world:
+            raise BadInputError(
+                f"resume {self.rwhere}: the run had {world} process(es), this is "
+                f"{self.ranks.world}; resume it with torchrun --nproc_per_node {world}"
+            )
+        if world > 1:
+            self._restore_rank_state(r["ranks"][self.ranks.rank])
+        if self.perm is not None:
+            self.shard = self.ranks.shard(self.perm)
         if r.get("steps_per_epoch") != self.steps_per_epoch:
             raise BadInputError(
                 f"resume {self.rwhere}: the run had {r.get('steps_per_epoch')} steps "
@@ -302,6 +339,27 @@ class _Run:
         if self.start_step >= self.steps_per_epoch:  # saved at the end of an epoch
             self.start_epoch, self.start_step = self.start_epoch + 1, 0
             self.perm, self.loss_sum = None, 0.0
+
+    def _rank_state(self) -> dict[str, Any]:
+        """What differs between ranks: RNG streams, MSBP memory, meSimp counters."""
+        layers = {
+            name: mod for name, mod in self.model.named_modules() if isinstance(mod, MePropCounters)
+        }
+        return {
+            "rng": rng_state(),
+            "msbp_memory": {n: _cpu(m._state.memory) for n, m in layers.items()},
+            "counters": {n: {"hits": _cpu(m.hits), "ref": _cpu(m.ref)} for n, m in layers.items()},
+            "masks": {n: _cpu(m.mask) for n, m in layers.items()},
+        }
+
+    def _restore_rank_state(self, mine: dict[str, Any]) -> None:
+        set_rng_state(mine["rng"])
+        for name, mod in self.model.named_modules():
+            if isinstance(mod, MePropCounters) and name in mine["counters"]:
+                mod.hits.copy_(mine["counters"][name]["hits"])
+                mod.ref.copy_(mine["counters"][name]["ref"])
+                memory = mine["msbp_memory"].get(name)
+                mod._state.memory = memory.to(self.ranks.device) if memory is not None else None
 
     # ---------------------------------------------------------------- the loop
     def fit(self) -> dict[str, Any]:
@@ -313,7 +371,7 @@ class _Run:
         for epoch in range(self.start_epoch, config.epochs):
             self._epoch(epoch)
         self._write_log()
-        if not config.keep_last:
+        if not config.keep_last and self.ranks.main:
             self.last.unlink(missing_ok=True)
         return self._summary()
 
@@ -321,6 +379,7 @@ class _Run:
         config, spe = self.config, self.steps_per_epoch
         if self.start_step == 0:
             self.perm = torch.randperm(self.n, generator=self.order_gen)
+            self.shard = self.ranks.shard(self.perm)
             self.loss_sum = 0.0
         self.bar = progress_bar(
             range(self.start_step, spe),
@@ -338,20 +397,14 @@ class _Run:
                 self._step(epoch, step)
                 final = epoch == config.epochs - 1 and step == spe
                 is_eval = step in self.evals
-                save = is_eval or self.stop.signum is not None
+                save = is_eval or self.stopping
                 save = save or (config.save_every > 0 and self.global_step % config.save_every == 0)
                 if not save:
                     continue
                 self.train_time += time.perf_counter() - t_epoch
                 self._checkpoint(epoch, step, is_eval, final)
-                if self.stop.signum is not None and not final:
-                    self._write_log()
-                    raise TrainingInterrupted(
-                        f"interrupted by {self.stop.name} at {_where(epoch, step)}; "
-                        f"resume with: mesimp train --resume {self.last}",
-                        self.stop.signum,
-                        self.last,
-                    )
+                if self.stopping and not final:
+                    raise self._interrupted(epoch, step)
                 t_epoch = time.perf_counter()
             self.train_time += time.perf_counter() - t_epoch
         finally:
@@ -366,11 +419,15 @@ class _Run:
     def _step(self, epoch: int, step: int) -> None:
         """One minibatch: forward, loss, backward, guards, update, meSimp."""
         bs = self.config.batch_size
-        idx = self.perm[(step - 1) * bs : step * bs]
+        idx = self.shard[(step - 1) * bs : step * bs]
         x, y = self.task.batch(self.task.x_train[idx], self.task.y_train[idx])
-        loss = self.task.loss(self.model(x), y)
+        loss = self.task.loss(self.forward(x), y)
         loss_value = loss.item()
-        if not math.isfinite(loss_value):
+        # every rank must take the same branch: DDP's backward all-reduces
+        self.stopping, nonfinite = self.ranks.agree(
+            self.stop.signum is not None, not math.isfinite(loss_value)
+        )
+        if nonfinite:
             raise self._diverged(f"loss is {loss_value}", epoch, step, self.global_step + 1)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -425,12 +482,15 @@ class _Run:
         if self.best is None or score > self.best["score"]:
             self.best = {"score": score, **rec}
             self.best_widths = rec["widths"]
-            save_checkpoint(self.out, self._make_checkpoint(rec["epoch"], rec))
+            if self.ranks.main:
+                save_checkpoint(self.out, self._make_checkpoint(rec["epoch"], rec))
         self._write_log()
         self.bar.set_postfix(loss=f"{rec['train_loss']:.4f}", dev=f"{rec['dev_accuracy']:.4f}")
 
     # ---------------------------------------------------------------- files
     def _write_log(self) -> None:
+        if not self.ranks.main:
+            return
         atomic_write_text(self.mlog, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def _make_checkpoint(self, epoch_float: float, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -455,6 +515,14 @@ class _Run:
         )
 
     def _save_resume(self, epoch: int, step: int, complete: bool = False) -> None:
+        ranks = self.ranks.gather(self._rank_state()) if self.ranks.world > 1 else None
+        if ranks is not None and any(
+            not _same_masks(ranks[0]["masks"], other["masks"]) for other in ranks[1:]
+        ):  # cannot happen when the counters were summed: a guard, not a code path
+            raise MesimpError("the processes disagree on the meSimp masks; not saving")
+        if not self.ranks.main:
+            self.last_saved = (epoch, step)
+            return
         ckpt = self._make_checkpoint(epoch + step / self.steps_per_epoch, self.last_eval)
         ckpt["resume"] = {
             "version": RESUME_VERSION,
@@ -482,8 +550,25 @@ class _Run:
             "train_time_s": self.train_time,
             "data_fingerprint": self.fingerprint,
         }
+        if ranks is not None:  # each rank's own RNG, MSBP memory and counters
+            ckpt["resume"].update(world_size=self.ranks.world, ranks=ranks)
         save_checkpoint(self.last, ckpt)
         self.last_saved = (epoch, step)
+
+    def _interrupted(self, epoch: int, step: int) -> TrainingInterrupted:
+        self._write_log()
+        signum = self.stop.signum or signal.SIGTERM  # another rank may have had the signal
+        name = self.stop.name or "a signal to another process"
+        how = (
+            f"mesimp train --resume {self.last}"
+            if self.ranks.world == 1
+            else f"the same torchrun command with --resume {self.last}"
+        )
+        return TrainingInterrupted(
+            f"interrupted by {name} at {_where(epoch, step)}; resume with: {how}",
+            signum,
+            self.last,
+        )
 
     def _diverged(self, what: str, epoch: int, step: int, gstep: int) -> TrainingDiverged:
         # best_widths is set once this run (or the run it resumes) wrote its best checkpoint
@@ -525,6 +610,14 @@ class _Run:
 
 def _where(epoch: int, step: int) -> str:
     return f"epoch {epoch + 1} step {step}"
+
+
+def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t.detach().cpu() if t is not None else None
+
+
+def _same_masks(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _meprop_config(model: nn.Module) -> Any:

@@ -5,7 +5,7 @@ weights plus a ``resume`` section: optimizer state, every RNG state, the data or
 the loop position, meProp counters/masks and MSBP memory, the best-so-far record and
 the metrics records. The loop writes and reads that section (``mesimp.training.loop``);
 this module finds the file, checks its version, and decides which config a resumed
-run uses: the checkpoint's, with the runtime options (threads, save_every, keep_last)
+run uses: the checkpoint's, with the runtime options (threads, save_every, keep_last, device)
 free to change and any other disagreement refused in one line.
 """
 
@@ -98,7 +98,7 @@ def resume_config(path: str | Path, given: dict[str, Any] | None = None) -> Trai
 
     ``given`` holds the options the user set explicitly (CLI option names with
     underscores: ``epochs``, ``hidden``, ``simplify``, ``prune_rate``, ...). Runtime
-    options (``threads``, ``save_every``, ``keep_last``) replace the saved ones; any
+    options (``threads``, ``save_every``, ``keep_last``, ``device``) replace the saved ones; any
     other option that disagrees with the checkpoint is refused with one line.
     """
     where, ckpt = load_resume_checkpoint(path)

@@ -28,10 +28,13 @@ from mesimp.files.checkpoint import NonFiniteError
 # RNG state as plain types and tensors (loadable with weights_only=True)
 # --------------------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
-    """torch (CPU), numpy (legacy global) and python ``random`` states."""
+    """torch (CPU, and CUDA once it is in use), numpy (legacy global) and python
+    ``random`` states."""
     name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     version, py_state, gauss_next = random.getstate()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     return {
+        "cuda": cuda,
         "torch": torch.get_rng_state(),
         "numpy": {
             "name": str(name),
@@ -46,6 +49,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
     n = state["numpy"]
     np.random.set_state(
         (
