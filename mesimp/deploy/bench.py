@@ -65,7 +65,6 @@ import json
 import math
 import os
 import platform
-import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -74,6 +73,7 @@ from typing import Any
 import numpy as np
 
 from mesimp.deploy.int8 import probe_u8s8_exact
+from mesimp.deploy.ort_errors import one_line, ort_errors, ort_message
 from mesimp.errors import BadInputError, MesimpError
 from mesimp.files.atomic import atomic_path, atomic_write_text, check_writable
 from mesimp.progress import bar as progress_bar
@@ -113,20 +113,6 @@ KIND_NAMES = {
 
 
 # -- model files -------------------------------------------------------------------------------
-def _one_line(e: BaseException, limit: int = 200) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return (lines[0] if lines else type(e).__name__)[:limit]
-
-
-_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : (?:\S+:\d+ [^()]*\([^()]*\) )?")
-
-
-def ort_message(e: BaseException) -> str:
-    """onnxruntime's error, one line, without its ``[ONNXRuntimeError] : 1 : FAIL :
-    file.cc:42 void f(args...)`` prefix."""
-    return _ORT_PREFIX.sub("", _one_line(e, 2000), count=1)[:200] or type(e).__name__
-
-
 def _load_onnx(path: Path) -> Any:
     import onnx
 
@@ -139,7 +125,7 @@ def _load_onnx(path: Path) -> Any:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf's DecodeError, OSError, ... : not an ONNX file
-        raise BadInputError(f"{path}: not an ONNX model ({_one_line(e)})") from e
+        raise BadInputError(f"{path}: not an ONNX model ({one_line(e)})") from e
     if not proto.graph.node or not proto.graph.input or not proto.graph.output:
         raise BadInputError(f"{path}: not an ONNX model (empty graph)")
     return proto
@@ -328,18 +314,6 @@ def _session(path: Path, threads: int) -> Any:
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
         raise BadInputError(f"{path}: onnxruntime cannot load it ({ort_message(e)})") from e
-
-
-def _ort_errors() -> tuple[type[BaseException], ...]:
-    """onnxruntime's own error types (Fail, InvalidArgument, RuntimeException, ...): they
-    derive from Exception directly, with no common base to catch instead."""
-    from onnxruntime.capi import onnxruntime_pybind11_state as state
-
-    return tuple(
-        v
-        for v in vars(state).values()
-        if isinstance(v, type) and issubclass(v, Exception) and v.__module__ == state.__name__
-    )
 
 
 def _batch(pool: np.ndarray, b: int) -> np.ndarray:
@@ -550,7 +524,7 @@ def _bench_batches(
         except (MemoryError, ValueError) as e:  # a huge or negative declared input shape
             raise BadInputError(
                 f"{paths[0]}: cannot allocate inputs of shape {[max(batch_sizes), *shape]} "
-                f"({_one_line(e)})"
+                f"({one_line(e)})"
             ) from e
 
     macs0 = infos[0]["macs"]
@@ -560,7 +534,7 @@ def _bench_batches(
         for p, info in zip(paths, infos, strict=True):
             try:
                 info["accuracy"] = _accuracy(_session(p, max(threads)), x_all, y_all)
-            except _ort_errors() as e:  # loads, but fails to run (e.g. a forged Gemm attribute)
+            except ort_errors() as e:  # loads, but fails to run (e.g. a forged Gemm attribute)
                 raise BadInputError(f"{p}: onnxruntime cannot run it ({ort_message(e)})") from e
 
     results: list[dict[str, Any]] = []
@@ -577,7 +551,7 @@ def _bench_batches(
                 bar.set_postfix_str(_config_name(b, t))
                 try:
                     times = _time_interleaved(sessions, feed, repeat, warmup)
-                except _ort_errors() as e:  # loads, but fails to run (e.g. a forged attribute)
+                except ort_errors() as e:  # loads, but fails to run (e.g. a forged attribute)
                     names = ", ".join(map(str, paths))
                     raise BadInputError(
                         f"onnxruntime cannot run {names} at batch size {b} ({ort_message(e)})"
@@ -793,7 +767,7 @@ def _bench_tagger(
                 bar.set_postfix_str(_config_name(b, t))
                 try:
                     times = _time_runs(sessions, feeds, tokens, repeat, warmup)
-                except _ort_errors() as e:
+                except ort_errors() as e:
                     names = ", ".join(map(str, paths))
                     raise BadInputError(
                         f"onnxruntime cannot run {names} at batch size {b} ({ort_message(e)})"
@@ -1073,7 +1047,7 @@ def plot(result: dict[str, Any], path: str | os.PathLike) -> Path:
         with atomic_path(dest) as tmp:
             fig.savefig(tmp, format=fmt, dpi=120)
     except ValueError as e:  # unknown image format
-        raise BadInputError(f"cannot write a plot as {dest.name}: {_one_line(e)}") from e
+        raise BadInputError(f"cannot write a plot as {dest.name}: {one_line(e)}") from e
     finally:
         plt.close(fig)
     return dest

@@ -83,8 +83,8 @@ from torch import nn
 
 from mesimp._version import __version__
 from mesimp.data import Vocab, load_eval_data, read_conllu, tagging_tensors
-from mesimp.deploy.bench import _ort_errors, ort_message
 from mesimp.deploy.int8 import DEFAULT_INT8_MODE, get_int8_mode
+from mesimp.deploy.ort_errors import one_line, ort_errors, ort_message
 from mesimp.errors import BadInputError, CheckpointError, DataError, MesimpError, VerificationError
 from mesimp.files.atomic import atomic_write_bytes, check_writable
 from mesimp.files.checkpoint import load_checkpoint, model_from_checkpoint
@@ -184,11 +184,6 @@ def _fds_to_tempfile() -> Iterator[None]:
                 os.close(copy)
 
 
-def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return (lines[0] if lines else type(e).__name__)[:300]
-
-
 # -- model -------------------------------------------------------------------------------------
 def plain_model(ckpt: dict[str, Any]) -> nn.Module:
     """The checkpoint's model with only ``torch.nn`` layers, masks folded into the weights.
@@ -267,7 +262,7 @@ def torch_to_onnx(
         with _quiet(), torch.no_grad():
             torch.onnx.export(model, example, str(path), **kwargs)
     except Exception as e:  # the exporters raise many unrelated types
-        raise ExportError(f"ONNX export failed ({exporter} exporter): {_first_line(e)}") from e
+        raise ExportError(f"ONNX export failed ({exporter} exporter): {one_line(e, 300)}") from e
     if Path(f"{path}.data").exists():  # guard the single-file promise
         raise ExportError("the exporter wrote external data; expected a single file")
     # The dynamo exporter converts its opset-18 graph to older opsets with onnx's
@@ -310,7 +305,7 @@ def _check(model_proto: Any, what: str) -> None:
     try:
         onnx.checker.check_model(model_proto, full_check=True)
     except Exception as e:  # onnx raises ValidationError, InferenceError, ...
-        raise VerificationError(f"{what} fails onnx.checker: {_first_line(e)}") from e
+        raise VerificationError(f"{what} fails onnx.checker: {one_line(e, 300)}") from e
 
 
 def _session(model_bytes: bytes, threads: int = 0) -> Any:
@@ -538,7 +533,7 @@ def _quantize_int8(
                 reduce_range=spec.reduce_range,
             )
     except Exception as e:  # the quantizer raises many unrelated types
-        raise ExportError(f"int8 quantization failed: {_first_line(e)}") from e
+        raise ExportError(f"int8 quantization failed: {one_line(e, 300)}") from e
     proto = onnx.load(str(q))
     _set_metadata(
         proto,
@@ -896,7 +891,7 @@ def _run_seq(session: Any, runs: list[np.ndarray]) -> list[np.ndarray]:
     name = session.get_inputs()[0].name
     try:
         return [session.run(None, {name: np.ascontiguousarray(x)})[0] for x in runs]
-    except _ort_errors() as e:
+    except ort_errors() as e:
         raise VerificationError(
             f"onnxruntime cannot run the exported model ({ort_message(e)})"
         ) from e
