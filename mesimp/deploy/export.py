@@ -63,16 +63,10 @@ LSTM models (``lstm-tagger``, ``lstm-rows``; see ``_export_lstm``)
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
-import logging
 import os
-import sys
 import tempfile
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,8 +78,16 @@ from torch import nn
 from mesimp._version import __version__
 from mesimp.data import Vocab, load_eval_data, read_conllu, tagging_tensors
 from mesimp.deploy.int8 import DEFAULT_INT8_MODE, get_int8_mode
-from mesimp.deploy.ort_errors import one_line, ort_errors, ort_message
-from mesimp.errors import BadInputError, CheckpointError, DataError, MesimpError, VerificationError
+from mesimp.deploy.ort_errors import ort_errors, ort_message
+from mesimp.deploy.quantize import quantize_int8 as _quantize_int8
+from mesimp.deploy.torch_onnx import EXPORTERS, ExportError, torch_to_onnx
+from mesimp.deploy.verify import PARITY_TOL
+from mesimp.deploy.verify import check_model as _check
+from mesimp.deploy.verify import check_parity as _check_parity
+from mesimp.deploy.verify import max_diff as _max_diff
+from mesimp.deploy.verify import ort_session as _session
+from mesimp.deploy.verify import set_metadata as _set_metadata
+from mesimp.errors import BadInputError, CheckpointError, DataError, VerificationError
 from mesimp.files.atomic import atomic_write_bytes, check_writable
 from mesimp.files.checkpoint import load_checkpoint, model_from_checkpoint
 from mesimp.models import count_macs, count_params, hidden_sizes, is_lstm_model
@@ -103,10 +105,8 @@ __all__ = [
     "torch_to_onnx",
 ]
 
-PARITY_TOL = 1e-4
 # int8 predictions must agree with fp32 ones on at least this fraction of the inputs.
 INT8_MIN_AGREEMENT = 0.95
-EXPORTERS = ("dynamo", "torchscript")
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 WORDS_NAME = "words"  # a tagger's input: int64 word ids [batch, seq]
@@ -117,71 +117,6 @@ CHECK_BATCH = 64  # sentences (or 8x as many images) per onnxruntime/PyTorch run
 
 # int8 for LSTM graphs: the LSTMs, the output layer and the embedding table.
 LSTM_INT8_OPS = ("LSTM", "MatMul", "Gemm", "Gather")
-
-# Loggers that print progress or harmless warnings during export/quantization.
-_CHATTY_LOGGERS = (
-    "",  # onnxruntime.quantization calls logging.warning() on the root logger
-    "torch.onnx",
-    "torch.export",
-    "torch._dynamo",
-    "torch._export",
-    "torch.fx",
-    "onnxscript",
-    "onnx_ir",
-    "onnxruntime",
-)
-
-
-class ExportError(MesimpError):
-    """The exporter or the quantizer failed on a model (a runtime failure, exit code 1)."""
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[io.StringIO]:
-    """Silence warnings, chatty loggers and stray prints; yields what was printed.
-
-    Python-level output goes to the yielded buffer; output written straight to file
-    descriptors 1 and 2 by C++ code (the TorchScript exporter dumps its whole IR graph
-    there on failure) goes to a discarded temp file. Exceptions pass through untouched,
-    so real errors still surface (as one line, from the caller).
-    """
-    buf = io.StringIO()
-    saved = [(lg, lg.level) for lg in map(logging.getLogger, _CHATTY_LOGGERS)]
-    with contextlib.ExitStack() as stack:
-        try:
-            for lg, _ in saved:
-                lg.setLevel(logging.ERROR)
-            stack.enter_context(_fds_to_tempfile())
-            stack.enter_context(warnings.catch_warnings())
-            stack.enter_context(contextlib.redirect_stdout(buf))
-            stack.enter_context(contextlib.redirect_stderr(buf))
-            warnings.simplefilter("ignore")
-            yield buf
-        finally:
-            for lg, level in saved:
-                lg.setLevel(level)
-
-
-@contextlib.contextmanager
-def _fds_to_tempfile() -> Iterator[None]:
-    """Point OS-level stdout/stderr at a temp file for the duration (restored after)."""
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(AttributeError, ValueError, OSError):
-            stream.flush()
-    saved: list[tuple[int, int]] = []
-    with tempfile.TemporaryFile() as sink:
-        try:
-            for fd in (1, 2):
-                try:
-                    saved.append((fd, os.dup(fd)))
-                except OSError:  # no such descriptor (e.g. a daemon): nothing to silence
-                    continue
-                os.dup2(sink.fileno(), fd)
-            yield
-        finally:
-            for fd, copy in saved:
-                os.dup2(copy, fd)
-                os.close(copy)
 
 
 # -- model -------------------------------------------------------------------------------------
@@ -214,73 +149,6 @@ def plain_model(ckpt: dict[str, Any]) -> nn.Module:
     return model.eval()
 
 
-def torch_to_onnx(
-    model: nn.Module,
-    example: tuple[torch.Tensor, ...],
-    path: str | os.PathLike,
-    opset: int,
-    dynamic_axes: dict[str, dict[int, str]],
-    input_names: list[str],
-    output_names: list[str],
-    exporter: str = "dynamo",
-) -> None:
-    """The one place that calls ``torch.onnx.export``; writes a single ONNX file.
-
-    ``dynamic_axes`` maps every input and output name to ``{axis: dim_name}``, the
-    TorchScript exporter's format; for the dynamo exporter it is translated to
-    ``dynamic_shapes`` (inputs only; output shapes follow). Logging and warnings are
-    silenced; failures raise ``ExportError`` with the exporter's first line.
-    """
-    if exporter not in EXPORTERS:
-        raise BadInputError(f"unknown exporter {exporter!r} (choose from {', '.join(EXPORTERS)})")
-    kwargs: dict[str, Any] = {
-        "input_names": input_names,
-        "output_names": output_names,
-        "opset_version": opset,
-    }
-    if exporter == "dynamo":
-        dims: dict[str, torch.export.Dim] = {}
-        shapes = tuple(
-            {
-                axis: dims.setdefault(name, torch.export.Dim(name))
-                for axis, name in dynamic_axes.get(inp, {}).items()
-            }
-            or None
-            for inp in input_names
-        )
-        kwargs.update(
-            dynamo=True,
-            external_data=False,
-            dynamic_shapes=shapes,
-            verbose=False,
-            optimize=True,
-            report=False,
-        )
-    else:
-        kwargs.update(dynamo=False, dynamic_axes=dynamic_axes, do_constant_folding=True)
-    try:
-        with _quiet(), torch.no_grad():
-            torch.onnx.export(model, example, str(path), **kwargs)
-    except Exception as e:  # the exporters raise many unrelated types
-        raise ExportError(f"ONNX export failed ({exporter} exporter): {one_line(e, 300)}") from e
-    if Path(f"{path}.data").exists():  # guard the single-file promise
-        raise ExportError("the exporter wrote external data; expected a single file")
-    # The dynamo exporter converts its opset-18 graph to older opsets with onnx's
-    # version converter and, where that fails (opset 13 in torch 2.13), quietly keeps 18.
-    import onnx
-
-    got = {
-        o.version
-        for o in onnx.load(str(path), load_external_data=False).opset_import
-        if o.domain in ("", "ai.onnx")
-    }
-    if got != {opset}:
-        raise BadInputError(
-            f"the {exporter} exporter produced opset {sorted(got)} instead of {opset}; "
-            f"choose another --opset (18, the default, always works)"
-        )
-
-
 # -- onnx helpers ------------------------------------------------------------------------------
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
@@ -288,41 +156,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _set_metadata(model_proto: Any, meta: dict[str, str]) -> None:
-    keep = [p for p in model_proto.metadata_props if p.key not in meta]
-    del model_proto.metadata_props[:]
-    model_proto.metadata_props.extend(keep)
-    for key, value in meta.items():
-        prop = model_proto.metadata_props.add()
-        prop.key, prop.value = key, value
-
-
-def _check(model_proto: Any, what: str) -> None:
-    import onnx
-
-    try:
-        onnx.checker.check_model(model_proto, full_check=True)
-    except Exception as e:  # onnx raises ValidationError, InferenceError, ...
-        raise VerificationError(f"{what} fails onnx.checker: {one_line(e, 300)}") from e
-
-
-def _session(model_bytes: bytes, threads: int = 0) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # errors only
-    if threads:
-        opts.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime's Fail/InvalidGraph/... share no base class
-        # In practice: an opset newer than this onnxruntime supports (a user's --opset).
-        raise BadInputError(
-            f"onnxruntime {ort.__version__} cannot load the exported model "
-            f"({ort_message(e)}); try the default --opset 18"
-        ) from e
 
 
 def _run(session: Any, x: np.ndarray, batch: int = 2048) -> np.ndarray:
@@ -501,53 +334,6 @@ def export_onnx(
         size_bytes=out.stat().st_size,
     )
     return result
-
-
-def _quantize_int8(
-    fp32_bytes: bytes,
-    tmp: Path,
-    meta: dict[str, str],
-    mode: str,
-    op_types: list[str] | None = None,
-) -> tuple[bytes, dict]:
-    """Dynamic int8 quantization of a float model; returns the bytes and a few stats.
-
-    ``mode``: a key of ``INT8_MODES`` (see ``mesimp.deploy.int8``). ``op_types``: what
-    ``quantize_dynamic`` may quantize (``None``: all it knows)."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
-
-    spec = get_int8_mode(mode)
-
-    fp32, pre, q = tmp / "fp32.onnx", tmp / "pre.onnx", tmp / "int8.onnx"
-    fp32.write_bytes(fp32_bytes)
-    try:
-        with _quiet():
-            quant_pre_process(str(fp32), str(pre))
-            quantize_dynamic(
-                str(pre),
-                str(q),
-                op_types_to_quantize=op_types,
-                weight_type=QuantType.QUInt8 if spec.weight_type == "uint8" else QuantType.QInt8,
-                per_channel=False,
-                reduce_range=spec.reduce_range,
-            )
-    except Exception as e:  # the quantizer raises many unrelated types
-        raise ExportError(f"int8 quantization failed: {one_line(e, 300)}") from e
-    proto = onnx.load(str(q))
-    _set_metadata(
-        proto,
-        {
-            **meta,
-            "quantization": f"dynamic int8 weights (onnxruntime), mode {mode}: {spec.about}",
-            "int8_mode": mode,
-            "int8_portable": json.dumps(spec.portable),
-        },
-    )
-    _check(proto, "int8 model")
-    ops = [n.op_type for n in proto.graph.node]
-    stats = {"int8_ops": sorted(set(ops)), "int8_mode": mode, "int8_portable": spec.portable}
-    return proto.SerializeToString(), stats
 
 
 # -- LSTM models -------------------------------------------------------------------------------
@@ -862,27 +648,6 @@ def _rows_inputs(
         min(n_check, len(x)),
         steps=h,
     )
-
-
-def _check_parity(got: list[np.ndarray], ref: list[np.ndarray], n_inputs: int) -> float:
-    """onnxruntime's outputs against PyTorch's, run by run: same shapes and a max |diff|
-    within ``PARITY_TOL`` (NaN fails too), else ``VerificationError``; returns the diff."""
-    for g, r in zip(got, ref, strict=True):
-        if g.shape != r.shape:
-            raise VerificationError(f"ONNX output shape {g.shape} != PyTorch's {r.shape}")
-    max_abs_diff = _max_diff(got, ref)
-    if not max_abs_diff <= PARITY_TOL:
-        raise VerificationError(
-            f"ONNX and PyTorch outputs differ by {max_abs_diff:.3g} > {PARITY_TOL:g} on "
-            f"{n_inputs} inputs; the export is not trustworthy"
-        )
-    return max_abs_diff
-
-
-def _max_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
-    """Largest |a - b| over runs (NaN if any value is NaN, so a ``<=`` check fails)."""
-    diffs = [float(np.abs(x - y).max()) for x, y in zip(a, b, strict=True) if y.size]
-    return float(np.max(diffs)) if diffs else 0.0
 
 
 def _run_seq(session: Any, runs: list[np.ndarray]) -> list[np.ndarray]:
