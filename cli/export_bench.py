@@ -202,7 +202,7 @@ def bench(
           --conllu en_ewt-ud-test.conllu
     """
     from mesimp.deploy.bench import bench as run_bench
-    from mesimp.deploy.bench import format_table, plot, write_markdown
+    from mesimp.deploy.tables import format_table, plot, write_markdown
 
     r = run_bench(
         list(models),

@@ -28,7 +28,7 @@ from helpers import files_in, run_main
 from mesimp.cli.main import cli, main
 from onnx import numpy_helper
 
-import mesimp.deploy.export
+import mesimp.deploy.verify
 from mesimp._version import __version__
 from mesimp.data import load_idx
 from mesimp.deploy.bench import load_model_info
@@ -405,8 +405,8 @@ def test_cli_export_bad_input(case, tmp_path, capsys, models):
 def test_failed_parity_raises_and_writes_nothing(tmp_path, models, data, monkeypatch):
     ckpt = tmp_path / "m.pt"
     ckpt.write_bytes(models["dense"].ckpt.read_bytes())
-    # export_onnx reads the module global at call time
-    monkeypatch.setattr(mesimp.deploy.export, "PARITY_TOL", -1.0)
+    # the parity check reads the module global at call time
+    monkeypatch.setattr(mesimp.deploy.verify, "PARITY_TOL", -1.0)
     with pytest.raises(VerificationError, match="differ"):
         export_onnx(ckpt, tmp_path / "m.onnx", data=data.npz)
     assert files_in(tmp_path) == {"m.pt"}

@@ -34,13 +34,13 @@ Schema::
                  "onnxruntime", "numpy"},
      "config": {"batch_sizes", "threads", "repeat", "warmup", "rounds", "data"}}
 
-Sequence models (the kind is read from the model's input, see ``_input_signature``):
+Sequence models (the kind is read from the model's input, see ``mesimp.deploy.onnx_graph``):
 
 * **LSTM row classifiers** (float ``[batch, rows, width]``) are timed like MLPs on
   ``[b, rows, width]`` images (rows: fixed in the graph, else the ``steps`` metadata of
   ``mesimp export``, else ``width``); same schema.
 * **LSTM taggers** (int64 ``[batch, seq]`` word ids) tag whole sentences
-  (``_bench_tagger``): ``mode: "decode"`` at batch 1 runs one sentence per
+  (``workload_sentences``): ``mode: "decode"`` at batch 1 runs one sentence per
   ``session.run``; ``mode: "batch"`` (other ``batch_sizes``) runs length-bucketed,
   zero-padded batches. Sentence lengths come from ``conllu`` or a fixed EWT-like
   distribution; word ids are uniform in ``[1, vocab)`` (vocab = rows of the embedding
@@ -57,16 +57,17 @@ Sequence models (the kind is read from the model's input, see ``_input_signature
   ``repeat_unit`` (``repeat`` counts passes over the sentences).
 
 Models of different kinds are refused in one call (one line).
+
+Where the parts live: reading the graphs in ``onnx_graph``, sessions and interleaved
+timing in ``timing``, the two kinds of input in ``workload_batches`` (fixed-shape
+batches) and ``workload_sentences`` (taggers) behind the ``workload.Workload``
+interface, the table, Markdown and plot in ``tables``. This module validates the
+options, picks the workload and runs the loop they share.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import platform
-import re
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -74,8 +75,16 @@ from typing import Any
 import numpy as np
 
 from mesimp.deploy.int8 import probe_u8s8_exact
-from mesimp.errors import BadInputError, MesimpError
-from mesimp.files.atomic import atomic_path, atomic_write_text, check_writable
+from mesimp.deploy.onnx_graph import KIND_NAMES, graph_macs, load_model_info
+from mesimp.deploy.ort_errors import ort_errors, ort_message
+from mesimp.deploy.tables import format_table, plot, write_markdown
+from mesimp.deploy.tables import to_markdown as to_markdown  # re-exported
+from mesimp.deploy.timing import MAX_ROUNDS, machine_info, timing_session
+from mesimp.deploy.workload import Workload
+from mesimp.deploy.workload_batches import DEFAULT_BATCH_SIZES as DEFAULT_BATCH_SIZES
+from mesimp.deploy.workload_batches import BatchWorkload
+from mesimp.deploy.workload_sentences import SentenceWorkload, sentence_lengths
+from mesimp.errors import BadInputError
 from mesimp.progress import bar as progress_bar
 from mesimp.progress import line as progress_line
 
@@ -89,321 +98,11 @@ __all__ = [
     "write_markdown",
 ]
 
-DEFAULT_BATCH_SIZES = (1, 32, 256, 4096)
 DEFAULT_THREADS = (1, 2)
-MAX_ROUNDS = 10
-# With repeat=None, each model gets about this much timed wall time per configuration,
-# within [MIN_AUTO_REPEAT, MAX_AUTO_REPEAT] runs.
-AUTO_BUDGET_S = 0.5
-MIN_AUTO_REPEAT = 20
-MAX_AUTO_REPEAT = 1000
-_MATMUL_OPS = ("Gemm", "MatMul", "MatMulInteger")
-_LSTM_OPS = ("LSTM", "DynamicQuantizeLSTM")
-# Sequence-model benchmarks (LSTM taggers): sentences without a --conllu file.
-DEFAULT_SENTENCES = 500
-# Synthetic sentence lengths: log-normal, fitted to UD English EWT (dev and test: mean
-# 12.1-12.6 words, median 9-10, 90th percentile 26, longest 81): these give mean 12.6.
-_LEN_MU, _LEN_SIGMA, _MAX_LEN = 2.1, 0.95, 160
-MAX_AUTO_PASSES = 20
-KIND_NAMES = {
-    "dense": "an MLP",
-    "rows": "an LSTM row classifier",
-    "tagger": "an LSTM tagger",
-}
+# The workload of each input kind (``onnx_graph.KIND_NAMES``); any other kind: batches.
+WORKLOADS: dict[str, type[Workload]] = {"tagger": SentenceWorkload}
 
 
-# -- model files -------------------------------------------------------------------------------
-def _one_line(e: BaseException, limit: int = 200) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return (lines[0] if lines else type(e).__name__)[:limit]
-
-
-_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : (?:\S+:\d+ [^()]*\([^()]*\) )?")
-
-
-def ort_message(e: BaseException) -> str:
-    """onnxruntime's error, one line, without its ``[ONNXRuntimeError] : 1 : FAIL :
-    file.cc:42 void f(args...)`` prefix."""
-    return _ORT_PREFIX.sub("", _one_line(e, 2000), count=1)[:200] or type(e).__name__
-
-
-def _load_onnx(path: Path) -> Any:
-    import onnx
-
-    if not path.exists():
-        raise BadInputError(f"{path}: no such file")
-    if path.is_dir():
-        raise BadInputError(f"{path}: is a directory, not an ONNX model")
-    if not os.access(path, os.R_OK):
-        raise BadInputError(f"{path}: not readable")
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # protobuf's DecodeError, OSError, ... : not an ONNX file
-        raise BadInputError(f"{path}: not an ONNX model ({_one_line(e)})") from e
-    if not proto.graph.node or not proto.graph.input or not proto.graph.output:
-        raise BadInputError(f"{path}: not an ONNX model (empty graph)")
-    return proto
-
-
-def graph_macs(proto: Any) -> int:
-    """Multiply-accumulates per example: the sum of the weight sizes of every
-    Gemm/MatMul/MatMulInteger whose weight (either operand) is a 2-D initializer, plus
-    the ``W`` and ``R`` weight sizes of every ``LSTM`` (or onnxruntime's
-    ``DynamicQuantizeLSTM``), i.e. ``4h * (input + h)``: for LSTM models MACs per time
-    step (a token, an image row), as ``mesimp.models.count_macs`` counts them."""
-    inits = {t.name: tuple(t.dims) for t in proto.graph.initializer}
-    macs = _conv_macs(proto, inits)
-    for node in proto.graph.node:
-        if node.op_type in _LSTM_OPS:
-            for name in node.input[1:3]:  # W, R (initializers; either layout)
-                dims = inits.get(name)
-                if dims is not None and len(dims) == 3:
-                    macs += math.prod(dims)
-            continue
-        if node.op_type not in _MATMUL_OPS:
-            continue
-        for name in node.input[:2]:
-            dims = inits.get(name)
-            if dims is not None and len(dims) == 2:
-                macs += dims[0] * dims[1]
-                break
-    return macs
-
-
-def _conv_macs(proto: Any, inits: dict[str, tuple[int, ...]]) -> int:
-    """Per example, every ``Conv``/``ConvInteger`` with a 4-D weight initializer:
-    output height x width (from onnx shape inference) x the weight's size."""
-    convs = [n for n in proto.graph.node if n.op_type in ("Conv", "ConvInteger")]
-    if not convs:
-        return 0
-    import onnx
-
-    try:
-        graph = onnx.shape_inference.infer_shapes(proto).graph
-    except Exception:  # shape inference is best effort here: no spatial size, no count
-        return 0
-    shapes = {}
-    for vi in [*graph.value_info, *graph.output]:
-        dims = vi.type.tensor_type.shape.dim
-        shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
-    macs = 0
-    for node in convs:
-        w, out = inits.get(node.input[1]), shapes.get(node.output[0])
-        if w is None or len(w) != 4 or not out or len(out) != 4 or None in out[2:]:
-            continue
-        macs += out[2] * out[3] * math.prod(w)
-    return macs
-
-
-def _graph_params(proto: Any) -> int:
-    """Elements of all non-scalar initializers (weights and biases)."""
-    return sum(math.prod(t.dims) for t in proto.graph.initializer if len(t.dims) >= 1)
-
-
-def _input_signature(proto: Any, path: Path) -> tuple[str, tuple[int | None, ...], int | None, str]:
-    """(input name, per-example shape, fixed batch size or None, kind) of a one-input model.
-
-    Kinds: ``"dense"``, a float input with fixed feature axes (an MLP); and, for graphs
-    with an ``LSTM``/``DynamicQuantizeLSTM`` node, ``"tagger"`` (int64 ``[batch, seq]``)
-    and ``"rows"`` (float ``[batch, steps, width]``, fixed width). A dynamic sequence
-    axis is ``None`` in the shape.
-    """
-    init_names = {t.name for t in proto.graph.initializer}
-    inputs = [i for i in proto.graph.input if i.name not in init_names]
-    if len(inputs) != 1:
-        raise BadInputError(f"{path}: expected one input, the model has {len(inputs)}")
-    inp = inputs[0]
-    if not isinstance(inp.name, str):  # protobuf hands back bytes for invalid UTF-8
-        raise BadInputError(f"{path}: the input name {inp.name!r} is not valid UTF-8")
-    tt = inp.type.tensor_type
-    dims = list(tt.shape.dim)
-    fixed = int(dims[0].dim_value) if dims and dims[0].HasField("dim_value") else None
-    lstm = any(n.op_type in _LSTM_OPS for n in proto.graph.node)
-    if lstm and tt.elem_type == 7 and len(dims) == 2:  # onnx.TensorProto.INT64
-        seq = int(dims[1].dim_value) if dims[1].HasField("dim_value") else None
-        return inp.name, (seq,), fixed, "tagger"
-    if lstm and tt.elem_type == 1 and len(dims) == 3:
-        if not dims[2].HasField("dim_value"):
-            raise BadInputError(f"{path}: input {inp.name!r} has a non-fixed row width")
-        steps = int(dims[1].dim_value) if dims[1].HasField("dim_value") else None
-        return inp.name, (steps, int(dims[2].dim_value)), fixed, "rows"
-    if tt.elem_type != 1:  # onnx.TensorProto.FLOAT
-        raise BadInputError(f"{path}: input {inp.name!r} is not float32")
-    if len(dims) < 2:
-        raise BadInputError(f"{path}: input {inp.name!r} must be [batch, features...]")
-    rest = []
-    for d in dims[1:]:
-        if not d.HasField("dim_value"):
-            raise BadInputError(f"{path}: input {inp.name!r} has a non-fixed feature axis")
-        rest.append(int(d.dim_value))
-    return inp.name, tuple(rest), fixed, "dense"
-
-
-def _embedding_rows(proto: Any, input_name: str) -> int | None:
-    """Rows of the table a ``Gather`` looks the input's word ids up in (the vocabulary
-    size), or None when the graph has no such lookup."""
-    inits = {t.name: tuple(t.dims) for t in proto.graph.initializer}
-    for node in proto.graph.node:
-        if node.op_type == "Gather" and len(node.input) >= 2 and node.input[1] == input_name:
-            dims = inits.get(node.input[0])
-            if dims is not None and len(dims) == 2 and dims[0] > 0:
-                return int(dims[0])
-    return None
-
-
-def _positive_int_or_none(text: str | None) -> int | None:
-    try:
-        v = int(text) if text is not None else None
-    except ValueError:
-        return None
-    return v if v is not None and 0 < v < 1 << 31 else None
-
-
-def load_model_info(path: str | os.PathLike, metadata: bool = False) -> dict[str, Any]:
-    """What bench reports per model: path, MACs and params from the graph, metadata.
-
-    ``metadata=True`` also returns every (UTF-8) ``metadata_props`` entry under
-    ``"metadata"`` and the parsed ``arch`` (for ``mesimp info``), from the same read.
-    """
-    p = Path(path)
-    proto = _load_onnx(p)
-    name, shape, fixed, kind = _input_signature(proto, p)
-    # (protobuf hands back bytes, not str, for invalid UTF-8: such entries are skipped)
-    meta = {m.key: m.value for m in proto.metadata_props if isinstance(m.value, str)}
-    if kind == "rows":
-        # the rows per image: fixed in the graph, else as exported (metadata), else square
-        steps = shape[0] or _positive_int_or_none(meta.get("steps")) or int(shape[1] or 1)
-        shape = (steps, shape[1])
-    info: dict[str, Any] = {
-        "path": str(p),
-        "macs": graph_macs(proto),
-        "params": _graph_params(proto),
-        "size_bytes": p.stat().st_size,
-        "input": {"name": name, "shape": list(shape), "batch": fixed, "kind": kind},
-    }
-    if kind == "tagger":
-        info["vocab_size"] = _embedding_rows(proto, name) or _positive_int_or_none(
-            meta.get("vocab_size")
-        )
-    hidden = _json_or_none(meta.get("hidden_sizes"))
-    if hidden is not None:
-        info["hidden_sizes"] = hidden
-    if "quantization" in meta:
-        info["quantization"] = meta["quantization"]
-    if "int8_mode" in meta:
-        info["int8_mode"] = meta["int8_mode"]
-        info["int8_portable"] = meta.get("int8_portable") != "false"
-    if metadata:
-        info["metadata"] = meta
-        info["arch"] = _json_or_none(meta.get("arch"))
-    return info
-
-
-def _json_or_none(text: str | None) -> Any:
-    """Parsed JSON metadata, or None when absent or malformed (metadata is advisory)."""
-    if text is None:
-        return None
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError):  # RecursionError: deeply nested "[[[[..."
-        return None
-
-
-# -- sessions and inputs -----------------------------------------------------------------------
-def _session(path: Path, threads: int) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    # Worker threads of a session keep spinning after its run; with several sessions
-    # timed in turn on the same cores, that spinning stole the second core from the
-    # next model (measured: a 784-80-64 MLP at batch 256 and 2 threads took 0.163 ms
-    # interleaved with the dense model vs 0.087 ms alone). No spinning = fair turns.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
-        raise BadInputError(f"{path}: onnxruntime cannot load it ({ort_message(e)})") from e
-
-
-def _ort_errors() -> tuple[type[BaseException], ...]:
-    """onnxruntime's own error types (Fail, InvalidArgument, RuntimeException, ...): they
-    derive from Exception directly, with no common base to catch instead."""
-    from onnxruntime.capi import onnxruntime_pybind11_state as state
-
-    return tuple(
-        v
-        for v in vars(state).values()
-        if isinstance(v, type) and issubclass(v, Exception) and v.__module__ == state.__name__
-    )
-
-
-def _batch(pool: np.ndarray, b: int) -> np.ndarray:
-    """``b`` rows from ``pool``, tiled when ``b`` exceeds it (C-contiguous float32)."""
-    reps = -(-b // len(pool))
-    x = np.concatenate([pool] * reps)[:b] if reps > 1 else pool[:b]
-    return np.ascontiguousarray(x, dtype=np.float32)
-
-
-def _percentile(sorted_ms: list[float], q: float) -> float:
-    """Nearest-rank percentile (a value that was actually measured)."""
-    idx = max(0, math.ceil(q / 100 * len(sorted_ms)) - 1)
-    return sorted_ms[idx]
-
-
-def _accuracy(session: Any, x: np.ndarray, y: np.ndarray, batch: int = 2048) -> float:
-    name = session.get_inputs()[0].name
-    correct = 0
-    for i in range(0, len(y), batch):
-        out = session.run(None, {name: x[i : i + batch]})[0]
-        correct += int((out.reshape(len(out), -1).argmax(-1) == y[i : i + batch]).sum())
-    return correct / len(y)
-
-
-def machine_info() -> dict[str, Any]:
-    import onnxruntime as ort
-
-    cpu_model = platform.processor() or None
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu_model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        affinity = os.cpu_count()
-    return {
-        "cpu_count": os.cpu_count(),
-        "affinity_cpus": affinity,
-        "cpu_model": cpu_model,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "onnxruntime": ort.__version__,
-        "numpy": np.__version__,
-        "int8_u8s8_exact": probe_u8s8_exact(),
-    }
-
-
-def _positive_ints(values: Sequence[int], what: str) -> list[int]:
-    out = []
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
-            raise BadInputError(f"{what} must be positive integers, got {v!r}")
-        out.append(int(v))
-    if not out:
-        raise BadInputError(f"{what}: give at least one value")
-    return list(dict.fromkeys(out))  # unique, in the given order
-
-
-# -- the benchmark -----------------------------------------------------------------------------
 def bench(
     models: Sequence[str | os.PathLike],
     data: str | os.PathLike | None = None,
@@ -419,21 +118,20 @@ def bench(
     """Time ``models`` with onnxruntime on CPU; returns the ``bench --json`` object.
 
     ``repeat``: timed runs per model per (batch size, threads); ``None`` picks it from
-    the warm-up time (about ``AUTO_BUDGET_S`` per model, 20 to 1000 runs). ``warmup``:
-    untimed runs per model before timing. ``data``: an image dataset (see
+    the warm-up time (about ``timing.AUTO_BUDGET_S`` per model, 20 to 1000 runs).
+    ``warmup``: untimed runs per model before timing. ``data``: an image dataset (see
     ``mesimp.data.load_image_dataset``) used for the inputs (test images, tiled for
     large batches) and for accuracy; without it inputs are uniform random in [0, 1).
     ``batch_sizes``: ``None`` means ``DEFAULT_BATCH_SIZES`` (taggers: ``(1,)``).
 
     The kind of model is read from its input (``load_model_info``): MLPs and LSTM row
     classifiers (``[b, rows, width]`` images) are timed per batch as above; LSTM taggers
-    tag whole sentences (``_bench_tagger``; ``conllu``, ``sentences``). One call takes
-    models of one kind.
+    tag whole sentences (``workload_sentences``; ``conllu``, ``sentences``). One call
+    takes models of one kind.
     """
     if not models:
         raise BadInputError("give at least one ONNX model to benchmark")
-    if batch_sizes is not None:
-        batch_sizes = _positive_ints(batch_sizes, "batch sizes")
+    sizes = _positive_ints(batch_sizes, "batch sizes") if batch_sizes is not None else None
     threads = _positive_ints(threads, "thread counts")
     if repeat is not None:
         repeat = _positive_ints([repeat], "repeat")[0]
@@ -452,36 +150,15 @@ def bench(
                 f"cannot bench {KIND_NAMES[kind0]} ({paths[0]}) together with "
                 f"{KIND_NAMES[kind]} ({p}); bench each kind of model in its own call"
             )
-    if kind0 == "tagger":
-        if data is not None:
-            raise BadInputError("--data is image data; give LSTM taggers --conllu FILE")
-        result = _bench_tagger(
-            paths,
-            infos,
-            conllu,
-            batch_sizes or [1],
-            threads,
-            repeat,
-            warmup,
-            progress,
-            sentences,
-        )
-        result["warnings"] = int8_warnings(infos)
-        return result
-    if conllu is not None or sentences is not None:
-        raise BadInputError(
-            f"--conllu and --sentences are for LSTM taggers; {paths[0]} is {KIND_NAMES[kind0]}"
-        )
-    result = _bench_batches(
+    workload = WORKLOADS.get(kind0, BatchWorkload)(
         paths,
         infos,
-        data,
-        batch_sizes or list(DEFAULT_BATCH_SIZES),
-        threads,
-        repeat,
-        warmup,
-        progress,
+        data=data,
+        conllu=conllu,
+        sentences=sentences,
+        batch_sizes=sizes,
     )
+    result = _run(workload, paths, infos, threads, repeat, warmup, progress)
     result["warnings"] = int8_warnings(infos)
     return result
 
@@ -499,95 +176,46 @@ def int8_warnings(infos: Sequence[dict[str, Any]]) -> list[str]:
     ]
 
 
-def _bench_batches(
+def _run(
+    workload: Workload,
     paths: list[Path],
     infos: list[dict[str, Any]],
-    data: str | os.PathLike | None,
-    batch_sizes: list[int],
     threads: list[int],
     repeat: int | None,
     warmup: int,
     progress: bool | None,
 ) -> dict[str, Any]:
-    """``bench`` for MLPs and row classifiers: every batch size, interleaved."""
-    sig0 = infos[0]["input"]
-    for p, info in zip(paths[1:], infos[1:], strict=True):
-        sig = info["input"]
-        if (sig["name"], sig["shape"]) != (sig0["name"], sig0["shape"]):
-            raise BadInputError(
-                f"input signatures differ: {paths[0]} takes {sig0['name']!r} "
-                f"{sig0['shape']} per example, {p} takes {sig['name']!r} {sig['shape']}; "
-                f"bench compares models of the same task"
-            )
-    for p, info in zip(paths, infos, strict=True):
-        fixed = info["input"].get("batch")
-        if fixed is not None and any(b != fixed for b in batch_sizes):
-            raise BadInputError(f"{p} has a fixed batch size {fixed}; use --batch-sizes {fixed}")
-    shape = tuple(sig0["shape"])
-    features = math.prod(shape)
-
-    ds = None
-    opened: dict[int, list[Any]] = {}  # thread count -> sessions opened ahead of the loop
-    if data is not None:
-        from mesimp.data import load_image_dataset
-
-        ds = load_image_dataset(data, dev_size=0)  # only the test split is used
-        if ds.x_test.shape[1] != features:
-            raise BadInputError(
-                f"the models take {features} input features ({sig0['name']!r} {list(shape)}) "
-                f"but the data at {ds.source} has {ds.x_test.shape[1]} per example"
-            )
-        if len(ds.y_test) == 0:
-            raise BadInputError(f"the data at {ds.source} has an empty test split")
-        pool = ds.x_test.numpy().reshape(-1, *shape)
-    else:
-        # Open the models before allocating their inputs: onnxruntime refuses a graph whose
-        # declared input does not fit its weights, and such a (forged) input shape must
-        # not make bench allocate gigabytes first. The sessions are reused below.
-        opened[threads[0]] = [_session(p, threads[0]) for p in paths]
-        try:
-            pool = np.random.default_rng(0).random((max(batch_sizes), *shape), dtype=np.float32)
-        except (MemoryError, ValueError) as e:  # a huge or negative declared input shape
-            raise BadInputError(
-                f"{paths[0]}: cannot allocate inputs of shape {[max(batch_sizes), *shape]} "
-                f"({_one_line(e)})"
-            ) from e
-
+    """Every (threads, batch size) configuration, all models timed interleaved in it;
+    the result object without its ``warnings``."""
+    batch_sizes = workload.batch_sizes
+    opened = workload.prepare(threads)  # thread count -> sessions opened ahead of the loop
     macs0 = infos[0]["macs"]
-    if ds is not None:
-        x_all = np.ascontiguousarray(ds.x_test.numpy().reshape(-1, *shape), dtype=np.float32)
-        y_all = ds.y_test.numpy()
-        for p, info in zip(paths, infos, strict=True):
-            try:
-                info["accuracy"] = _accuracy(_session(p, max(threads)), x_all, y_all)
-            except _ort_errors() as e:  # loads, but fails to run (e.g. a forged Gemm attribute)
-                raise BadInputError(f"{p}: onnxruntime cannot run it ({ort_message(e)})") from e
-
     results: list[dict[str, Any]] = []
+    used: list[int] = []  # repeat units (runs, or passes) per configuration
+    runs: list[int] = []  # timed runs per model per configuration
     bar = progress_bar(
         total=len(threads) * len(batch_sizes), progress=progress, desc="bench", unit="config"
     )
-    used_repeats: dict[tuple[int, int], int] = {}
     try:
         for t in threads:
-            sessions = opened.pop(t, None) or [_session(p, t) for p in paths]
-            name = sig0["name"]
+            sessions = opened.pop(t, None) or [timing_session(p, t) for p in paths]
             for b in batch_sizes:
-                feed = {name: _batch(pool, b)}
+                feeds = workload.feeds(b)
                 bar.set_postfix_str(_config_name(b, t))
                 try:
-                    times = _time_interleaved(sessions, feed, repeat, warmup)
-                except _ort_errors() as e:  # loads, but fails to run (e.g. a forged attribute)
+                    times, repeats = workload.time(sessions, feeds, repeat, warmup)
+                except ort_errors() as e:  # loads, but fails to run (e.g. a forged attribute)
                     names = ", ".join(map(str, paths))
                     raise BadInputError(
                         f"onnxruntime cannot run {names} at batch size {b} ({ort_message(e)})"
                     ) from e
-                used_repeats[(b, t)] = len(times[0])
-                p50_first = None
+                used.append(repeats)
+                runs.append(len(times[0]))
+                first: dict[str, Any] = {}
                 for i, (p, info) in enumerate(zip(paths, infos, strict=True)):
-                    row = _row(str(p), b, t, times[i])
-                    p50_first = row["p50_ms"] if i == 0 else p50_first
-                    row["speedup"] = p50_first / row["p50_ms"]
+                    row = workload.row(str(p), b, t, times[i], repeats)
+                    first = row if i == 0 else first
+                    row["speedup"] = workload.speedup(row, first)
                     row["mac_ratio"] = (macs0 / info["macs"]) if info["macs"] else None
                     if "accuracy" in info:
                         row["accuracy"] = info["accuracy"]
@@ -602,224 +230,8 @@ def _bench_batches(
 
     models_out = []
     for info in infos:
-        m = {k: info[k] for k in ("path", "macs", "params", "size_bytes")}
-        for k in ("hidden_sizes", "quantization", "int8_mode", "accuracy"):
-            if k in info:
-                m[k] = info[k]
-        models_out.append(m)
-    reps = sorted(set(used_repeats.values()))
-    return {
-        "results": results,
-        "models": models_out,
-        "machine": machine_info(),
-        "config": {
-            "batch_sizes": batch_sizes,
-            "threads": threads,
-            "repeat": repeat if repeat is not None else f"auto ({reps[0]}..{reps[-1]})",
-            "warmup": warmup,
-            "rounds": min(MAX_ROUNDS, min(used_repeats.values())),
-            "data": ds.source if ds is not None else None,
-            "throughput": "batch_size / p50 latency (examples/s)",
-        },
-    }
-
-
-def _time_interleaved(
-    sessions: list[Any], feed: dict[str, np.ndarray], repeat: int | None, warmup: int
-) -> list[list[float]]:
-    """Per session, ``repeat`` wall times (ms) of ``session.run``, measured round-robin."""
-    clock = time.perf_counter
-    warm_s = []
-    for s in sessions:
-        t_min = math.inf
-        for _ in range(max(warmup, 1)):
-            t0 = clock()
-            s.run(None, feed)
-            t_min = min(t_min, clock() - t0)
-        warm_s.append(t_min)
-    if repeat is None:
-        per_run = max(max(warm_s), 1e-6)
-        repeat = int(min(MAX_AUTO_REPEAT, max(MIN_AUTO_REPEAT, AUTO_BUDGET_S / per_run)))
-    return _round_robin(sessions, [feed], [0] * repeat)
-
-
-def _round_robin(
-    sessions: list[Any], feeds: list[dict[str, np.ndarray]], plan: list[int]
-) -> list[list[float]]:
-    """Per session, the wall time (ms) of ``session.run(feeds[k])`` for every k of
-    ``plan``: the plan is cut into ``MAX_ROUNDS`` consecutive slices and each round runs
-    one slice per model, the order alternating, after one untimed re-warm run (caches
-    are cold after the other models ran). Interleaving is what makes ratios taken in
-    one run robust to a noisy machine."""
-    clock = time.perf_counter
-    rounds = min(MAX_ROUNDS, len(plan))
-    cuts = [len(plan) * r // rounds for r in range(rounds + 1)]
-    times: list[list[float]] = [[] for _ in sessions]
-    order = list(range(len(sessions)))
-    for r in range(rounds):
-        block = plan[cuts[r] : cuts[r + 1]]
-        for i in order if r % 2 == 0 else order[::-1]:
-            s = sessions[i]
-            s.run(None, feeds[block[0]])
-            for k in block:
-                t0 = clock()
-                s.run(None, feeds[k])
-                times[i].append((clock() - t0) * 1e3)
-    return times
-
-
-def _config_name(batch: int, threads: int) -> str:
-    return f"batch {batch}, {threads} thread{'s' if threads > 1 else ''}"
-
-
-def _row(model: str, batch: int, threads: int, times_ms: list[float]) -> dict[str, Any]:
-    srt = sorted(times_ms)
-    p50 = _percentile(srt, 50)
-    return {
-        "model": model,
-        "batch_size": batch,
-        "threads": threads,
-        "p50_ms": p50,
-        "p90_ms": _percentile(srt, 90),
-        "p99_ms": _percentile(srt, 99),
-        "mean_ms": sum(srt) / len(srt),
-        "runs": len(srt),
-        "throughput": batch / (p50 / 1e3),
-    }
-
-
-# -- taggers ----------------------------------------------------------------------------------
-def sentence_lengths(
-    conllu: str | os.PathLike | None = None, sentences: int | None = None
-) -> tuple[list[int], str | None]:
-    """Sentence lengths for a tagger benchmark, and their source (the file, or None).
-
-    From ``conllu`` (its first ``sentences``), else ``sentences`` (default
-    ``DEFAULT_SENTENCES``) lengths drawn from a fixed log-normal fitted to UD English EWT
-    (seed 0, 1 to 160 words), so runs on any machine time the same workload.
-    """
-    if conllu is not None:
-        from mesimp.data.conllu import iter_conllu
-
-        lengths = []
-        for s in iter_conllu(conllu):  # malformed files: a one-line DataError
-            lengths.append(len(s))
-            if sentences is not None and len(lengths) >= sentences:
-                break
-        return lengths, str(conllu)
-    n = sentences or DEFAULT_SENTENCES
-    draws = np.random.default_rng(0).lognormal(_LEN_MU, _LEN_SIGMA, n)
-    return [int(v) for v in np.clip(np.rint(draws), 1, _MAX_LEN)], None
-
-
-def _tagger_runs(
-    name: str, lengths: list[int], vocab: int, batch: int
-) -> tuple[list[dict[str, np.ndarray]], list[int]]:
-    """Feeds and their real-token counts. Word ids are uniform in ``[1, vocab)`` (seed 0):
-    an LSTM's cost does not depend on which words it reads, so no vocabulary is needed.
-    Batch 1: one sentence per run, in order. Larger batches: sentences sorted by length
-    and cut into groups of ``batch``, each padded with 0 to its longest (how a batch
-    tagger buckets its input)."""
-    rng = np.random.default_rng(0)
-    low = 1 if vocab > 1 else 0
-    sents = [rng.integers(low, max(vocab, 1), n, dtype=np.int64) for n in lengths]
-    if batch == 1:
-        return [{name: s[None, :]} for s in sents], list(lengths)
-    order = sorted(range(len(sents)), key=lambda i: lengths[i])
-    feeds, tokens = [], []
-    for start in range(0, len(order), batch):
-        idx = order[start : start + batch]
-        x = np.zeros((len(idx), max(lengths[i] for i in idx)), np.int64)
-        for r, i in enumerate(idx):
-            x[r, : lengths[i]] = sents[i]
-        feeds.append({name: x})
-        tokens.append(sum(lengths[i] for i in idx))
-    return feeds, tokens
-
-
-def _bench_tagger(
-    paths: list[Path],
-    infos: list[dict[str, Any]],
-    conllu: str | os.PathLike | None,
-    batch_sizes: list[int],
-    threads: list[int],
-    repeat: int | None,
-    warmup: int,
-    progress: bool | None,
-    sentences: int | None = None,
-) -> dict[str, Any]:
-    """``bench`` for LSTM taggers: tag whole sentences, models interleaved.
-
-    Batch 1 is ``mode: "decode"``: one ``session.run`` per sentence, every sentence of
-    the set timed in turn. Other batch sizes are ``mode: "batch"``: sentences bucketed by
-    length into padded batches. ``repeat`` counts passes over the set (``None``: about
-    ``AUTO_BUDGET_S`` of runs per model, 1 to ``MAX_AUTO_PASSES`` passes). Rounds
-    interleave the models as in ``_time_interleaved``, each round a slice of the passes.
-    ``tokens_per_s`` = real tokens / total timed time; ``speedup`` is this model's
-    tokens/s over the first model's (the same runs, so a ratio of total times).
-    """
-    lengths, source = sentence_lengths(conllu, sentences)
-    if not lengths:
-        raise BadInputError(f"{conllu}: no sentences to tag")
-    name = infos[0]["input"]["name"]
-    for p, info in zip(paths[1:], infos[1:], strict=True):
-        if info["input"]["name"] != name:
-            raise BadInputError(
-                f"input names differ: {paths[0]} takes {name!r}, {p} takes "
-                f"{info['input']['name']!r}; bench compares models of the same task"
-            )
-    for p, info in zip(paths, infos, strict=True):
-        fixed, seq = info["input"].get("batch"), info["input"]["shape"][0]
-        if fixed is not None and any(b != fixed for b in batch_sizes):
-            raise BadInputError(f"{p} has a fixed batch size {fixed}; use --batch-sizes {fixed}")
-        if seq is not None:
-            raise BadInputError(f"{p} has a fixed sequence length {seq}; it cannot tag sentences")
-        if info.get("vocab_size") is None:
-            raise BadInputError(f"{p}: no embedding lookup of {name!r} and no vocab_size metadata")
-    vocab = min(info["vocab_size"] for info in infos)  # ids valid for every model
-    total_tokens = sum(lengths)
-    macs0 = infos[0]["macs"]
-    results: list[dict[str, Any]] = []
-    used: list[int] = []  # passes per configuration
-    runs: list[int] = []  # timed runs per model per configuration
-    bar = progress_bar(
-        total=len(threads) * len(batch_sizes), progress=progress, desc="bench", unit="config"
-    )
-    try:
-        for t in threads:
-            sessions = [_session(p, t) for p in paths]
-            for b in batch_sizes:
-                feeds, tokens = _tagger_runs(name, lengths, vocab, b)
-                bar.set_postfix_str(_config_name(b, t))
-                try:
-                    times = _time_runs(sessions, feeds, tokens, repeat, warmup)
-                except _ort_errors() as e:
-                    names = ", ".join(map(str, paths))
-                    raise BadInputError(
-                        f"onnxruntime cannot run {names} at batch size {b} ({ort_message(e)})"
-                    ) from e
-                passes = len(times[0]) // len(feeds)
-                used.append(passes)
-                runs.append(len(times[0]))
-                first = None
-                for i, (p, info) in enumerate(zip(paths, infos, strict=True)):
-                    row = _tagger_row(str(p), b, t, times[i], passes, len(lengths), total_tokens)
-                    first = row["tokens_per_s"] if i == 0 else first
-                    row["speedup"] = row["tokens_per_s"] / first
-                    row["mac_ratio"] = (macs0 / info["macs"]) if info["macs"] else None
-                    results.append(row)
-                bar.update(1)
-                done = len(results) // len(paths)
-                total = len(threads) * len(batch_sizes)
-                progress_line(progress, f"bench: {_config_name(b, t)} done ({done}/{total})")
-            del sessions
-    finally:
-        bar.close()
-
-    models_out = []
-    for info in infos:
-        m = {k: info[k] for k in ("path", "macs", "params", "size_bytes", "vocab_size")}
-        for k in ("hidden_sizes", "quantization", "int8_mode"):
+        m = {k: info[k] for k in workload.model_keys}
+        for k in workload.optional_model_keys:
             if k in info:
                 m[k] = info[k]
         models_out.append(m)
@@ -833,247 +245,22 @@ def _bench_tagger(
             "repeat": repeat if repeat is not None else f"auto ({min(used)}..{max(used)})",
             "warmup": warmup,
             "rounds": min(MAX_ROUNDS, min(runs)),
-            "data": source,
-            "sentences": len(lengths),
-            "tokens": total_tokens,
-            "mean_length": total_tokens / len(lengths),
-            "word_ids": f"uniform random in [1, {vocab}) (seed 0)",
-            "throughput": "tokens_per_s = real tokens / total timed time",
-            "repeat_unit": "passes over the sentences",
+            "data": workload.source,
+            **workload.config(),
         },
     }
 
 
-def _time_runs(
-    sessions: list[Any],
-    feeds: list[dict[str, np.ndarray]],
-    tokens: list[int],
-    passes: int | None,
-    warmup: int,
-) -> list[list[float]]:
-    """Per session, the wall time (ms) of every run of ``passes`` passes over ``feeds``,
-    measured round-robin (``_round_robin``)."""
-    clock = time.perf_counter
-    per_token = []
-    for s in sessions:
-        t_run = 0.0
-        n_tok = 0
-        for j in range(max(warmup, 1)):
-            k = j % len(feeds)
-            t0 = clock()
-            s.run(None, feeds[k])
-            t_run += clock() - t0
-            n_tok += tokens[k]
-        per_token.append(t_run / max(n_tok, 1))
-    if passes is None:
-        per_pass = max(max(per_token) * sum(tokens), 1e-6)
-        passes = int(min(MAX_AUTO_PASSES, max(1, AUTO_BUDGET_S // per_pass)))
-    plan = [k for _ in range(passes) for k in range(len(feeds))]
-    return _round_robin(sessions, feeds, plan)
+def _config_name(batch: int, threads: int) -> str:
+    return f"batch {batch}, {threads} thread{'s' if threads > 1 else ''}"
 
 
-def _tagger_row(
-    model: str,
-    batch: int,
-    threads: int,
-    times_ms: list[float],
-    passes: int,
-    sentences: int,
-    tokens: int,
-) -> dict[str, Any]:
-    srt = sorted(times_ms)
-    total_s = sum(srt) / 1e3
-    row: dict[str, Any] = {
-        "model": model,
-        "mode": "decode" if batch == 1 else "batch",
-        "batch_size": batch,
-        "threads": threads,
-        "p50_ms": _percentile(srt, 50),
-        "p90_ms": _percentile(srt, 90),
-        "p99_ms": _percentile(srt, 99),
-        "mean_ms": total_s * 1e3 / len(srt),
-        "runs": len(srt),
-        "passes": passes,
-        "sentences": sentences,
-        "tokens": tokens,
-        "tokens_per_s": passes * tokens / total_s if total_s > 0 else math.inf,
-        "sentences_per_s": passes * sentences / total_s if total_s > 0 else math.inf,
-    }
-    if batch == 1:
-        row["p50_ms_per_sentence"] = row["p50_ms"]
-        row["p99_ms_per_sentence"] = row["p99_ms"]
-    return row
-
-
-# -- reports -----------------------------------------------------------------------------------
-_COLUMNS = (
-    ("model", "model", "{}"),
-    ("mode", "mode", "{}"),  # taggers only: decode (batch 1) or batch
-    ("batch", "batch_size", "{:d}"),
-    ("thr", "threads", "{:d}"),
-    ("p50 ms", "p50_ms", "{:.4f}"),
-    ("p90 ms", "p90_ms", "{:.4f}"),
-    ("p99 ms", "p99_ms", "{:.4f}"),
-    ("ex/s", "throughput", "{:,.0f}"),
-    ("tok/s", "tokens_per_s", "{:,.0f}"),  # taggers only
-    ("speedup", "speedup", "{:.2f}x"),
-    ("MAC ratio", "mac_ratio", "{:.2f}x"),
-    ("accuracy", "accuracy", "{:.4f}"),
-)
-
-
-def _short_names(result: dict[str, Any]) -> dict[str, str]:
-    """Model path -> file name (or the full path when two models share a name)."""
-    paths = [m["path"] for m in result.get("models", [])] or [r["model"] for r in result["results"]]
-    names = {p: Path(p).name for p in paths}
-    if len(set(names.values())) < len(names):
-        return {p: p for p in paths}
-    return names
-
-
-def _cells(result: dict[str, Any]) -> tuple[list[str], list[list[str]], list[bool]]:
-    names = _short_names(result)
-    cols = [c for c in _COLUMNS if any(c[1] in r for r in result["results"])]
-    header = [c[0] for c in cols]
-    rows = []
-    for r in result["results"]:
-        row = []
-        for _, key, fmt in cols:
-            v = r.get(key)
-            if v is None:
-                row.append("-")
-            elif key == "model":
-                row.append(names.get(v, v))
-            else:
-                row.append(fmt.format(v))
-        rows.append(row)
-    numeric = [c[1] not in ("model", "mode") for c in cols]
-    return header, rows, numeric
-
-
-def format_table(result: dict[str, Any]) -> str:
-    """The results as an aligned plain-text table (one row per model, batch, threads)."""
-    header, rows, numeric = _cells(result)
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(
-            c.rjust(w) if num else c.ljust(w)
-            for c, w, num in zip(cells, widths, numeric, strict=True)
-        ).rstrip()
-
-    out = [line(header), line(["-" * w for w in widths])]
-    prev = None
-    for r, src in zip(rows, result["results"], strict=True):
-        key = (src["batch_size"], src["threads"])
-        if prev is not None and key != prev:
-            out.append("")
-        prev = key
-        out.append(line(r))
-    return "\n".join(out)
-
-
-def to_markdown(result: dict[str, Any]) -> str:
-    header, rows, numeric = _cells(result)
-    lines = [
-        "# onnxruntime CPU benchmark",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---:" if n else ":---" for n in numeric) + "|",
-    ]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    tagger = any("tokens_per_s" in r for r in result["results"])
-    if tagger:
-        cfg = result.get("config") or {}
-        note = (
-            "Latency: wall time of one `session.run` (nearest-rank percentiles): one "
-            "sentence at batch 1 (decode), one padded batch of length-bucketed sentences "
-            f"otherwise; {cfg.get('sentences', '?')} sentences, {cfg.get('tokens', '?')} "
-            "tokens; tok/s = real tokens / total timed time; speedup = tok/s relative to "
-            "the first model; MAC ratio relative to the first model."
-        )
-    else:
-        note = (
-            "Latency: wall time of one `session.run` (nearest-rank percentiles); "
-            "throughput = batch size / p50 latency; speedup and MAC ratio are relative to "
-            "the first model."
-        )
-    lines += ["", note, "", "## Models", ""]
-    unit = "token" if tagger else "example"
-    for m in result.get("models", []):
-        extra = f", hidden sizes {m['hidden_sizes']}" if m.get("hidden_sizes") else ""
-        acc = f", test accuracy {m['accuracy']:.4f}" if m.get("accuracy") is not None else ""
-        lines.append(f"- `{m['path']}`: {m['macs']:,} MACs/{unit}{extra}{acc}")
-    mach = result.get("machine") or {}
-    if mach:
-        lines += ["", "## Machine", ""]
-        lines += [f"- {k}: {v}" for k, v in mach.items()]
-    return "\n".join(lines) + "\n"
-
-
-def write_markdown(result: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write the results as a Markdown report (atomically)."""
-    return atomic_write_text(path, to_markdown(result))
-
-
-def plot(result: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Throughput and p50 latency vs batch size (log-log), one color per model and one
-    line style per thread count; written atomically as an image (format from the suffix)."""
-    check_writable(path)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=True)
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise MesimpError(
-            "plotting needs matplotlib: pip install 'mesimp[plot]' (or pip install matplotlib)"
-        ) from e
-
-    names = _short_names(result)
-    rows = result["results"]
-    # taggers report tokens/s; MLPs and row classifiers examples/s
-    rate, rate_label = (
-        ("tokens_per_s", "tokens/s")
-        if any("tokens_per_s" in r for r in rows)
-        else ("throughput", "throughput (examples/s, at p50)")
-    )
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    thread_counts = sorted({r["threads"] for r in rows})
-    batches = sorted({r["batch_size"] for r in rows})
-    styles = ["-", "--", ":", "-."]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for mi, model in enumerate(models):
-        for ti, t in enumerate(thread_counts):
-            pts = sorted(
-                (r["batch_size"], r[rate], r["p50_ms"])
-                for r in rows
-                if r["model"] == model and r["threads"] == t
-            )
-            if not pts:
-                continue
-            b, thr, lat = zip(*pts, strict=True)
-            label = f"{names.get(model, model)}, {t} thr"
-            kw = {"color": f"C{mi}", "linestyle": styles[ti % len(styles)], "marker": "o"}
-            axes[0].plot(b, thr, label=label, **kw)
-            axes[1].plot(b, lat, label=label, **kw)
-    for ax, ylabel in zip(axes, (rate_label, "p50 latency (ms)"), strict=True):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(batches, [str(b) for b in batches])
-        ax.set_yscale("log")
-        ax.set_xlabel("batch size")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("onnxruntime CPU benchmark")
-    fig.tight_layout()
-    dest = Path(path)
-    fmt = dest.suffix.lstrip(".").lower() or "png"
-    try:
-        with atomic_path(dest) as tmp:
-            fig.savefig(tmp, format=fmt, dpi=120)
-    except ValueError as e:  # unknown image format
-        raise BadInputError(f"cannot write a plot as {dest.name}: {_one_line(e)}") from e
-    finally:
-        plt.close(fig)
-    return dest
+def _positive_ints(values: Sequence[int], what: str) -> list[int]:
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+            raise BadInputError(f"{what} must be positive integers, got {v!r}")
+        out.append(int(v))
+    if not out:
+        raise BadInputError(f"{what}: give at least one value")
+    return list(dict.fromkeys(out))  # unique, in the given order

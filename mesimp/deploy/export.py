@@ -2,345 +2,62 @@
 
 ``export_onnx(ckpt.pt)`` writes ONE self-contained ``.onnx`` file (no ``.onnx.data``
 side file) with a dynamic batch axis, input ``input`` ``[batch, in_features]`` and
-output ``logits`` ``[batch, classes]``. Before the file is written it must pass
+output ``logits`` ``[batch, classes]`` (for MLPs and CNNs; the LSTM families' inputs and
+outputs are in ``export_lstm``). Before the file is written it must pass
 ``onnx.checker.check_model(full_check=True)`` and a parity check: onnxruntime on real
 test images against the PyTorch model, ``max_abs_diff <= 1e-4`` or
 ``VerificationError``. Files are written atomically, so a failed export leaves
 nothing behind.
 
-Masks
-    A masked ``MePropLinear`` computes ``linear(x) * mask`` at inference. The export
-    folds the mask into the weights (masked rows of ``weight`` and ``bias`` set to 0),
-    which gives exactly the same logits with a plain ``Gemm``/``Relu`` graph and no
-    ``Mul`` by a mask constant. A masked model keeps its full width (and MACs) in ONNX;
-    ``mesimp shrink`` is what makes it physically smaller.
+This module is the pipeline every checkpoint goes through (``export_onnx``); what
+differs by model family sits behind one interface, ``export_family.ExportFamily``,
+chosen here from ``arch["model"]`` (``FAMILIES``):
 
-Exporter choice (measured with torch 2.13, onnxscript 0.7, MLP 784-500-500-10)
-    Both exporters give the same graph for the MLP (``Gemm, Relu, Gemm, Relu, Gemm``,
-    dynamic ``batch``) and both emit one ``LSTM`` node for ``nn.LSTM``. We use the
-    ``torch.export``-based exporter (``dynamo=True``, ``external_data=False``):
+* ``export_dense``: MLPs and CNNs (masks folded into the weights);
+* ``export_lstm``: LSTM taggers and row classifiers (one ``LSTM`` node per layer,
+  dynamic sequence axis; check data from ``lstm_check_data``).
 
-    * it has been torch.onnx's default and supported path since PyTorch 2.9; the
-      TorchScript exporter is deprecated and warns that it will be removed;
-    * ``external_data=False`` gives the single file we want.
-
-    Its costs: about 4 s for the first export in a process (0.9 s after), against
-    0.1 s for the TorchScript exporter, and chattier logging, which ``_quiet``
-    silences. The exporter call lives in one function, ``torch_to_onnx``, which also
-    runs the TorchScript exporter (``exporter="torchscript"``), e.g. for the LSTM
-    tagger if its graph turns out cleaner that way.
-
-int8
-    ``onnxruntime.quantization.quant_pre_process`` (shape inference + graph
-    optimization) then ``quantize_dynamic`` with int8 weights in the format of
-    ``int8_mode`` (default ``s7``: 7-bit int8 weights, exact on every x86-64 CPU;
-    ``mesimp.deploy.int8`` says why and what the other modes cost), per tensor
-    (``per_channel=False``: on the Fashion-MNIST MLPs per-channel scales did not
-    improve accuracy measurably and the per-tensor graph is the simpler one).
-    Activations are quantized dynamically at run time (``DynamicQuantizeLinear`` +
-    ``MatMulInteger``). The check for int8 is accuracy agreement with the fp32 model
-    over the test set (exact parity is not expected).
-
-LSTM models (``lstm-tagger``, ``lstm-rows``; see ``_export_lstm``)
-    One ONNX ``LSTM`` node per LSTM layer, dynamic batch *and* sequence axes. Tagger:
-    ``words`` int64 ``[batch, seq]`` (0 = padding, after each sentence) -> ``logits``
-    ``[batch, seq, num_tags]``; row classifier: ``input`` float ``[batch, steps,
-    row_width]`` -> ``logits [batch, classes]``. These use the TorchScript exporter:
-    measured with torch 2.13, the dynamo exporter also emits one ``LSTM`` per layer but
-    fixes the sequence axis to the example's length (the input of a stacked tagger or a
-    row classifier becomes ``[batch, 5]`` / ``[batch, 28, 28]``; a one-layer tagger keeps
-    a symbolic input but its output is declared ``[batch, 5, tags]``, and a stacked one
-    failed at run time on other lengths in a ``Reshape``), with a
-    ``Slice``/``Mul``/``Reshape`` tail; the TorchScript graph is ``Gather -> LSTM ->
-    MatMul`` with both axes symbolic, in 0.2 s instead of 2-4 s. The export refuses a
-    graph whose ``LSTM`` count or dynamic axes are not as promised. Parity: a tagger is
-    checked on real sentences (``conllu``, else the test file recorded in the
-    checkpoint, else random word ids of random lengths), a row classifier on test
-    images as ``[N, rows, row_width]``. ``int8`` quantizes ``LSTM`` (to
-    ``com.microsoft.DynamicQuantizeLSTM``), ``MatMul``/``Gemm`` and the embedding's
-    ``Gather``; agreement is counted over real tokens.
+The steps they share live in their own modules: ``torch_onnx`` (the one
+``torch.onnx.export`` call and why the dynamo exporter is the default), ``verify``
+(onnx.checker, parity within ``PARITY_TOL``), ``quantize`` (dynamic int8; the modes
+are ``mesimp.deploy.int8``'s).
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import io
-import json
-import logging
 import os
-import sys
 import tempfile
-import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from torch import nn
-
-from mesimp._version import __version__
-from mesimp.data import Vocab, load_eval_data, read_conllu, tagging_tensors
-from mesimp.deploy.bench import _ort_errors, ort_message
+from mesimp.deploy.export_dense import DenseExport, plain_model
+from mesimp.deploy.export_family import OUTPUT_NAME, ExportFamily
+from mesimp.deploy.export_lstm import RowsExport, TaggerExport
 from mesimp.deploy.int8 import DEFAULT_INT8_MODE, get_int8_mode
-from mesimp.errors import BadInputError, CheckpointError, DataError, MesimpError, VerificationError
+from mesimp.deploy.quantize import quantize_int8
+from mesimp.deploy.torch_onnx import EXPORTERS, ExportError, torch_to_onnx
+from mesimp.deploy.verify import PARITY_TOL, check_model, ort_session, set_metadata
+from mesimp.errors import BadInputError, VerificationError
 from mesimp.files.atomic import atomic_write_bytes, check_writable
-from mesimp.files.checkpoint import load_checkpoint, model_from_checkpoint
-from mesimp.models import count_macs, count_params, hidden_sizes, is_lstm_model
-from mesimp.nn.conv import MePropConv2d
-from mesimp.nn.linear import MePropLinear
-from mesimp.nn.swap import unmeprop
+from mesimp.files.checkpoint import load_checkpoint
+from mesimp.models import count_macs, count_params
 
 __all__ = [
     "EXPORTERS",
     "ExportError",
     "INT8_MIN_AGREEMENT",
-    "PARITY_TOL",
+    "PARITY_TOL",  # to read; the checks read (and tests patch) verify.PARITY_TOL
     "export_onnx",
     "plain_model",
     "torch_to_onnx",
 ]
 
-PARITY_TOL = 1e-4
 # int8 predictions must agree with fp32 ones on at least this fraction of the inputs.
 INT8_MIN_AGREEMENT = 0.95
-EXPORTERS = ("dynamo", "torchscript")
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
-WORDS_NAME = "words"  # a tagger's input: int64 word ids [batch, seq]
-# Parity without a CoNLL-U file: random sentences of 1..RANDOM_MAX_LEN words (seed 0).
-RANDOM_MAX_LEN = 40
-CHECK_BATCH = 64  # sentences (or 8x as many images) per onnxruntime/PyTorch run in checks
+# The family of each arch["model"]; any other model (MLP, CNN): DenseExport.
+FAMILIES: dict[str, type[ExportFamily]] = {"lstm-tagger": TaggerExport, "lstm-rows": RowsExport}
 
 
-# int8 for LSTM graphs: the LSTMs, the output layer and the embedding table.
-LSTM_INT8_OPS = ("LSTM", "MatMul", "Gemm", "Gather")
-
-# Loggers that print progress or harmless warnings during export/quantization.
-_CHATTY_LOGGERS = (
-    "",  # onnxruntime.quantization calls logging.warning() on the root logger
-    "torch.onnx",
-    "torch.export",
-    "torch._dynamo",
-    "torch._export",
-    "torch.fx",
-    "onnxscript",
-    "onnx_ir",
-    "onnxruntime",
-)
-
-
-class ExportError(MesimpError):
-    """The exporter or the quantizer failed on a model (a runtime failure, exit code 1)."""
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[io.StringIO]:
-    """Silence warnings, chatty loggers and stray prints; yields what was printed.
-
-    Python-level output goes to the yielded buffer; output written straight to file
-    descriptors 1 and 2 by C++ code (the TorchScript exporter dumps its whole IR graph
-    there on failure) goes to a discarded temp file. Exceptions pass through untouched,
-    so real errors still surface (as one line, from the caller).
-    """
-    buf = io.StringIO()
-    saved = [(lg, lg.level) for lg in map(logging.getLogger, _CHATTY_LOGGERS)]
-    with contextlib.ExitStack() as stack:
-        try:
-            for lg, _ in saved:
-                lg.setLevel(logging.ERROR)
-            stack.enter_context(_fds_to_tempfile())
-            stack.enter_context(warnings.catch_warnings())
-            stack.enter_context(contextlib.redirect_stdout(buf))
-            stack.enter_context(contextlib.redirect_stderr(buf))
-            warnings.simplefilter("ignore")
-            yield buf
-        finally:
-            for lg, level in saved:
-                lg.setLevel(level)
-
-
-@contextlib.contextmanager
-def _fds_to_tempfile() -> Iterator[None]:
-    """Point OS-level stdout/stderr at a temp file for the duration (restored after)."""
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(AttributeError, ValueError, OSError):
-            stream.flush()
-    saved: list[tuple[int, int]] = []
-    with tempfile.TemporaryFile() as sink:
-        try:
-            for fd in (1, 2):
-                try:
-                    saved.append((fd, os.dup(fd)))
-                except OSError:  # no such descriptor (e.g. a daemon): nothing to silence
-                    continue
-                os.dup2(sink.fileno(), fd)
-            yield
-        finally:
-            for fd, copy in saved:
-                os.dup2(copy, fd)
-                os.close(copy)
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return (lines[0] if lines else type(e).__name__)[:300]
-
-
-# -- model -------------------------------------------------------------------------------------
-def plain_model(ckpt: dict[str, Any]) -> nn.Module:
-    """The checkpoint's model with only ``torch.nn`` layers, masks folded into the weights.
-
-    Computes exactly what ``model_from_checkpoint(ckpt)`` computes in eval mode: a masked
-    neuron's output is 0 either way.
-    """
-    model = model_from_checkpoint(ckpt)
-    for name, mod in model.named_modules():
-        if isinstance(mod, MePropConv2d) and mod.active_width < mod.out_channels:
-            # a masked channel is zeroed after its BatchNorm: no plain graph folds that
-            raise BadInputError(
-                f"the checkpoint holds masked channels ({name}): shrink it first (mesimp shrink)"
-            )
-    unmeprop(model, types=(MePropConv2d,))
-    for name, mod in list(model.named_modules()):
-        if not isinstance(mod, MePropLinear):
-            continue
-        # Built on "meta" so no init runs (and the global RNG is left alone).
-        lin = nn.Linear(mod.in_features, mod.out_features, mod.bias is not None, device="meta")
-        keep = mod.mask.to(mod.weight.dtype).detach()
-        lin.weight = nn.Parameter(mod.weight.detach() * keep[:, None])
-        if mod.bias is not None:
-            lin.bias = nn.Parameter(mod.bias.detach() * keep)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, lin)
-    return model.eval()
-
-
-def torch_to_onnx(
-    model: nn.Module,
-    example: tuple[torch.Tensor, ...],
-    path: str | os.PathLike,
-    opset: int,
-    dynamic_axes: dict[str, dict[int, str]],
-    input_names: list[str],
-    output_names: list[str],
-    exporter: str = "dynamo",
-) -> None:
-    """The one place that calls ``torch.onnx.export``; writes a single ONNX file.
-
-    ``dynamic_axes`` maps every input and output name to ``{axis: dim_name}``, the
-    TorchScript exporter's format; for the dynamo exporter it is translated to
-    ``dynamic_shapes`` (inputs only; output shapes follow). Logging and warnings are
-    silenced; failures raise ``ExportError`` with the exporter's first line.
-    """
-    if exporter not in EXPORTERS:
-        raise BadInputError(f"unknown exporter {exporter!r} (choose from {', '.join(EXPORTERS)})")
-    kwargs: dict[str, Any] = {
-        "input_names": input_names,
-        "output_names": output_names,
-        "opset_version": opset,
-    }
-    if exporter == "dynamo":
-        dims: dict[str, torch.export.Dim] = {}
-        shapes = tuple(
-            {
-                axis: dims.setdefault(name, torch.export.Dim(name))
-                for axis, name in dynamic_axes.get(inp, {}).items()
-            }
-            or None
-            for inp in input_names
-        )
-        kwargs.update(
-            dynamo=True,
-            external_data=False,
-            dynamic_shapes=shapes,
-            verbose=False,
-            optimize=True,
-            report=False,
-        )
-    else:
-        kwargs.update(dynamo=False, dynamic_axes=dynamic_axes, do_constant_folding=True)
-    try:
-        with _quiet(), torch.no_grad():
-            torch.onnx.export(model, example, str(path), **kwargs)
-    except Exception as e:  # the exporters raise many unrelated types
-        raise ExportError(f"ONNX export failed ({exporter} exporter): {_first_line(e)}") from e
-    if Path(f"{path}.data").exists():  # guard the single-file promise
-        raise ExportError("the exporter wrote external data; expected a single file")
-    # The dynamo exporter converts its opset-18 graph to older opsets with onnx's
-    # version converter and, where that fails (opset 13 in torch 2.13), quietly keeps 18.
-    import onnx
-
-    got = {
-        o.version
-        for o in onnx.load(str(path), load_external_data=False).opset_import
-        if o.domain in ("", "ai.onnx")
-    }
-    if got != {opset}:
-        raise BadInputError(
-            f"the {exporter} exporter produced opset {sorted(got)} instead of {opset}; "
-            f"choose another --opset (18, the default, always works)"
-        )
-
-
-# -- onnx helpers ------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _set_metadata(model_proto: Any, meta: dict[str, str]) -> None:
-    keep = [p for p in model_proto.metadata_props if p.key not in meta]
-    del model_proto.metadata_props[:]
-    model_proto.metadata_props.extend(keep)
-    for key, value in meta.items():
-        prop = model_proto.metadata_props.add()
-        prop.key, prop.value = key, value
-
-
-def _check(model_proto: Any, what: str) -> None:
-    import onnx
-
-    try:
-        onnx.checker.check_model(model_proto, full_check=True)
-    except Exception as e:  # onnx raises ValidationError, InferenceError, ...
-        raise VerificationError(f"{what} fails onnx.checker: {_first_line(e)}") from e
-
-
-def _session(model_bytes: bytes, threads: int = 0) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # errors only
-    if threads:
-        opts.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime's Fail/InvalidGraph/... share no base class
-        # In practice: an opset newer than this onnxruntime supports (a user's --opset).
-        raise BadInputError(
-            f"onnxruntime {ort.__version__} cannot load the exported model "
-            f"({ort_message(e)}); try the default --opset 18"
-        ) from e
-
-
-def _run(session: Any, x: np.ndarray, batch: int = 2048) -> np.ndarray:
-    name = session.get_inputs()[0].name
-    outs = [session.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)]
-    return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
-
-
-def _accuracy(logits: np.ndarray, y: np.ndarray) -> float | None:
-    return float((logits.argmax(-1) == y).mean()) if len(y) else None
-
-
-# -- export ------------------------------------------------------------------------------------
 def default_output(checkpoint_path: str | os.PathLike, int8: bool = False) -> Path:
     """``model.pt`` -> ``model.onnx`` (``model.int8.onnx`` for int8)."""
     return Path(checkpoint_path).with_suffix(".int8.onnx" if int8 else ".onnx")
@@ -367,7 +84,7 @@ def export_onnx(
     is still the fp32 graph's parity, ``int8_max_abs_diff`` and ``int8_agreement``
     (fraction of test predictions equal to the fp32 ones) describe the int8 model.
 
-    LSTM checkpoints (``_export_lstm``): ``conllu`` is a tagger's check file (its first
+    LSTM checkpoints (``mesimp.deploy.export_lstm``): ``conllu`` is a tagger's check file (its first
     ``n_check`` sentences for parity, all of them for token accuracy); ``data`` the
     images of a row classifier. ``int8_mode``: a key of ``mesimp.deploy.int8.INT8_MODES``.
     ``min_agreement``: the int8 file is written only if its predictions agree with
@@ -402,522 +119,85 @@ def export_onnx(
         raise BadInputError(f"output {out} would overwrite the checkpoint")
     check_writable(out)
 
-    if is_lstm_model(ckpt["arch"]):
-        return _export_lstm(
-            ckpt,
-            src,
-            out,
-            opset=opset,
-            int8=int8,
-            int8_mode=int8_mode,
-            min_agreement=min_agreement,
-            data=data,
-            conllu=conllu,
-            n_check=n_check,
-            exporter=exporter or "torchscript",
-        )
-    if conllu is not None:
-        raise BadInputError("--conllu is for lstm-tagger checkpoints; this one is an MLP")
-    exporter = exporter or "dynamo"
-    model = plain_model(ckpt)
-    arch = ckpt["arch"]
-    in_features = int(arch["in_features"])
-    ds = load_eval_data(data, in_features, required=int8)  # int8 accuracy needs data
-    if ds is not None:
-        x_check = ds.x_test[:n_check].contiguous()
-    else:
-        x_check = torch.rand(n_check, in_features, generator=torch.Generator().manual_seed(0))
-
-    sizes = hidden_sizes(model)
-    meta = {
-        "mesimp_version": __version__,
-        "hidden_sizes": json.dumps(sizes),
-        "arch": json.dumps(arch, sort_keys=True),
-        "source": src.name,
-        "source_sha256": _sha256(src),
-    }
+    family = family_of(ckpt["arch"])(
+        ckpt,
+        src,
+        data=data,
+        conllu=conllu,
+        n_check=n_check,
+        int8=int8,
+        int8_mode=int8_mode,
+    )
+    exporter = exporter or family.default_exporter
+    meta = family.metadata(src)
 
     with tempfile.TemporaryDirectory(prefix="mesimp-export-") as tmp:
         raw = Path(tmp) / "model.onnx"
         torch_to_onnx(
-            model,
-            (x_check[:2].clone(),),
+            family.model,
+            (family.example(),),
             raw,
             opset,
-            {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            [INPUT_NAME],
+            family.axes,
+            [family.input_name],
             [OUTPUT_NAME],
             exporter=exporter,
         )
         proto = onnx.load(str(raw))
-        _set_metadata(proto, meta)
-        _check(proto, "exported model")
+        family.check_graph(proto, exporter)
+        set_metadata(proto, meta)
+        check_model(proto, "exported model")
         fp32_bytes = proto.SerializeToString()
 
-        # Parity: onnxruntime vs PyTorch on real inputs.
-        sess = _session(fp32_bytes)
-        with torch.no_grad():
-            ref = model(x_check).numpy()
-        got = _run(sess, x_check.numpy())
-        max_abs_diff = _check_parity([got], [ref], len(x_check))
-        result: dict[str, Any] = {
-            "path": str(out),
-            "opset": opset,
-            "exporter": exporter,
-            "max_abs_diff": max_abs_diff,
-            "n_check": len(x_check),
-            "check_data": ds.source if ds is not None else "random",
-            "int8": bool(int8),
-            "fp32_accuracy": None,
-        }
-        if ds is not None:
-            x_test, y_test = ds.x_test.numpy(), ds.y_test.numpy()
-            fp32_logits = _run(sess, x_test)
-            result["fp32_accuracy"] = _accuracy(fp32_logits, y_test)
-        else:
-            x_test, y_test, fp32_logits = x_check.numpy(), None, got
+        # Parity: onnxruntime vs PyTorch on real inputs, then accuracy.
+        sess = ort_session(fp32_bytes)
+        max_abs_diff, fp32_accuracy = family.verify_fp32(sess)
+        result: dict[str, Any] = {"path": str(out)}
+        if family.kind is not None:
+            result["model"] = family.kind
+        result.update(
+            opset=opset,
+            exporter=exporter,
+            max_abs_diff=max_abs_diff,
+            n_check=family.n_check,
+            check_data=family.check_data,
+            int8=bool(int8),
+            fp32_accuracy=fp32_accuracy,
+            **family.report(proto),
+        )
 
         payload = fp32_bytes
         if int8:
-            payload, stats = _quantize_int8(fp32_bytes, Path(tmp), meta, int8_mode)
-            qsess = _session(payload)
-            q_logits = _run(qsess, x_test)
-            agreement = float((q_logits.argmax(-1) == fp32_logits.argmax(-1)).mean())
-            q_check = q_logits[: len(x_check)] if ds is not None else q_logits
+            payload, stats = quantize_int8(fp32_bytes, Path(tmp), meta, int8_mode, family.int8_ops)
+            family.check_int8_graph(payload, out)
+            q = family.verify_int8(ort_session(payload))
             result.update(
-                int8_accuracy=_accuracy(q_logits, y_test) if y_test is not None else None,
-                int8_agreement=agreement,
-                int8_max_abs_diff=float(np.abs(q_check - ref).max()),
+                int8_accuracy=q.accuracy,
+                int8_agreement=q.agreement,
+                int8_max_abs_diff=q.max_abs_diff,
                 **stats,
             )
-            if agreement < min_agreement:
+            if q.agreement < min_agreement:
                 raise VerificationError(
-                    f"int8 predictions agree with fp32 on only {agreement:.1%} of the test set "
-                    f"(< {min_agreement:.1%}); not writing {out}"
+                    f"int8 predictions agree with fp32 on only {q.agreement:.1%} of the "
+                    f"{family.agreement_over} (< {min_agreement:.1%}); not writing {out}"
                 )
 
     atomic_write_bytes(out, payload)
     result.update(
-        hidden_sizes=sizes,
-        params=count_params(model),
-        macs=count_macs(model),
+        hidden_sizes=family.hidden_sizes,
+        params=count_params(family.model),
+        macs=count_macs(family.model),  # LSTMs: per time step, token or image row
         source=str(src),
         source_sha256=meta["source_sha256"],
         size_bytes=out.stat().st_size,
+        **family.summary(),
     )
     return result
 
 
-def _quantize_int8(
-    fp32_bytes: bytes,
-    tmp: Path,
-    meta: dict[str, str],
-    mode: str,
-    op_types: list[str] | None = None,
-) -> tuple[bytes, dict]:
-    """Dynamic int8 quantization of a float model; returns the bytes and a few stats.
-
-    ``mode``: a key of ``INT8_MODES`` (see ``mesimp.deploy.int8``). ``op_types``: what
-    ``quantize_dynamic`` may quantize (``None``: all it knows)."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
-
-    spec = get_int8_mode(mode)
-
-    fp32, pre, q = tmp / "fp32.onnx", tmp / "pre.onnx", tmp / "int8.onnx"
-    fp32.write_bytes(fp32_bytes)
-    try:
-        with _quiet():
-            quant_pre_process(str(fp32), str(pre))
-            quantize_dynamic(
-                str(pre),
-                str(q),
-                op_types_to_quantize=op_types,
-                weight_type=QuantType.QUInt8 if spec.weight_type == "uint8" else QuantType.QInt8,
-                per_channel=False,
-                reduce_range=spec.reduce_range,
-            )
-    except Exception as e:  # the quantizer raises many unrelated types
-        raise ExportError(f"int8 quantization failed: {_first_line(e)}") from e
-    proto = onnx.load(str(q))
-    _set_metadata(
-        proto,
-        {
-            **meta,
-            "quantization": f"dynamic int8 weights (onnxruntime), mode {mode}: {spec.about}",
-            "int8_mode": mode,
-            "int8_portable": json.dumps(spec.portable),
-        },
-    )
-    _check(proto, "int8 model")
-    ops = [n.op_type for n in proto.graph.node]
-    stats = {"int8_ops": sorted(set(ops)), "int8_mode": mode, "int8_portable": spec.portable}
-    return proto.SerializeToString(), stats
-
-
-# -- LSTM models -------------------------------------------------------------------------------
-@dataclass
-class _SeqInputs:
-    """What an LSTM export is checked on: model inputs in runs, with masks and labels.
-
-    ``check``: the parity sample (PyTorch vs onnxruntime). ``evals``: the runs for
-    accuracy with ``labels`` (tag ids ``[b, T]``, 0 = padding, or classes ``[b]``), or
-    ``None`` without labelled data (int8 agreement then uses ``check``). ``masks`` mark
-    the outputs that count (real tokens), one per run of ``evals`` (or of ``check``).
-    """
-
-    check: list[np.ndarray]
-    check_masks: list[np.ndarray]
-    evals: list[np.ndarray] | None
-    labels: list[np.ndarray] | None
-    masks: list[np.ndarray] | None
-    source: str
-    n_check: int
-    tokens: int | None = None  # real tokens in the parity sample (taggers)
-    steps: int | None = None  # image rows (row classifiers)
-
-
-def _export_lstm(
-    ckpt: dict[str, Any],
-    src: Path,
-    out: Path,
-    *,
-    opset: int,
-    int8: bool,
-    int8_mode: str,
-    min_agreement: float,
-    data: str | os.PathLike | None,
-    conllu: str | os.PathLike | None,
-    n_check: int,
-    exporter: str,
-) -> dict[str, Any]:
-    """``export_onnx`` for ``lstm-tagger`` / ``lstm-rows`` checkpoints (already loaded)."""
-    import onnx
-
-    arch = ckpt["arch"]
-    kind = arch["model"]
-    layers = ckpt.get("meprop", {}).get("layers") if isinstance(ckpt.get("meprop"), dict) else None
-    if layers:
-        # a masked MePropLSTM is not a plain nn.LSTM: its masked units would come back to life
-        raise BadInputError(f"{src} holds meProp LSTM masks: shrink it first (mesimp shrink {src})")
-    if int8 and not get_int8_mode(int8_mode).lstm:
-        raise BadInputError(
-            f"int8 mode {int8_mode} is not available for LSTM models: onnxruntime stores LSTM "
-            f"weights as int8 (use --int8-mode {DEFAULT_INT8_MODE}, or s8)"
-        )
-    model = model_from_checkpoint(ckpt, meprop=False).eval()
-    widths = model.config.hidden_sizes()
-    if kind == "lstm-tagger":
-        if data is not None:
-            raise BadInputError("--data is for image models; give a tagger --conllu FILE")
-        inputs = _tagger_inputs(ckpt, conllu, n_check)
-        in_name = WORDS_NAME
-        axes = {WORDS_NAME: {0: "batch", 1: "seq"}, OUTPUT_NAME: {0: "batch", 1: "seq"}}
-    else:
-        if conllu is not None:
-            raise BadInputError("--conllu is for lstm-tagger checkpoints; this one is lstm-rows")
-        inputs = _rows_inputs(data, int(model.config.in_features), n_check, required=int8)
-        in_name = INPUT_NAME
-        axes = {INPUT_NAME: {0: "batch", 1: "steps"}, OUTPUT_NAME: {0: "batch"}}
-
-    public_arch = {k: v for k, v in arch.items() if k not in ("word_vocab", "tag_vocab")}
-    meta = {
-        "mesimp_version": __version__,
-        "model": kind,
-        "hidden_sizes": json.dumps(widths),
-        "arch": json.dumps(public_arch, sort_keys=True),
-        "source": src.name,
-        "source_sha256": _sha256(src),
-    }
-    if kind == "lstm-tagger":
-        meta["vocab_size"] = str(model.config.vocab_size)
-        meta["num_tags"] = str(model.config.num_tags)
-        tags = _tag_names(arch)
-        if tags is not None:  # a few dozen UPOS names: small enough to keep (words are not)
-            meta["tags"] = json.dumps(tags)
-    else:
-        meta["steps"] = str(inputs.steps)
-
-    with tempfile.TemporaryDirectory(prefix="mesimp-export-") as tmp:
-        raw = Path(tmp) / "model.onnx"
-        if kind == "lstm-tagger":  # 2 x 5 word ids: no axis of size 1 for the tracer to fix
-            example = torch.arange(1, 11).reshape(2, 5) % model.config.vocab_size
-        else:
-            example = torch.from_numpy(inputs.check[0][:2].copy())
-        torch_to_onnx(model, (example,), raw, opset, axes, [in_name], [OUTPUT_NAME], exporter)
-        proto = onnx.load(str(raw))
-        _check_lstm_graph(proto, len(widths), in_name, exporter)
-        _set_metadata(proto, meta)
-        _check(proto, "exported model")
-        fp32_bytes = proto.SerializeToString()
-
-        sess = _session(fp32_bytes)
-        got = _run_seq(sess, inputs.check)
-        with torch.no_grad():
-            ref = [model(torch.from_numpy(x)).numpy() for x in inputs.check]
-        max_abs_diff = _check_parity(got, ref, inputs.n_check)
-        result: dict[str, Any] = {
-            "path": str(out),
-            "model": kind,
-            "opset": opset,
-            "exporter": exporter,
-            "max_abs_diff": max_abs_diff,
-            "n_check": inputs.n_check,
-            "check_data": inputs.source,
-            "int8": bool(int8),
-            "fp32_accuracy": None,
-            "lstm_nodes": sum(n.op_type == "LSTM" for n in proto.graph.node),
-        }
-        if inputs.tokens is not None:
-            result["check_tokens"] = inputs.tokens
-        if inputs.evals is not None:
-            fp32_out = _run_seq(sess, inputs.evals)
-            result["fp32_accuracy"] = _seq_accuracy(fp32_out, inputs.labels, inputs.masks)
-            eval_runs, eval_masks = inputs.evals, inputs.masks
-        else:
-            fp32_out, eval_runs, eval_masks = got, inputs.check, inputs.check_masks
-
-        payload = fp32_bytes
-        if int8:
-            payload, stats = _quantize_int8(
-                fp32_bytes, Path(tmp), meta, int8_mode, list(LSTM_INT8_OPS)
-            )
-            qproto = onnx.load_from_string(payload)
-            n_q = sum(n.op_type == "DynamicQuantizeLSTM" for n in qproto.graph.node)
-            if n_q != len(widths):
-                raise ExportError(
-                    f"int8 quantization turned {n_q} of {len(widths)} LSTM layers into "
-                    f"DynamicQuantizeLSTM; not writing {out}"
-                )
-            qsess = _session(payload)
-            q_out = _run_seq(qsess, eval_runs)
-            q_check = _run_seq(qsess, inputs.check) if inputs.evals is not None else q_out
-            agreement = _seq_agreement(q_out, fp32_out, eval_masks)
-            result.update(
-                int8_accuracy=(
-                    _seq_accuracy(q_out, inputs.labels, inputs.masks)
-                    if inputs.labels is not None
-                    else None
-                ),
-                int8_agreement=agreement,
-                int8_max_abs_diff=_max_diff(q_check, ref),
-                **stats,
-            )
-            if agreement < min_agreement:
-                raise VerificationError(
-                    f"int8 predictions agree with fp32 on only {agreement:.1%} of the "
-                    f"{'tokens' if kind == 'lstm-tagger' else 'test set'} "
-                    f"(< {min_agreement:.1%}); not writing {out}"
-                )
-
-    atomic_write_bytes(out, payload)
-    result.update(
-        hidden_sizes=widths,
-        params=count_params(model),
-        macs=count_macs(model),  # per time step: token or image row (models.count_macs)
-        source=str(src),
-        source_sha256=meta["source_sha256"],
-        size_bytes=out.stat().st_size,
-    )
-    if kind == "lstm-tagger":
-        result.update(vocab_size=model.config.vocab_size, num_tags=model.config.num_tags)
-    else:
-        result["steps"] = inputs.steps
-    return result
-
-
-def _check_lstm_graph(proto: Any, n_layers: int, in_name: str, exporter: str) -> None:
-    """One ``LSTM`` node per layer, symbolic batch and sequence axes: the promised graph."""
-    n = sum(node.op_type == "LSTM" for node in proto.graph.node)
-    if n != n_layers:
-        raise ExportError(
-            f"the {exporter} exporter wrote {n} LSTM nodes for {n_layers} LSTM layers "
-            f"(try exporter='torchscript')"
-        )
-    inp = next((i for i in proto.graph.input if i.name == in_name), None)
-    dims = list(inp.type.tensor_type.shape.dim) if inp is not None else []
-    if len(dims) < 2 or any(not d.dim_param for d in dims[:2]):
-        raise ExportError(
-            f"the {exporter} exporter fixed the batch or sequence axis of {in_name!r} "
-            f"(try exporter='torchscript')"
-        )
-
-
-def _tag_names(arch: dict[str, Any]) -> list[str] | None:
-    try:
-        return Vocab.from_dict(arch["tag_vocab"]).itos if "tag_vocab" in arch else None
-    except DataError:
-        return None
-
-
-def _checkpoint_test_file(ckpt: dict[str, Any]) -> Path | None:
-    """The CoNLL-U test file recorded by ``train_lstm``, if it still exists here."""
-    train = ckpt.get("train")
-    info = train.get("data") if isinstance(train, dict) else None
-    path = info.get("test") if isinstance(info, dict) else None
-    return Path(path) if isinstance(path, str) and Path(path).is_file() else None
-
-
-def _tagger_inputs(
-    ckpt: dict[str, Any], conllu: str | os.PathLike | None, n_check: int
-) -> _SeqInputs:
-    """Sentences for a tagger's checks: ``conllu`` (or the checkpoint's recorded test file)
-    encoded with the checkpoint's vocabularies, else random word ids of random lengths."""
-    arch = ckpt["arch"]
-    vocab_size = int(arch["vocab_size"])
-    path = Path(conllu) if conllu is not None else _checkpoint_test_file(ckpt)
-    if path is None:
-        rng = np.random.default_rng(0)
-        lengths = rng.integers(1, RANDOM_MAX_LEN + 1, n_check)
-        seqs = [rng.integers(min(1, vocab_size - 1), vocab_size, n) for n in lengths]
-        runs, _, masks = _sentence_runs(seqs, None)
-        return _SeqInputs(
-            runs, masks, None, None, None, "random", n_check, tokens=int(lengths.sum())
-        )
-    if not isinstance(arch.get("word_vocab"), dict) or not isinstance(arch.get("tag_vocab"), dict):
-        raise BadInputError(f"the checkpoint has no vocabularies to encode {path} with")
-    word_vocab = Vocab.from_dict(arch["word_vocab"])
-    tag_vocab = Vocab.from_dict(arch["tag_vocab"])
-    if len(word_vocab) > vocab_size or len(tag_vocab) > int(arch["num_tags"]):
-        raise CheckpointError(
-            f"the checkpoint's vocabularies ({len(word_vocab)} words, {len(tag_vocab)} tags) "
-            f"exceed its model ({vocab_size} words, {arch['num_tags']} tags)"
-        )
-    sents = read_conllu(path)
-    words, tags, lengths = tagging_tensors(sents, word_vocab, tag_vocab)
-    w, t = words.numpy(), tags.numpy()
-    seqs = [w[i, :n] for i, n in enumerate(lengths.tolist())]
-    labels = [t[i, :n] for i, n in enumerate(lengths.tolist())]
-    check, _, check_masks = _sentence_runs(seqs[:n_check], None)
-    evals, ev_labels, masks = _sentence_runs(seqs, labels)
-    return _SeqInputs(
-        check,
-        check_masks,
-        evals,
-        ev_labels,
-        masks,
-        str(path),
-        min(n_check, len(seqs)),
-        tokens=int(lengths[:n_check].sum()),
-    )
-
-
-def _sentence_runs(
-    seqs: list[np.ndarray], labels: list[np.ndarray] | None
-) -> tuple[list[np.ndarray], list[np.ndarray] | None, list[np.ndarray]]:
-    """Sentences grouped by length into runs of ``CHECK_BATCH``, each padded with 0 to its
-    longest sentence (after the words, as in training): (word ids, tag ids, real-token masks)."""
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    runs, tag_runs, masks = [], [], []
-    for start in range(0, len(order), CHECK_BATCH):
-        idx = order[start : start + CHECK_BATCH]
-        t = max(len(seqs[i]) for i in idx)
-        x = np.zeros((len(idx), t), np.int64)
-        y = np.zeros((len(idx), t), np.int64)
-        m = np.zeros((len(idx), t), bool)
-        for r, i in enumerate(idx):
-            n = len(seqs[i])
-            x[r, :n] = seqs[i]
-            m[r, :n] = True
-            if labels is not None:
-                y[r, :n] = labels[i]
-        runs.append(x)
-        tag_runs.append(y)
-        masks.append(m)
-    return runs, (tag_runs if labels is not None else None), masks
-
-
-def _rows_inputs(
-    data: str | os.PathLike | None, width: int, n_check: int, required: bool
-) -> _SeqInputs:
-    """Test images as ``[N, rows, width]`` sequences (``load_eval_data``'s rules: the
-    default data locations when ``data`` is None; random ``width x width`` images if none
-    is found and the data is not ``required``)."""
-    from mesimp.data import load_image_dataset
-
-    chunk = 8 * CHECK_BATCH
-    try:
-        ds = load_image_dataset(data, dev_size=0)
-    except DataError:
-        if data is not None or required:
-            raise
-        g = torch.Generator().manual_seed(0)
-        x = torch.rand(n_check, width, width, generator=g).numpy()
-        runs = [x[i : i + chunk] for i in range(0, len(x), chunk)]
-        masks = [np.ones(len(r), bool) for r in runs]
-        return _SeqInputs(runs, masks, None, None, None, "random", n_check, steps=width)
-    h, w = ds.image_shape
-    if w != width:
-        raise BadInputError(
-            f"the model reads rows of {width} pixels but the images at {ds.source} are "
-            f"{h}x{w}; pass the --data the model was trained on"
-        )
-    x = ds.x_test.numpy().reshape(-1, h, w)
-    y = ds.y_test.numpy()
-    check = [x[:n_check][i : i + chunk] for i in range(0, min(n_check, len(x)), chunk)]
-    evals = [x[i : i + chunk] for i in range(0, len(x), chunk)]
-    labels = [y[i : i + chunk] for i in range(0, len(y), chunk)]
-    return _SeqInputs(
-        check,
-        [np.ones(len(r), bool) for r in check],
-        evals,
-        labels,
-        [np.ones(len(r), bool) for r in evals],
-        ds.source,
-        min(n_check, len(x)),
-        steps=h,
-    )
-
-
-def _check_parity(got: list[np.ndarray], ref: list[np.ndarray], n_inputs: int) -> float:
-    """onnxruntime's outputs against PyTorch's, run by run: same shapes and a max |diff|
-    within ``PARITY_TOL`` (NaN fails too), else ``VerificationError``; returns the diff."""
-    for g, r in zip(got, ref, strict=True):
-        if g.shape != r.shape:
-            raise VerificationError(f"ONNX output shape {g.shape} != PyTorch's {r.shape}")
-    max_abs_diff = _max_diff(got, ref)
-    if not max_abs_diff <= PARITY_TOL:
-        raise VerificationError(
-            f"ONNX and PyTorch outputs differ by {max_abs_diff:.3g} > {PARITY_TOL:g} on "
-            f"{n_inputs} inputs; the export is not trustworthy"
-        )
-    return max_abs_diff
-
-
-def _max_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
-    """Largest |a - b| over runs (NaN if any value is NaN, so a ``<=`` check fails)."""
-    diffs = [float(np.abs(x - y).max()) for x, y in zip(a, b, strict=True) if y.size]
-    return float(np.max(diffs)) if diffs else 0.0
-
-
-def _run_seq(session: Any, runs: list[np.ndarray]) -> list[np.ndarray]:
-    """onnxruntime's outputs per run; a graph that loads but cannot run these shapes (a
-    sequence length baked into a Reshape, say) fails verification in one line."""
-    name = session.get_inputs()[0].name
-    try:
-        return [session.run(None, {name: np.ascontiguousarray(x)})[0] for x in runs]
-    except _ort_errors() as e:
-        raise VerificationError(
-            f"onnxruntime cannot run the exported model ({ort_message(e)})"
-        ) from e
-
-
-def _seq_accuracy(
-    outs: list[np.ndarray], labels: list[np.ndarray] | None, masks: list[np.ndarray] | None
-) -> float | None:
-    """Token (or example) accuracy over the masked outputs; unknown tags count as errors."""
-    if labels is None or masks is None:
-        return None
-    total = sum(int(m.sum()) for m in masks)
-    correct = sum(
-        int(((o.argmax(-1) == y) & m).sum()) for o, y, m in zip(outs, labels, masks, strict=True)
-    )
-    return correct / total if total else None
-
-
-def _seq_agreement(a: list[np.ndarray], b: list[np.ndarray], masks: list[np.ndarray]) -> float:
-    total = sum(int(m.sum()) for m in masks)
-    same = sum(
-        int(((x.argmax(-1) == y.argmax(-1)) & m).sum()) for x, y, m in zip(a, b, masks, strict=True)
-    )
-    return same / total if total else 1.0
+def family_of(arch: dict[str, Any]) -> type[ExportFamily]:
+    """The export family of a checkpoint's ``arch`` (``FAMILIES``, else ``DenseExport``,
+    which also gets anything malformed for ``model_from_checkpoint`` to refuse)."""
+    model = arch.get("model")
+    return FAMILIES.get(model, DenseExport) if isinstance(model, str) else DenseExport

@@ -21,13 +21,8 @@ import torch
 from torch import nn
 
 from mesimp._version import __version__
-from mesimp.deploy.export import (
-    _check,
-    _check_parity,
-    _session,
-    _set_metadata,
-    torch_to_onnx,
-)
+from mesimp.deploy.torch_onnx import torch_to_onnx
+from mesimp.deploy.verify import check_model, check_parity, ort_session, set_metadata
 from mesimp.errors import BadInputError
 from mesimp.files.atomic import atomic_write_bytes, check_writable
 from mesimp.nn.swap import unmeprop
@@ -97,10 +92,10 @@ def export_module(
         import onnx
 
         proto = onnx.load(str(raw))
-        _set_metadata(proto, meta)
-        _check(proto, "exported model")
+        set_metadata(proto, meta)
+        check_model(proto, "exported model")
         payload = proto.SerializeToString()
-        sess = _session(payload)
+        sess = ort_session(payload)
         # parity at the example's batch size and at another one (the axis is dynamic)
         checks = [inputs, tuple(torch.cat([t, t[:1]]) for t in inputs)]
         got, want = [], []
@@ -109,7 +104,7 @@ def export_module(
                 want += [o.numpy() for o in _outputs(plain(*feed))]
             res = sess.run(None, {n: t.numpy() for n, t in zip(in_names, feed, strict=True)})
             got += [np.asarray(r) for r in res]
-        diff = _check_parity(got, want, sum(len(c[0]) for c in checks))
+        diff = check_parity(got, want, sum(len(c[0]) for c in checks))
     atomic_write_bytes(out, payload)
     return {
         "path": str(out),

@@ -104,7 +104,7 @@ def model_info(model: nn.Module, ckpt: dict[str, Any] | None = None) -> dict[str
 
 def onnx_info(path: str | os.PathLike) -> dict[str, Any]:
     """The ``info`` object of an ONNX file: sizes read from the graph, plus its metadata."""
-    from mesimp.deploy.bench import load_model_info
+    from mesimp.deploy.onnx_graph import load_model_info
 
     # refuses non-ONNX files with a one-line BadInputError
     base = load_model_info(path, metadata=True)
