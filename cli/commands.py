@@ -251,7 +251,10 @@ def train(
     progress,
     as_json,
 ):
-    """Train an MLP or an LSTM with meProp (and optionally meSimp).
+    """Train an MLP, a CNN or an LSTM with meProp (and optionally meSimp).
+
+    One loop for every model family: every option below applies to each, except
+    where a family cannot use it (refused with the reason).
 
     \b
     Examples:
@@ -260,6 +263,7 @@ def train(
       mesimp train --k 20 --selection unified --msbp 0.8
       mesimp train --k 60 --simplify --prune-rate 0.01 --epochs 6   # meSimp
       mesimp train --resume models/mlp.last.pt   # after Ctrl-C, SIGTERM or a crash
+      mesimp train --nproc 2 --k 60 --simplify   # 2 processes (torchrun), batch 2 x 50
 
     \b
     LSTM models (single-layer LSTMs, stacked with --hidden 500,500; then

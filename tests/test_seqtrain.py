@@ -31,6 +31,7 @@ from mesimp.nn.lstm import MePropLSTM
 from mesimp.nn.meprop import MePropConfig
 from mesimp.simplify.checkpoint_shrink import shrink_checkpoint
 from mesimp.simplify.rule import SimplifyConfig
+from mesimp.training.config import TrainConfig
 from mesimp.training.sequence import meprop_lstms_, shrink_lstm_model, train_lstm
 
 EWT = Path(__file__).resolve().parents[2] / "shared" / "data" / "ud-english-ewt"
@@ -326,7 +327,9 @@ def test_train_json_is_one_schema_across_model_families(ewt, tiny_npz, tmp_path,
         "mlp": ["--data", tiny_npz, "--hidden", "16", "--dev-size", "100", "--k", "4"],
         "lstm-tagger": ["--train", train, "--dev", dev, "--test", test, "--hidden", "8"],
         "lstm-rows": ["--data", tiny_npz, "--hidden", "8", "--dev-size", "100"],
+        "cnn": ["--data", tiny_npz, "--hidden", "4,6", "--dev-size", "100", "--k", "2"],
     }
+    docs = {}
     for family, extra in runs.items():
         out = tmp_path / f"{family}.pt"
         args = ["train", "--model", family, *extra, "--epochs", "1", "-o", out, "--json"]
@@ -343,3 +346,19 @@ def test_train_json_is_one_schema_across_model_families(ewt, tiny_npz, tmp_path,
         assert all(isinstance(w, int) for w in doc["hidden_sizes"] + doc["active_widths"])
         assert len(doc["active_widths"]) == len(doc["hidden_sizes"])
         assert 0.0 <= doc["best"]["test_accuracy"] <= 1.0
+        docs[family] = doc
+    # field by field: the same keys and types everywhere, down to the run's config
+    config_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    for family, doc in docs.items():
+        assert set(doc["config"]) == config_keys, family
+        assert doc["config"]["model"] == family
+        for part in ("best", "final"):
+            for key, value in doc[part].items():
+                want = int if key == "step" else float
+                assert isinstance(value, want), (family, part, key)
+        for key in ("params", "macs", "optimizer_resets"):
+            assert doc[key] >= 0, (family, key)
+    for key in config_keys:
+        kinds = {type(doc["config"][key]) for doc in docs.values()} - {type(None)}
+        if key not in ("hidden", "k", "simplify"):  # int or list; int or float; dict or None
+            assert len(kinds) <= 1, (key, kinds)

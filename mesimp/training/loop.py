@@ -182,9 +182,11 @@ def _resolve_config(
 class _Run:
     """One run's state: the model and optimizer, the loop position, the records.
 
-    The methods are the loop's concepts: ``fit`` (epochs and steps), ``_step`` (one
-    optimizer step and its guards), ``_evaluate`` (dev/test, best-so-far), the two
-    checkpoints (``_save_best``, ``_save_resume``), and ``_restore`` (resume).
+    The methods are the loop's concepts: ``fit``/``_epoch`` (epochs and steps), ``_step``
+    (one optimizer step and its guards), ``_checkpoint`` (at an evaluation or a save
+    point), ``_evaluate`` (dev/test, best-so-far and its checkpoint), ``_save_resume``
+    (RUN.last.pt) and ``_restore`` (resume). Under torchrun every rank runs the same
+    methods in the same order (they hold collectives); only rank 0 writes.
     """
 
     def __init__(
