@@ -86,7 +86,9 @@ class DenseExport(ExportFamily):
         int8_mode: str,
     ) -> None:
         if conllu is not None:
-            raise BadInputError("--conllu is for lstm-tagger checkpoints; this one is an MLP")
+            raise BadInputError(
+                f"--conllu is for lstm-tagger checkpoints; this one is {ckpt['arch']['model']}"
+            )
         self.model = plain_model(ckpt)
         self.public_arch = ckpt["arch"]
         in_features = int(self.public_arch["in_features"])

@@ -29,8 +29,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
-from mesimp.errors import BadInputError
+from mesimp.errors import BadInputError, MesimpError
+from mesimp.nn.linear import MePropCounters
+from mesimp.training.runsafety import rng_state, set_rng_state
 
 
 @dataclass
@@ -108,6 +111,48 @@ class Distributed:
     def _comm(self) -> torch.device:
         # nccl all-reduces CUDA tensors; gloo, CPU ones
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------
+# per-rank state for resume
+# --------------------------------------------------------------------------------------
+def rank_state(model: nn.Module) -> dict[str, Any]:
+    """What differs between ranks: RNG streams, MSBP memory, meSimp counters (and the
+    masks, which must not differ)."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, MePropCounters)}
+    return {
+        "rng": rng_state(),
+        "msbp_memory": {n: _cpu(m._state.memory) for n, m in layers.items()},
+        "counters": {n: {"hits": _cpu(m.hits), "ref": _cpu(m.ref)} for n, m in layers.items()},
+        "masks": {n: _cpu(m.mask) for n, m in layers.items()},
+    }
+
+
+def restore_rank_state(model: nn.Module, mine: dict[str, Any], device: torch.device) -> None:
+    """Put back this rank's ``rank_state`` (after the shared weights were loaded)."""
+    set_rng_state(mine["rng"])
+    for name, mod in model.named_modules():
+        if isinstance(mod, MePropCounters) and name in mine["counters"]:
+            mod.hits.copy_(mine["counters"][name]["hits"])
+            mod.ref.copy_(mine["counters"][name]["ref"])
+            memory = mine["msbp_memory"].get(name)
+            mod._state.memory = memory.to(device) if memory is not None else None
+
+
+def check_same_masks(states: list[dict[str, Any]]) -> None:
+    """Refuse to save when ranks disagree on the masks. It cannot happen when the
+    counters were summed before the rule ran: a guard, not a code path."""
+    first = states[0]["masks"]
+    for other in states[1:]:
+        theirs = other["masks"]
+        if first.keys() != theirs.keys() or any(
+            not torch.equal(first[k], theirs[k]) for k in first
+        ):
+            raise MesimpError("the processes disagree on the meSimp masks; not saving")
+
+
+def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t.detach().cpu() if t is not None else None
 
 
 def is_main_process() -> bool:

@@ -42,7 +42,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from mesimp.data.tasks import Task, sequence_accuracy
-from mesimp.errors import BadInputError, CheckpointError, MesimpError
+from mesimp.errors import BadInputError, CheckpointError
 from mesimp.files.atomic import atomic_write_text, check_writable
 from mesimp.files.checkpoint import (
     NonFiniteError,
@@ -58,7 +58,12 @@ from mesimp.simplify.rule import active_widths
 from mesimp.simplify.simplifier import Simplifier
 from mesimp.training.build import build, load_task, rebuild, restore_meprop
 from mesimp.training.config import CUSTOM, RUNTIME_FIELDS, TrainConfig
-from mesimp.training.distributed import Distributed
+from mesimp.training.distributed import (
+    Distributed,
+    check_same_masks,
+    rank_state,
+    restore_rank_state,
+)
 from mesimp.training.optim import build_optimizer
 from mesimp.training.resume import (
     RESUME_VERSION,
@@ -329,7 +334,7 @@ class _Run:
                 f"{self.ranks.world}; resume it with torchrun --nproc_per_node {world}"
             )
         if world > 1:
-            self._restore_rank_state(r["ranks"][self.ranks.rank])
+            restore_rank_state(self.model, r["ranks"][self.ranks.rank], self.ranks.device)
         if self.perm is not None:
             self.shard = self.ranks.shard(self.perm)
         if r.get("steps_per_epoch") != self.steps_per_epoch:
@@ -341,27 +346,6 @@ class _Run:
         if self.start_step >= self.steps_per_epoch:  # saved at the end of an epoch
             self.start_epoch, self.start_step = self.start_epoch + 1, 0
             self.perm, self.loss_sum = None, 0.0
-
-    def _rank_state(self) -> dict[str, Any]:
-        """What differs between ranks: RNG streams, MSBP memory, meSimp counters."""
-        layers = {
-            name: mod for name, mod in self.model.named_modules() if isinstance(mod, MePropCounters)
-        }
-        return {
-            "rng": rng_state(),
-            "msbp_memory": {n: _cpu(m._state.memory) for n, m in layers.items()},
-            "counters": {n: {"hits": _cpu(m.hits), "ref": _cpu(m.ref)} for n, m in layers.items()},
-            "masks": {n: _cpu(m.mask) for n, m in layers.items()},
-        }
-
-    def _restore_rank_state(self, mine: dict[str, Any]) -> None:
-        set_rng_state(mine["rng"])
-        for name, mod in self.model.named_modules():
-            if isinstance(mod, MePropCounters) and name in mine["counters"]:
-                mod.hits.copy_(mine["counters"][name]["hits"])
-                mod.ref.copy_(mine["counters"][name]["ref"])
-                memory = mine["msbp_memory"].get(name)
-                mod._state.memory = memory.to(self.ranks.device) if memory is not None else None
 
     # ---------------------------------------------------------------- the loop
     def fit(self) -> dict[str, Any]:
@@ -517,11 +501,9 @@ class _Run:
         )
 
     def _save_resume(self, epoch: int, step: int, complete: bool = False) -> None:
-        ranks = self.ranks.gather(self._rank_state()) if self.ranks.world > 1 else None
-        if ranks is not None and any(
-            not _same_masks(ranks[0]["masks"], other["masks"]) for other in ranks[1:]
-        ):  # cannot happen when the counters were summed: a guard, not a code path
-            raise MesimpError("the processes disagree on the meSimp masks; not saving")
+        ranks = self.ranks.gather(rank_state(self.model)) if self.ranks.world > 1 else None
+        if ranks is not None:
+            check_same_masks(ranks)
         if not self.ranks.main:
             self.last_saved = (epoch, step)
             return
@@ -612,14 +594,6 @@ class _Run:
 
 def _where(epoch: int, step: int) -> str:
     return f"epoch {epoch + 1} step {step}"
-
-
-def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
-    return t.detach().cpu() if t is not None else None
-
-
-def _same_masks(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _meprop_config(model: nn.Module) -> Any:
