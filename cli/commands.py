@@ -161,6 +161,14 @@ from mesimp.cli.main import IntList, KType, cli, emit_json
     default=None,
     help="Start from this checkpoint's weights and widths (e.g. a shrunk model).",
 )
+@click.option(
+    "--reference",
+    is_flag=True,
+    help="The C# reference code's semantics (lancopku/meProp, nnmnist), MLP only: summed "
+    "loss, every gradient element clipped to 5, dense bias gradient, its dense Adam, its "
+    "init, epochs of 8 chunks with a dev check after each. Unless given: --batch-size 100 "
+    "--epochs 20 --evals-per-epoch 8 (its protocol). See README, 'Reference mode'.",
+)
 @click.option("--threads", type=int, default=None, help="torch CPU threads (per process).")
 @click.option(
     "--device",
@@ -240,6 +248,7 @@ def train(
     cycle_epochs,
     min_width,
     init,
+    reference,
     threads,
     device,
     nproc,
@@ -290,6 +299,11 @@ def train(
         and ctx.get_parameter_source("hidden") != click.core.ParameterSource.COMMANDLINE
     ):
         hidden = [32, 64]
+    if reference:  # the reference's protocol, where the command line does not say
+        given = {n for n in ctx.params if ctx.get_parameter_source(n) == _COMMANDLINE}
+        batch_size = batch_size or 100
+        epochs = epochs if "epochs" in given else 20
+        evals_per_epoch = evals_per_epoch if "evals_per_epoch" in given else 8
     if batch_size is None:
         batch_size = 32 if model == "lstm-tagger" else 50
     if layers is None:
@@ -346,12 +360,16 @@ def train(
         simplify=simp,
         threads=threads,
         device=device,
+        reference=reference,
         save_every=save_every,
         keep_last=keep_last,
     )
     result = run_train(config, progress=progress)
     if is_main_process():  # under torchrun, rank 0 prints (and writes) alone
         _train_report(result, as_json)
+
+
+_COMMANDLINE = click.core.ParameterSource.COMMANDLINE
 
 
 def _without_nproc(args: list[str]) -> list[str]:

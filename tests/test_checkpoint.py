@@ -70,6 +70,7 @@ def test_round_trip_with_plain_torch_load(tmp_path):
         "selection": "unified",
         "msbp_alpha": 0.0,
         "sparse_grad": False,  # the default: dense gradients
+        "dense_bias": False,  # the reference mode sets it
     }
     layers = raw["meprop"]["layers"]
     assert set(layers) == {"0", "2"}

@@ -75,12 +75,16 @@ class Task:
         n = int((y != 0).sum(1).max())
         return x[:, :n], y[:, :n]
 
-    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy, averaged over the batch (or summed: the C# reference's)."""
         if self.tagging:
             return F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=0
+                logits.reshape(-1, logits.shape[-1]),
+                y.reshape(-1),
+                ignore_index=0,
+                reduction=reduction,
             )
-        return F.cross_entropy(logits, y)
+        return F.cross_entropy(logits, y, reduction=reduction)
 
     def accuracy(
         self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int | None = None

@@ -184,7 +184,7 @@ class MePropLinear(MePropCounters, nn.Linear):
                 bias = bias.to(dtype) if bias is not None else None
             out = MePropLinearFunction.apply(
                 x2, weight, bias, k, cfg.selection, cfg.msbp_alpha, cfg.sparse_grad,
-                self._state, masked,
+                self._state, masked, cfg.dense_bias,
             )  # fmt: skip
         return out.reshape(*lead, self.out_features)
 

@@ -59,6 +59,9 @@ class MePropConfig:
     selection: str = "topk"
     msbp_alpha: float = 0.0
     sparse_grad: bool = False
+    # the bias gradient over every unit (the C# reference: summed before the top-k), not
+    # only the selected ones'; Linear layers only
+    dense_bias: bool = False
 
     def __post_init__(self) -> None:
         k = self.k
@@ -135,18 +138,18 @@ class MePropLinearFunction(torch.autograd.Function):
     """``y = (x W^T + b) * mask`` with a meProp backward. x is 2-D here."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, k, selection, alpha, sparse_grad, state, masked):
+    def forward(ctx, x, weight, bias, k, selection, alpha, sparse_grad, state, masked, dense_bias):
         out = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
         if masked:
             out.mul_(state.mask)
         ctx.save_for_backward(x, weight)
-        ctx.meprop = (k, selection, alpha, sparse_grad, state, masked, bias is not None)
+        ctx.meprop = (k, selection, alpha, sparse_grad, state, masked, bias is not None, dense_bias)
         return out
 
     @staticmethod
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
-        k, selection, alpha, sparse_grad, state, masked, has_bias = ctx.meprop
+        k, selection, alpha, sparse_grad, state, masked, has_bias, dense_bias = ctx.meprop
         n = weight.shape[0]
         rows = dy.shape[0]
         u = dy
@@ -180,7 +183,7 @@ class MePropLinearFunction(torch.autograd.Function):
                 grad_x = u_sel @ weight.index_select(0, sel)
             if ctx.needs_input_grad[1]:
                 rows_w = u_sel.t() @ x
-            if has_bias and ctx.needs_input_grad[2]:
+            if has_bias and ctx.needs_input_grad[2] and not dense_bias:
                 grad_b = dy.new_zeros(n).index_copy_(0, sel, u_sel.sum(0))
         else:
             # Per example: the union of selected rows covers most of W at b=50, so GEMMs
@@ -199,7 +202,7 @@ class MePropLinearFunction(torch.autograd.Function):
                     per_sample_weights=vals.reshape(-1)[order],
                     mode="sum",
                 )
-            if has_bias and ctx.needs_input_grad[2]:
+            if has_bias and ctx.needs_input_grad[2] and not dense_bias:
                 grad_b = dy.new_zeros(n).index_add_(0, flat, vals.reshape(-1))
         if ctx.needs_input_grad[1]:
             if sparse_grad:
@@ -212,4 +215,6 @@ class MePropLinearFunction(torch.autograd.Function):
                 )
             else:
                 grad_w = weight.new_zeros(weight.shape).index_copy_(0, sel, rows_w)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+        if has_bias and dense_bias and ctx.needs_input_grad[2]:
+            grad_b = dy.sum(0).mul_(state.mask) if masked else dy.sum(0)  # masked: no gradient
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None

@@ -20,6 +20,7 @@ from mesimp.models import CNNConfig, MLPConfig, RowLSTMConfig, TaggerConfig, bui
 from mesimp.nn.linear import MePropCounters
 from mesimp.nn.swap import meprop_
 from mesimp.training.config import CUSTOM, FAMILIES, TrainConfig
+from mesimp.training.reference import reference_init_
 
 # The arch fields the data fixes, per family: an --init checkpoint must agree on them.
 _DATA_FIELDS = {
@@ -81,6 +82,8 @@ def build(config: TrainConfig, task: Task) -> tuple[nn.Module, dict[str, Any]]:
     else:
         arch = family_arch(config, task)
         model = build_model(arch)
+        if config.reference:
+            reference_init_(model)
         layers_state = {}
     mcfg = config.meprop_config()
     if mcfg.k != 0 or config.simplify is not None or layers_state:

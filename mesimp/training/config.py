@@ -70,6 +70,9 @@ class TrainConfig:
     # 1% of 1000 steps of the fastest configuration (unified k=20, 1.3-1.7 ms a step).
     save_every: int = 1000
     keep_last: bool = False  # keep RUN.last.pt (final weights + optimizer) after the run
+    # The C# reference's semantics (mesimp.training.reference): summed loss, element-wise
+    # clip to 5, dense bias gradient, its dense Adam, its init, 8-chunk epochs
+    reference: bool = False
 
     def __post_init__(self) -> None:
         widths = self.hidden if isinstance(self.hidden, list) else [self.hidden]
@@ -100,6 +103,21 @@ class TrainConfig:
             )
         if self.simplify is not None and self.k == 0:
             raise BadInputError("--simplify needs meProp counts: set --k > 0 (e.g. --k 60)")
+        if self.reference:
+            self._check_reference()
+
+    def _check_reference(self) -> None:
+        """The reference is the C# MNIST MLP trained with its own Adam."""
+        if self.model != "mlp":
+            raise BadInputError(f"--reference reproduces the C# MLP; --model is {self.model}")
+        if self.optimizer != "adam":
+            raise BadInputError("--reference trains with the reference's Adam: drop --optimizer")
+        if self.simplify is not None:
+            raise BadInputError(
+                "--reference --simplify: the reference's meSimp schedule is not built yet "
+                "(use meSimp with mesimp's own semantics, without --reference)"
+            )
+        self.sparse_update = False  # the reference's Adam is dense
 
     def hidden_sizes(self) -> list[int]:
         if isinstance(self.hidden, list):
@@ -108,7 +126,11 @@ class TrainConfig:
 
     def meprop_config(self) -> MePropConfig:
         return MePropConfig(
-            k=self.k, selection=self.selection, msbp_alpha=self.msbp, sparse_grad=self.sparse_update
+            k=self.k,
+            selection=self.selection,
+            msbp_alpha=self.msbp,
+            sparse_grad=self.sparse_update,
+            dense_bias=self.reference,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -65,6 +65,7 @@ from mesimp.training.distributed import (
     restore_rank_state,
 )
 from mesimp.training.optim import build_optimizer
+from mesimp.training.reference import ReferenceAdam, chunk_ends, chunked_batches
 from mesimp.training.resume import (
     RESUME_VERSION,
     config_conflicts,
@@ -240,18 +241,26 @@ class _Run:
         if ranks.world > 1:  # the same initial model everywhere, then each rank its own
             seed_everything(config.seed + 1_000_003 * ranks.rank)  # dropout/random-k draws
         self.forward = self.model  # what the training step calls: DDP when world > 1
-        self.optimizer = build_optimizer(
-            config.optimizer, self.model.parameters(), config.lr, config.sparse_update
+        self.optimizer = (
+            ReferenceAdam(self.model.parameters(), lr=config.lr)
+            if config.reference
+            else build_optimizer(
+                config.optimizer, self.model.parameters(), config.lr, config.sparse_update
+            )
         )
+        self.reduction = "sum" if config.reference else "mean"
         self.named_params = list(self.model.named_parameters())
         self.n = len(self.task.y_train)
         per_rank = math.ceil(self.n / ranks.world)  # DistributedSampler pads by wrapping
-        self.steps_per_epoch = math.ceil(per_rank / config.batch_size)
-        spe = self.steps_per_epoch
-        self.evals = {
-            math.ceil((i + 1) * spe / config.evals_per_epoch)
-            for i in range(min(config.evals_per_epoch, spe))
-        }
+        bs, evals = config.batch_size, config.evals_per_epoch
+        if config.reference:  # chunks of the epoch, a dev check after each
+            self.bounds = chunked_batches(per_rank, bs, evals)
+            self.evals = chunk_ends(per_rank, bs, evals)
+        else:
+            self.bounds = [(s, min(s + bs, per_rank)) for s in range(0, per_rank, bs)]
+            spe = len(self.bounds)
+            self.evals = {math.ceil((i + 1) * spe / evals) for i in range(min(evals, spe))}
+        self.steps_per_epoch = spe = len(self.bounds)
         self.simplifier = (
             Simplifier(
                 self.model,
@@ -404,10 +413,10 @@ class _Run:
 
     def _step(self, epoch: int, step: int) -> None:
         """One minibatch: forward, loss, backward, guards, update, meSimp."""
-        bs = self.config.batch_size
-        idx = self.shard[(step - 1) * bs : step * bs]
+        start, end = self.bounds[step - 1]
+        idx = self.shard[start:end]
         x, y = self.task.batch(self.task.x_train[idx], self.task.y_train[idx])
-        loss = self.task.loss(self.forward(x), y)
+        loss = self.task.loss(self.forward(x), y, self.reduction)
         loss_value = loss.item()
         # every rank must take the same branch: DDP's backward all-reduces
         self.stopping, nonfinite = self.ranks.agree(
