@@ -186,3 +186,23 @@ def test_reference_mode_refuses_what_it_cannot_reproduce(kw, needle):
         kw = {**kw, "simplify": SimplifyConfig()}
     with pytest.raises(BadInputError, match=needle):
         TrainConfig(reference=True, **kw)
+
+
+def test_cli_reference_takes_the_protocol_defaults_unless_given(tmp_path, tiny_npz, capsys):
+    import mesimp.cli.commands  # noqa: F401  (registers the commands)
+    from mesimp.cli.main import main
+
+    out = tmp_path / "m.pt"
+    args = ["train", "--reference", "--data", tiny_npz, "--dev-size", DEV, "--hidden", "8"]
+    args += ["--k", "2", "--selection", "topk", "--epochs", "1", "-o", out, "--json"]
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in args])
+    assert e.value.code in (0, None)
+    cfg = json.loads(capsys.readouterr().out)["config"]
+    assert (cfg["reference"], cfg["batch_size"], cfg["evals_per_epoch"]) == (True, 100, 8)
+    assert cfg["epochs"] == 1 and cfg["sparse_update"] is False
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--reference", "--model", "cnn", "--data", str(tiny_npz)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--reference reproduces the C# MLP" in err[0]
