@@ -253,3 +253,52 @@ def test_evals_per_epoch_applies_to_the_tagger(data, tmp_path):
     quiet_train(family_config("lstm-tagger", data, out, epochs=1, evals_per_epoch=5))
     log = out.with_name("m.metrics.jsonl").read_text().splitlines()
     assert sum('"event": "eval"' in line for line in log) == 5
+
+
+# --------------------------------------------------------------------------------------
+# a user's own model and data through the same loop
+# --------------------------------------------------------------------------------------
+def _own(seed: int = 0) -> tuple[torch.nn.Module, Any]:
+    from mesimp.data.tasks import Task
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(600, 12, generator=g)
+    y = (x[:, :3].sum(1) > 0).long() + (x[:, 3] > 1).long()  # 3 classes, learnable
+    task = Task("mine", x[:400], y[:400], x[400:500], y[400:500], x[500:], y[500:], arch={})
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(12, 32),
+        torch.nn.ReLU(),
+        torch.nn.Linear(32, 24),
+        torch.nn.LayerNorm(24),  # a graph the MLP builder would not make
+        torch.nn.ReLU(),
+        torch.nn.Linear(24, 3),
+    )
+    return net, task
+
+
+def test_a_users_model_and_task_train_simplify_and_resume_in_the_one_loop(tmp_path, monkeypatch):
+    def cfg(out: Path) -> TrainConfig:
+        return TrainConfig(
+            k=6, simplify=SIMP, epochs=3, batch_size=40, evals_per_epoch=2, lr=1e-2,
+            output=str(out), save_every=4, keep_last=True, seed=4,
+        )  # fmt: skip
+
+    ref = tmp_path / "ref" / "m.pt"
+    net, task = _own()
+    r = quiet_train(cfg(ref), task=task, model=net)
+    assert r["model"] == "custom" and r["best"]["test_accuracy"] > 0.6
+    masks = {n: s["mask"] for n, s in load_checkpoint(ref)["meprop"]["layers"].items()}
+    assert set(masks) == {"0", "2"}  # the meProp layers (the output layer stays plain)
+    assert not bool(masks["0"].all())  # simplified ...
+    assert bool(masks["2"].all())  # ... but not the one a LayerNorm reads (cannot go)
+    # interrupted and resumed with the same model and task: the same run
+    out = tmp_path / "run" / "m.pt"
+    net2, task2 = _own()
+    fault = Fault(monkeypatch, 11, signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted):
+        quiet_train(cfg(out), task=task2, model=net2)
+    fault.undo()
+    net3, _ = _own(seed=9)  # other initial weights: the resume loads the run's
+    quiet_train(resume=resume_path(out), task=task2, model=net3)
+    assert_runs_identical(ref, out)
