@@ -3,6 +3,7 @@
 The public API; every name here is re-exported from the module that owns it.
 """
 
+from mesimp._moved import install as _install_moved
 from mesimp._version import __version__
 from mesimp.data.tasks import Task
 from mesimp.deploy.bench import bench
@@ -25,6 +26,8 @@ from mesimp.training.optim import RowSparseAdam, build_optimizer
 from mesimp.training.resume import resume_config
 from mesimp.training.runsafety import TrainingDiverged, TrainingInterrupted
 from mesimp.training.sequence import train_lstm, train_tagger
+
+_install_moved()  # old module paths import with a DeprecationWarning naming the new one
 
 __all__ = [
     "__version__",

@@ -302,3 +302,18 @@ def test_a_users_model_and_task_train_simplify_and_resume_in_the_one_loop(tmp_pa
     net3, _ = _own(seed=9)  # other initial weights: the resume loads the run's
     quiet_train(resume=resume_path(out), task=task2, model=net3)
     assert_runs_identical(ref, out)
+
+
+def test_old_module_paths_still_import_with_a_deprecation_warning():
+    import importlib
+    import sys
+
+    import mesimp.simplify.checkpoint_shrink as new
+
+    for name in ("mesimp.checkpoint_shrink", "mesimp.seqtrain"):
+        sys.modules.pop(name, None)
+    with pytest.warns(DeprecationWarning, match="moved to mesimp.simplify.checkpoint_shrink"):
+        old = importlib.import_module("mesimp.checkpoint_shrink")
+    assert old is new and old.shrink_checkpoint is new.shrink_checkpoint
+    with pytest.warns(DeprecationWarning, match="mesimp.training.sequence"):
+        from mesimp.seqtrain import train_lstm  # noqa: F401  (the README's old example)
