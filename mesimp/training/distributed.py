@@ -15,9 +15,10 @@ it needs to know about the others:
 * ``gather``: the per-rank state a resume needs (RNG, MSBP memory, meSimp counters),
   collected on every rank so rank 0 can write it.
 
-Rank 0 alone writes files; every rank evaluates nothing but rank 0 (the weights are
-the same on every rank: DDP averages the gradients, and meSimp's counters are summed
-before the keep rule runs, see ``Simplifier``).
+Every rank runs the same steps, evaluations and saves included, so the collectives line
+up; rank 0 alone writes files and logs. The weights are the same on every rank: DDP
+averages the gradients, and meSimp's counters are summed before the keep rule runs
+(``Simplifier``), so every rank applies the same masks.
 """
 
 from __future__ import annotations
