@@ -203,3 +203,20 @@ def test_cli_nproc_runs_torchrun_and_prints_one_result(tmp_path, tiny_npz):
     assert doc["checkpoint"] == str(out) and doc["config"]["sparse_update"] is False
     assert "2 processes: dense updates" in proc.stderr
     assert load_checkpoint(out)["arch"]["model"] == "mlp"
+
+
+def test_nproc_inside_torchrun_is_refused(monkeypatch):
+    from mesimp.training.distributed import relaunch, torchrun_command
+
+    assert torchrun_command(2, ["train", "--k", "4"])[-5:] == [
+        "-m",
+        "mesimp.cli",
+        "train",
+        "--k",
+        "4",
+    ]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(BadInputError, match="already a torchrun process"):
+        relaunch(2, ["train"])
+    with pytest.raises(BadInputError, match="--nproc must be >= 1"):
+        torchrun_command(0, ["train"])

@@ -173,6 +173,8 @@ def torchrun_command(nproc: int, args: list[str]) -> list[str]:
 
 def relaunch(nproc: int, args: list[str]) -> None:
     """Replace this process with ``torchrun`` running ``mesimp ARGS`` ``nproc`` times."""
+    if "WORLD_SIZE" in os.environ:  # each torchrun worker would start a torchrun of its own
+        raise BadInputError("--nproc: this is already a torchrun process; drop --nproc")
     cmd = torchrun_command(nproc, args)
     sys.stdout.flush()
     sys.stderr.flush()
