@@ -33,6 +33,7 @@ __all__ = [
     "SPLIT_SEED",
     "SeqData",
     "Task",
+    "classification_accuracy",
     "image_task",
     "rows_data",
     "sequence_accuracy",
@@ -134,6 +135,13 @@ def image_task(path: str | Path | None = None, dev_size: int = 5000) -> Task:
         arch={"in_features": ds.x_train.shape[1], "num_classes": ds.num_classes},
         summary=ds.summary(),
     )
+
+
+def classification_accuracy(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 2000
+) -> float:
+    """Example accuracy of a classifier on ``(x, y)``; NaN for an empty split."""
+    return sequence_accuracy(model, x, y, tagging=False, batch=batch)
 
 
 @torch.no_grad()

@@ -95,7 +95,7 @@ class LSTMTagger(nn.Module):
 
     Only plain ``torch.nn`` layers, so a shrunk tagger runs without mesimp; the meProp
     variant swaps each LSTM for a ``MePropLSTM`` with the same parameter names
-    (``mesimp.seqtrain.meprop_lstms_``), so state_dicts move freely between them.
+    (``mesimp.training.sequence.meprop_lstms_``), so state_dicts move freely between them.
     """
 
     def __init__(self, config: TaggerConfig) -> None:

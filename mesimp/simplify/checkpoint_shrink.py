@@ -20,7 +20,7 @@ from torch import nn
 
 from mesimp.data import load_eval_data
 from mesimp.data.conllu import Vocab, read_conllu, tagging_tensors
-from mesimp.data.tasks import sequence_accuracy
+from mesimp.data.tasks import classification_accuracy, sequence_accuracy
 from mesimp.errors import BadInputError, VerificationError
 from mesimp.files.checkpoint import (
     load_checkpoint,
@@ -250,8 +250,10 @@ def _verify_and_save(
     if ds is not None:
         train_meta["metrics"] = {
             **(train_meta.get("metrics") or {}),
-            "dev_accuracy": _accuracy(small, ds.x_dev, ds.y_dev) if len(ds.y_dev) else None,
-            "test_accuracy": _accuracy(small, ds.x_test, ds.y_test),
+            "dev_accuracy": classification_accuracy(small, ds.x_dev, ds.y_dev)
+            if len(ds.y_dev)
+            else None,
+            "test_accuracy": classification_accuracy(small, ds.x_test, ds.y_test),
         }
     train_meta["shrunk_from"] = {
         "round_to": round_to,
@@ -392,7 +394,3 @@ def _report(
         "params_ratio": b["params"] / max(a["params"], 1),
         "macs_ratio": b["macs"] / max(a["macs"], 1),
     }
-
-
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    return sequence_accuracy(model, x, y, tagging=False, batch=2000)

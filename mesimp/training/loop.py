@@ -41,7 +41,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from mesimp.data.tasks import Task, sequence_accuracy
+from mesimp.data.tasks import Task
+from mesimp.data.tasks import classification_accuracy as evaluate
 from mesimp.errors import BadInputError, CheckpointError
 from mesimp.files.atomic import atomic_write_text, check_writable
 from mesimp.files.checkpoint import (
@@ -108,12 +109,6 @@ def metrics_path(checkpoint: str | Path) -> Path:
     """The JSONL metrics log that sits next to a checkpoint."""
     p = Path(checkpoint)
     return p.with_name(p.stem + ".metrics.jsonl")
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 2000) -> float:
-    """Accuracy of a classifier on ``(x, y)``; NaN for an empty split."""
-    return sequence_accuracy(model, x, y, tagging=False, batch=batch)
 
 
 def seed_everything(seed: int) -> None:

@@ -28,8 +28,8 @@ from mesimp.data.tasks import DEFAULT_MAX_LEN, Task, sequence_accuracy, tagging_
 from mesimp.errors import BadInputError
 from mesimp.files.checkpoint import load_checkpoint, model_from_checkpoint
 from mesimp.models import lstm_stack
-from mesimp.nn.lstm import MePropLSTM
 from mesimp.nn.meprop import MePropConfig
+from mesimp.nn.swap import meprop_
 from mesimp.simplify.checkpoint_shrink import shrink_lstm_model
 from mesimp.simplify.rule import SimplifyConfig
 from mesimp.training.config import TrainConfig
@@ -50,17 +50,10 @@ _FAMILY = {"tagging": "lstm-tagger", "rows": "lstm-rows"}
 
 def meprop_lstms_(model: nn.Module, config: MePropConfig) -> nn.Module:
     """In place: swap every ``nn.LSTM`` of ``model.stack`` for a ``MePropLSTM`` with a copy
-    of its parameters (same names and layout, so the state_dict keys do not change)."""
-    lstms = lstm_stack(model)
-    for i, lstm in enumerate(lstms):
-        if isinstance(lstm, MePropLSTM):
-            continue
-        if not isinstance(lstm, nn.LSTM):
-            raise BadInputError(f"meprop_lstms_: layer {i} is a {type(lstm).__name__}")
-        new = MePropLSTM.from_lstm(lstm, config)
-        new.train(lstm.training)
-        lstms[i] = new
-    return model
+    of its parameters (same names and layout, so the state_dict keys do not change).
+    ``meprop_`` restricted to the stack: the Linear layers stay plain."""
+    stack = {id(m) for m in lstm_stack(model)}
+    return meprop_(model, config, filter_fn=lambda _n, m: id(m) in stack, skip_output=False)
 
 
 def tagger_accuracy(
