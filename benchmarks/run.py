@@ -1,6 +1,7 @@
 """Regenerate benchmarks/RESULTS.md, its plots and results.json: every comparison, one command.
 
     python -m benchmarks.run [--quick] [--seeds 1,2,3] [--out benchmarks/RESULTS.md]
+    python -m benchmarks.run --render   # redraw RESULTS.md + plots from the JSON files
 
 A. MLP 784-500-500-10 on Fashion-MNIST: dense, meProp top-k (per example, unified),
    random-k, MSBP, meSimp (+ shrink + fine-tune), dense at the meSimp widths,
@@ -9,7 +10,12 @@ B. LSTM POS tagger on UD English EWT: dense, meProp, meSimp, dense at the meSimp
    width, Torch-Pruning (attempted).
 C. Per row: test accuracy, widths, params, training time and its ratio to dense,
    backward-time ratio, onnxruntime speed-ups (fp32 / int8, batch 1 / 256).
-D. Plots; E. the papers' claims and the project goals with computed verdicts.
+D. Plots; E. the papers' claims and the project goals with computed verdicts;
+F. the papers' own tasks (MNIST, full-EWT tagging, the parser), drawn from the runs
+   files their long commands commit (``benchmarks.suite.paper_tasks``).
+
+``--render`` runs nothing: it rebuilds RESULTS.md and the plots from ``results.json``
+and the paper tasks' runs files (seconds), e.g. after a paper task's long run.
 
 ``--out`` is the Markdown file (or a directory for RESULTS.md); the PNGs and
 results.json go next to it. ``--quick`` is CI-sized (about a minute on 2 cores, 1
@@ -79,6 +85,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mlp-epochs", type=int, help="override the MLP epochs (budgeting)")
     p.add_argument("--lstm-epochs", type=int, help="override the LSTM epochs (budgeting)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--render", action="store_true", help="redraw from results.json, run nothing")
     p.add_argument("--work", help="keep checkpoints and ONNX files here (default: a temp dir)")
     return p.parse_args(argv)
 
@@ -173,6 +180,17 @@ def write_outputs(results: dict[str, Any], md: Path) -> list[str]:
     return problems
 
 
+def render(md: Path, log: Callable[[str], None]) -> int:
+    """RESULTS.md and the plots again from ``results.json`` next to ``md``; runs nothing."""
+    src = md.parent / "results.json"
+    if not src.is_file():
+        print(f"error: --render needs {src} (run the suite first)", file=sys.stderr)
+        return 2
+    problems = write_outputs(json.loads(src.read_text()), md)
+    log(f"redrew {md} and the plots from {src}")
+    return 1 if problems else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -184,8 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cfg = make_config(args)
     log = _logger()
+    if args.render:
+        return render(md, log)
+    cfg = make_config(args)
     command = "python -m benchmarks.run" + (" " + shlex.join(argv) if argv else "")
     if args.work:
         work = Path(args.work)

@@ -229,3 +229,51 @@ def test_no_loss_and_beats_follow_the_numbers():
     assert beats(dense, _row([0.90, 0.901, 0.902]))["holds"] is False
     assert beats(dense, _row([0.880, 0.883, 0.879]))["holds"] is None
     assert beats(dense, _row([0.1], status="diverged"))["holds"] is True
+
+
+def _paper_runs(rows: dict[str, list[float]], widths: dict[str, list[int]]) -> list[dict]:
+    return [
+        {"row": name, "seed": i + 1, "test": acc, "widths": widths.get(name, [500, 500])}
+        for name, accs in rows.items()
+        for i, acc in enumerate(accs)
+    ]
+
+
+def test_paper_tasks_section_judges_the_runs_file(tmp_path):
+    from benchmarks.suite import paper_tasks
+
+    mnist = paper_tasks.TASKS[0]
+    runs = _paper_runs(
+        {
+            "ref dense": [0.983, 0.984, 0.983],
+            "ref topk80": [0.983, 0.983, 0.984],  # no loss
+            "ref topk20": [0.92, 0.93, 0.91],  # a clear loss
+            "ref mesimp": [0.983, 0.984, 0.984],
+        },
+        {"ref mesimp": [150, 140]},  # 29 % kept, under the paper's 30.8 %
+    )
+    (tmp_path / mnist.runs_file).write_text(json.dumps(runs))
+    md = paper_tasks.section_md(tmp_path)
+    lines = {ln.split(" | ")[1]: ln for ln in md.splitlines() if ln.startswith("| meProp")}
+    assert lines["ref top-80 vs ref dense (the paper's)"].endswith("| holds |")
+    assert lines["ref top-20 vs ref dense"].endswith("| does not hold |")
+    simp = next(ln for ln in md.splitlines() if "ref meSimp (paper: 30.8% kept)" in ln)
+    assert "kept 29.00%" in simp and simp.endswith("| holds |")
+    assert "| ref dense | 98.33 ± 0.06 | 3 | 500-500 | 98.20 |" in md
+    assert "unified" not in md.split("| claim |")[0]  # rows never run are not listed
+    # a failed seed is counted as such, not averaged
+    runs.append({"row": "ref topk80", "seed": 4, "test": None, "error": "diverged"})
+    (tmp_path / mnist.runs_file).write_text(json.dumps(runs))
+    assert "(1 failed)" in paper_tasks.section_md(tmp_path)
+
+
+def test_paper_tasks_section_names_the_command_of_a_task_not_run(tmp_path):
+    from benchmarks.suite import paper_tasks
+
+    md = paper_tasks.section_md(tmp_path)
+    assert "Not run yet: `python -m benchmarks.mnist_paper`." in md
+
+
+def test_render_needs_results_json(tmp_path, capsys):
+    assert bench_run.main(["--render", "--out", str(tmp_path)]) == 2
+    assert "--render needs" in capsys.readouterr().err

@@ -123,12 +123,22 @@ def _bwd(row: dict[str, Any] | None) -> float | None:
 
 def smaller(section: str, rows: dict, full_width: int) -> dict[str, Any]:
     """meSimp's kept fraction against the paper's, with the no-loss verdict."""
-    ms, dense = rows.get((section, "mesimp")), rows.get((section, "dense"))
+    return smaller_than(
+        rows.get((section, "mesimp")),
+        rows.get((section, "dense")),
+        full_width,
+        PAPER_KEPT[section],
+    )
+
+
+def smaller_than(
+    ms: dict[str, Any] | None, dense: dict[str, Any] | None, full_width: int, paper: float
+) -> dict[str, Any]:
+    """``ms`` keeps at most the paper's share ``paper`` of the units, with no loss vs dense."""
     kept = kept_fraction(ms, full_width) if ms else None
     loss = no_loss(ms, dense)
     if kept is None:
         return {"ours": loss["ours"], "verdict": loss["verdict"], "holds": loss["holds"]}
-    paper = PAPER_KEPT[section]
     ours = f"kept {pct(kept.mean)} of the units ({1 / kept.mean:.1f}x smaller); {loss['ours']}"
     small_enough = kept.mean <= paper
     if loss["holds"] is True and small_enough:

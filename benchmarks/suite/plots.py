@@ -1,7 +1,9 @@
 """The suite's PNGs, drawn from ``results.json`` alone (matplotlib is optional).
 
 * accuracy vs parameters: every method of both comparisons, one point per seed;
-* meSimp's active width over training: every hidden layer, every seed (MLP and LSTM).
+* meSimp's active width over training: every hidden layer, every seed (MLP and LSTM);
+* the papers' tasks (``benchmarks.suite.paper_tasks``): each row's test metric per seed
+  next to the paper's number.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from benchmarks.suite.paper_tasks import BENCH_DIR, done_tasks
 from benchmarks.suite.results import LSTM_ROWS, MLP_ROWS, ok_runs
 from mesimp.files.atomic import atomic_path
 
@@ -100,6 +103,43 @@ def widths(results: dict[str, Any], path: Path, plt: Any) -> None:
     _save(plt, fig, path)
 
 
+def paper_tasks(path: Path, plt: Any, bench_dir: Path = BENCH_DIR) -> bool:
+    """One panel per paper task with a runs file; False (nothing drawn) when there is none."""
+    done = done_tasks(bench_dir)
+    if not done:
+        return False
+    fig, axes = plt.subplots(1, len(done), figsize=(6 * len(done), 4.8), dpi=110, squeeze=False)
+    for ax, (task, runs) in zip(axes[0], done, strict=True):
+        rows = [row for row in task.rows if any(r["row"] == row.name for r in runs)]
+        labelled = False
+        for i, row in enumerate(rows):
+            vals = [
+                100 * r[task.metric]
+                for r in runs
+                if r["row"] == row.name and r.get(task.metric) is not None
+            ]
+            ax.scatter([i] * len(vals), vals, color="C0", s=18, label="ours" if i == 0 else None)
+            paper = row.paper.split()[0] if row.paper else ""
+            if paper.replace(".", "", 1).isdigit():
+                ax.scatter(
+                    [i],
+                    [float(paper)],
+                    color="C3",
+                    marker="*",
+                    s=90,
+                    label=None if labelled else "paper (its data)",
+                )
+                labelled = True
+        ax.set_xticks(range(len(rows)), [row.label for row in rows], rotation=60, ha="right")
+        ax.tick_params(axis="x", labelsize=7)
+        ax.set_ylabel(task.metric_label)
+        ax.set_title(task.title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    _save(plt, fig, path)
+    return True
+
+
 def draw(results: dict[str, Any], out_dir: Path, names: dict[str, str]) -> dict[str, Any]:
     """Writes the PNGs into ``out_dir``; returns ``{key: file name}`` or ``{"note": why}``."""
     plt = _pyplot()
@@ -107,4 +147,7 @@ def draw(results: dict[str, Any], out_dir: Path, names: dict[str, str]) -> dict[
         return {"note": MISSING}
     acc_vs_params(results, out_dir / names["acc_vs_params"], plt)
     widths(results, out_dir / names["widths"], plt)
-    return dict(names)
+    drawn = dict(names)
+    if not paper_tasks(out_dir / names["paper_tasks"], plt):
+        del drawn["paper_tasks"]
+    return drawn

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from benchmarks.suite.claims import ACC_TOL, judge
+from benchmarks.suite.paper_tasks import section_md
 from benchmarks.suite.results import (
     DIVERGED,
     LSTM_ROWS,
@@ -25,6 +26,7 @@ from benchmarks.suite.stats import kept_fraction, row_stat
 PLOTS = {
     "acc_vs_params": "results_acc_vs_params.png",
     "widths": "results_widths.png",
+    "paper_tasks": "results_paper_tasks.png",
 }
 
 
@@ -267,6 +269,7 @@ def build_report(results: dict[str, Any], strict: bool = True) -> str:
         "accuracies.",
         "",
         claims_md(verdicts),
+        section_md(plot=(results.get("plots") or {}).get("paper_tasks")),
         "## Machine",
         "",
         _machine_md(results),
