@@ -35,7 +35,13 @@ from mesimp.data.parse_decode import attachment_scores, parse, torch_scorer
 from mesimp.data.parse_features import N_FEATURES, ParserVocabs, features, table_size
 from mesimp.errors import DataError
 
-__all__ = ["oracle_examples", "parser_arch_fields", "parsing_data", "read_trees"]
+__all__ = [
+    "oracle_examples",
+    "parser_arch_fields",
+    "parser_check_features",
+    "parsing_data",
+    "read_trees",
+]
 
 SPLIT_SEED = 0
 DECODE_BATCH = 1024  # sentences advanced together when evaluating
@@ -170,3 +176,31 @@ def parsing_data(
         },
         metrics=ParseMetrics(vocabs, dev_sents, test_sents),
     )
+
+
+def parser_check_features(
+    ckpt: dict[str, Any], conllu: str | Path | None = None, limit: int = 2000
+) -> tuple[torch.Tensor, torch.Tensor | None, list[Sentence], str]:
+    """Inputs to check a parser checkpoint on (shrink, export): the oracle feature rows
+    of ``conllu``'s first 500 sentences (default: the test file recorded at training, if
+    it still exists), encoded with the checkpoint's vocabularies, at most ``limit`` rows,
+    with their oracle transitions and the sentences; else ``limit`` random id rows
+    (seeded), no labels and no sentences. Returns ``(x, y, sentences, source)``."""
+    arch = ckpt["arch"]
+    if conllu is None:
+        test = ((ckpt.get("train") or {}).get("data") or {}).get("test")
+        conllu = test if test and Path(test).is_file() else None
+    if conllu is not None:
+        vocabs = ParserVocabs.from_dict(arch)
+        sents = read_trees(conllu, 10_000)[:500]
+        x, y, _ = oracle_examples(sents, vocabs)
+        if len(x):
+            n = min(len(x), limit)
+            return x[:n], y[:n], sents, f"{conllu} (oracle features, {n} rows)"
+    g = torch.Generator().manual_seed(0)
+    sizes = (arch["n_words"], arch["n_tags"], arch["n_labels"])
+    cols = [
+        torch.randint(0, n, (limit, k), generator=g)
+        for n, k in zip(sizes, (18, 18, 12), strict=True)
+    ]
+    return torch.cat(cols, 1), None, [], f"{limit} random feature rows"

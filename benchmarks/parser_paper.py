@@ -1,0 +1,318 @@
+"""The meProp/meSimp papers' parser rows on full UD English EWT: a long, separate command.
+
+    nice -n 19 python -m benchmarks.parser_paper [--epochs 8] [--batch-size 256]
+        [--out benchmarks] [--workdir models/parser_paper] [--quick]
+
+A Chen & Manning (2014) style parser (``mesimp train --model parser``: 48 features,
+50-d embeddings, one hidden layer, ReLU) trained on ``en_ewt-ud-train`` (12,544
+sentences; non-projective ones skipped), the best of ``--epochs`` evaluations picked
+on ``en_ewt-ud-dev`` by transition accuracy, UAS/LAS on ``en_ewt-ud-test`` by parsing
+every sentence (all tokens, punctuation included; gold UPOS as the POS features).
+
+Rows (the papers' parser table): dense h=500; meProp per-example top-20 (the paper's);
+meSimp (per-example top-20, then ``mesimp shrink``: the kept width, paper 500 -> 51);
+a dense parser of the kept width trained from scratch. Then the backprop time of one
+step, top-20 against dense, at this batch size (paper: 18.6x faster backprop), and the
+parsing speed of the dense and the shrunk meSimp parser exported to ONNX (sentences/s
+with the transition loop in Python and the scorer in onnxruntime, one thread).
+
+Writes ``PARSER.md`` and ``parser_paper.json`` under ``--out`` (atomically), after
+every run, so an interrupted command keeps what it finished; ``--resume-json`` skips the
+runs already in the json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mesimp.files.atomic import atomic_write_text
+from mesimp.simplify.rule import SimplifyConfig
+from mesimp.training.config import TrainConfig
+from mesimp.training.loop import train
+
+EWT = Path("/work/shared/data/ud-english-ewt")
+PAPER = {
+    "dense": "500d parser (meProp paper, Penn Treebank; UAS 89.80)",
+    "meprop": "top-20: 18.6x faster backprop, +0.04 accuracy",
+    "mesimp": "500 -> 51 units (meSimp paper)",
+}
+
+
+def _files(args: argparse.Namespace) -> dict[str, str]:
+    d = Path(args.ewt)
+    files = {
+        "train_file": str(d / "en_ewt-ud-train.conllu"),
+        "dev_file": str(d / "en_ewt-ud-dev.conllu"),
+        "test_file": str(d / "en_ewt-ud-test.conllu"),
+    }
+    if args.quick:
+        # the dev file as training data, 10% of it held out: a smoke test of the command
+        files = {"train_file": files["dev_file"], "test_file": files["test_file"]}
+    return files
+
+
+def run_one(args: argparse.Namespace, name: str, **kw: Any) -> dict[str, Any]:
+    """One training run; the row of the table (best-on-dev checkpoint's numbers)."""
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = TrainConfig(
+        model="parser",
+        **_files(args),
+        emb_dim=50,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        optimizer="adam",
+        seed=args.seed,
+        threads=args.threads,
+        output=str(work / f"{name}.pt"),
+        save_every=0,
+        **kw,
+    )
+    t0 = time.perf_counter()
+    r = train(cfg, progress=False, log=lambda m: print(f"[{name}] {m}", flush=True))
+    b = r["best"]
+    row = {
+        "name": name,
+        "hidden": r["hidden_sizes"],
+        "active_widths": r["active_widths"],
+        "k": kw.get("k", 0),
+        "selection": kw.get("selection", "-"),
+        "epoch": b["epoch"],
+        "dev_transition_accuracy": b["dev_accuracy"],
+        "dev_uas": b["dev_uas"],
+        "dev_las": b["dev_las"],
+        "test_uas": b["test_uas"],
+        "test_las": b["test_las"],
+        "train_time_s": r["train_time_s"],
+        "steps": b["step"],
+        "wall_time_s": time.perf_counter() - t0,
+        "checkpoint": r["checkpoint"],
+        "data": r["data"],
+    }
+    return row
+
+
+def backprop_ratio(args: argparse.Namespace, checkpoint: str, steps: int = 60) -> dict[str, Any]:
+    """Median time of ``loss.backward()`` on real training batches: dense vs top-20."""
+    from mesimp.data.parsing import parsing_data
+    from mesimp.files.checkpoint import load_checkpoint, model_from_checkpoint
+    from mesimp.nn.meprop import MePropConfig
+    from mesimp.nn.swap import meprop_
+
+    files = _files(args)
+    task = parsing_data(files["train_file"], files["test_file"], files.get("dev_file"))
+    ckpt = load_checkpoint(checkpoint)
+    out = {}
+    gen = torch.Generator().manual_seed(0)
+    idx = [
+        torch.randint(0, len(task.y_train), (args.batch_size,), generator=gen) for _ in range(steps)
+    ]
+    for label, k in (("dense", 0), ("top-20", 20)):
+        model = model_from_checkpoint(ckpt, meprop=False).train()
+        if k:
+            meprop_(model, MePropConfig(k=k, selection="topk", sparse_grad=True))
+        times = []
+        for i in idx:
+            loss = task.loss(model(task.x_train[i]), task.y_train[i])
+            model.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            loss.backward()
+            times.append(time.perf_counter() - t0)
+        out[label] = statistics.median(times[5:]) * 1e3
+    out["ratio"] = out["dense"] / out["top-20"]
+    out["batch_size"] = args.batch_size
+    out["what"] = "median ms of loss.backward() (whole model: embeddings, hidden, output)"
+    return out
+
+
+def parse_speed(args: argparse.Namespace, checkpoints: dict[str, str]) -> list[dict[str, Any]]:
+    """Export each checkpoint to ONNX and parse the test file: sentences/s, UAS/LAS."""
+    from mesimp.deploy.bench import bench
+    from mesimp.deploy.export import export_onnx
+
+    paths = []
+    for name, ckpt in checkpoints.items():
+        out = Path(args.workdir) / f"{name}.onnx"
+        export_onnx(ckpt, out)
+        paths.append(str(out))
+    test = _files(args)["test_file"]
+    r = bench(paths, conllu=test, batch_sizes=[1, 256], threads=[1], repeat=1, progress=False)
+    return r["results"]
+
+
+def write(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    out = Path(args.out)
+    atomic_write_text(out / "parser_paper.json", json.dumps(results, indent=1) + "\n")
+    atomic_write_text(out / "PARSER.md", markdown(results))
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.2f}"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    cfg = results["config"]
+    lines = [
+        "# The parser task (issue 14): meProp and meSimp on a Chen & Manning parser, full EWT",
+        "",
+        "Produced by `" + cfg["command"] + "` (niced, one thread).",
+        "",
+        f"Data: UD English EWT, train {cfg['train_file']} ({cfg.get('train_sentences', '?')} "
+        f"sentences, {cfg.get('train_nonprojective', '?')} non-projective skipped, "
+        f"{cfg.get('train_examples', '?')} oracle transitions), model picked on the dev "
+        "file by transition accuracy at the end of each epoch, UAS/LAS on the test file "
+        "by parsing every sentence, **all tokens counted, punctuation included**, POS "
+        "features = **gold UPOS** (C&M used predicted tags; the meProp paper's parser "
+        "ran on the Penn Treebank with Stanford dependencies, so its numbers are not "
+        "on the same data).",
+        "",
+        f"Model: 48 features (18 words, 18 POS, 12 labels), 50-d embeddings, one hidden "
+        f"layer, ReLU, no dropout, output over {cfg.get('transitions', '?')} transitions. "
+        f"Training: Adam lr {cfg['lr']}, batch {cfg['batch_size']}, {cfg['epochs']} epochs, "
+        f"seed {cfg['seed']}, 1 thread. meProp: per-example top-k of the hidden layer's "
+        "output gradient (output layer dense), mesimp's default row-sparse Adam. meSimp: "
+        f"the same top-20, prune rate {cfg['prune_rate']}, "
+        f"{cfg['points']} simplification points per epoch, 1-epoch cycles.",
+        "",
+        "| run | hidden | test UAS | test LAS | dev UAS | dev LAS | dev transition acc | "
+        "train time (s) | paper |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in results["runs"]:
+        width = row["hidden"][0]
+        if row.get("shrunk_to") is not None:
+            width = f"500 -> {row['shrunk_to']}"
+        lines.append(
+            f"| {row['name']} | {width} | {_pct(row['test_uas'])} | {_pct(row['test_las'])} "
+            f"| {_pct(row['dev_uas'])} | {_pct(row['dev_las'])} "
+            f"| {_pct(row['dev_transition_accuracy'])} | {row['train_time_s']:.0f} "
+            f"| {row.get('paper', '')} |"
+        )
+    bp = results.get("backprop")
+    if bp:
+        lines += [
+            "",
+            f"Backprop time per step at batch {bp['batch_size']} ({bp['what']}): dense "
+            f"{bp['dense']:.2f} ms, top-20 {bp['top-20']:.2f} ms, **{bp['ratio']:.2f}x** "
+            "(paper: 18.6x for the parser's backprop).",
+        ]
+    sp = results.get("speed")
+    if sp:
+        lines += [
+            "",
+            "Parsing speed of the exported scorers (`mesimp bench` on the test file, "
+            "transition loop in Python, scorer in onnxruntime, 1 thread):",
+            "",
+            "| model | batch (sentences) | sentences/s | tokens/s | UAS | LAS |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in sp:
+            lines.append(
+                f"| {Path(r['model']).name} | {r['batch_size']} | {r['sentences_per_s']:.0f} "
+                f"| {r['tokens_per_s']:.0f} | {_pct(r.get('uas'))} | {_pct(r.get('las'))} |"
+            )
+    verdict = results.get("verdict")
+    if verdict:
+        lines += ["", "## Verdict", "", *verdict]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--prune-rate", type=float, default=0.01)
+    p.add_argument("--points", type=int, default=4)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--ewt", default=str(EWT))
+    p.add_argument("--out", default="benchmarks")
+    p.add_argument("--workdir", default="models/parser_paper")
+    p.add_argument("--resume-json", action="store_true", help="skip runs already in the json")
+    p.add_argument("--quick", action="store_true", help="1 epoch on the dev file: smoke test")
+    args = p.parse_args()
+    if args.quick:
+        args.epochs = 1
+    torch.set_num_threads(args.threads)
+    prev: dict[str, Any] = {}
+    jpath = Path(args.out) / "parser_paper.json"
+    if args.resume_json and jpath.exists():
+        prev = json.loads(jpath.read_text())
+    done = {r["name"]: r for r in prev.get("runs", [])}
+    results: dict[str, Any] = {
+        "config": {
+            "command": "python -m benchmarks.parser_paper"
+            + (f" --epochs {args.epochs}" if args.epochs != 8 else "")
+            + (" --quick" if args.quick else ""),
+            **_files(args),
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "seed": args.seed,
+            "k": args.k,
+            "prune_rate": args.prune_rate,
+            "points": args.points,
+        },
+        "runs": [],
+    }
+
+    def run(name: str, paper: str, **kw: Any) -> dict[str, Any]:
+        row = done.get(name) or run_one(args, name, **kw)
+        row["paper"] = paper
+        results["runs"].append(row)
+        d = row["data"]
+        results["config"].update(
+            train_sentences=d.get("train_sentences"),
+            train_nonprojective=d.get("train_nonprojective"),
+            train_examples=d.get("train_examples"),
+            transitions=1 + 2 * d.get("labels", 0),
+        )
+        write(args, results)
+        return row
+
+    dense = run("dense 500", PAPER["dense"], hidden=500, layers=1)
+    run("meProp top-20", PAPER["meprop"], hidden=500, layers=1, k=args.k, selection="topk")
+    simp = SimplifyConfig(prune_rate=args.prune_rate, points_per_epoch=args.points)
+    ms = run(
+        "meSimp top-20",
+        PAPER["mesimp"],
+        hidden=500,
+        layers=1,
+        k=args.k,
+        selection="topk",
+        simplify=simp,
+    )
+    if ms.get("shrunk_to") is None:
+        from mesimp.simplify.checkpoint_shrink import shrink_checkpoint
+
+        small = str(Path(ms["checkpoint"]).with_suffix(".small.pt"))
+        rep = shrink_checkpoint(ms["checkpoint"], small)
+        ms["shrunk_to"] = rep["after"]["hidden_sizes"][0]
+        ms["shrink_max_abs_diff"] = rep["max_abs_diff"]
+        ms["small_checkpoint"] = small
+        write(args, results)
+    width = ms["shrunk_to"]
+    run(f"dense {width} (same width)", "", hidden=width, layers=1)
+    if "backprop" not in prev:
+        results["backprop"] = backprop_ratio(args, dense["checkpoint"])
+    else:
+        results["backprop"] = prev["backprop"]
+    write(args, results)
+    results["speed"] = parse_speed(
+        args, {"dense500": dense["checkpoint"], f"mesimp{width}": ms["small_checkpoint"]}
+    )
+    write(args, results)
+
+
+if __name__ == "__main__":
+    main()
