@@ -68,20 +68,20 @@ def run_one(args: argparse.Namespace, name: str, **kw: Any) -> dict[str, Any]:
     """One training run; the row of the table (best-on-dev checkpoint's numbers)."""
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    cfg = TrainConfig(
-        model="parser",
+    fields: dict[str, Any] = {
+        "model": "parser",
         **_files(args),
-        emb_dim=50,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        optimizer="adam",
-        seed=args.seed,
-        threads=args.threads,
-        output=str(work / f"{name}.pt"),
-        save_every=0,
-        **kw,
-    )
+        "emb_dim": 50,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "optimizer": "adam",
+        "seed": args.seed,
+        "threads": args.threads,
+        "output": str(work / f"{name}.pt"),
+        "save_every": 0,
+    }
+    cfg = TrainConfig(**{**fields, **kw})
     t0 = time.perf_counter()
     r = train(cfg, progress=False, log=lambda m: print(f"[{name}] {m}", flush=True))
     b = r["best"]
@@ -91,6 +91,8 @@ def run_one(args: argparse.Namespace, name: str, **kw: Any) -> dict[str, Any]:
         "active_widths": r["active_widths"],
         "k": kw.get("k", 0),
         "selection": kw.get("selection", "-"),
+        "optimizer": cfg.optimizer,
+        "lr": cfg.lr,
         "epoch": b["epoch"],
         "dev_transition_accuracy": b["dev_accuracy"],
         "dev_uas": b["dev_uas"],
@@ -297,7 +299,12 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-PARTS = ("dense", "mesimp")  # the two halves --part runs (in two processes)
+PARTS = ("dense", "mesimp", "extra")  # what --part runs (one process each)
+# Diagnostic rows (--part extra): is the per-example top-20 loss Adam's, or top-k's?
+EXTRA = {
+    "meProp top-20, unified": {"selection": "unified"},
+    "meProp top-20, AdaGrad lr 0.01": {"selection": "topk", "optimizer": "adagrad", "lr": 0.01},
+}
 
 
 def main() -> None:
@@ -317,9 +324,10 @@ def main() -> None:
         "--part",
         choices=PARTS,
         default=None,
-        help="run half the rows (dense: dense 500 + backprop timing; mesimp: meProp, "
-        "meSimp, same width) into WORKDIR/parser_paper.PART.json, so two processes "
-        "share the work; then run without --part to merge, time parsing and write",
+        help="run a part of the rows (dense: dense 500 + backprop timing; mesimp: meProp, "
+        "meSimp, same width; extra: the diagnostic rows) into "
+        "WORKDIR/parser_paper.PART.json, one process each; then run without --part to "
+        "merge, time parsing and write",
     )
     p.add_argument("--quick", action="store_true", help="1 epoch on the dev file: smoke test")
     args = p.parse_args()
@@ -378,6 +386,12 @@ def main() -> None:
         save()
     if args.part == "dense":
         return
+    if args.part in (None, "extra"):
+        for name, kw in EXTRA.items():
+            if args.part == "extra" or name in done:  # the merge keeps finished ones only
+                run(name, "diagnostic", hidden=500, layers=1, k=args.k, **kw)
+    if args.part == "extra":
+        return
     run("meProp top-20", PAPER["meprop"], hidden=500, layers=1, k=args.k, selection="topk")
     simp = SimplifyConfig(prune_rate=args.prune_rate, points_per_epoch=args.points)
     ms = run(
@@ -407,7 +421,7 @@ def main() -> None:
         key=lambda r: (
             ("dense 500", "meProp top-20", "meSimp top-20").index(r["name"])
             if r["name"] in ("dense 500", "meProp top-20", "meSimp top-20")
-            else 3
+            else 3 + (r["name"] in EXTRA)
         ),
     )
     results["speed"] = parse_speed(
