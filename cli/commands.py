@@ -497,6 +497,11 @@ def info(path, as_json):
         f"params {result['params']:,}  MACs/{per} {result['macs']:,}  "
         f"dev {_fmt(result['dev_accuracy'])}  test {_fmt(result['test_accuracy'])}"
     )
+    if "test_uas" in result:  # a parser: the accuracies above are transition accuracy
+        click.echo(
+            f"test UAS {_fmt(result['test_uas'])}  LAS {_fmt(result['test_las'])}  "
+            f"(dev UAS {_fmt(result.get('dev_uas'))}  LAS {_fmt(result.get('dev_las'))})"
+        )
     for c in result["counters"]:
         click.echo(
             f"  {c['name']}: k={c['k']} {c['selection']} active={c['active']} "

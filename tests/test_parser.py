@@ -349,6 +349,9 @@ def test_cli_train_shrink_export_bench(tmp_path, capsys):
     s = json.loads(so)
     assert s["max_abs_diff"] <= 1e-6
     assert s["after"]["hidden_sizes"] == r["active_widths"]
+    code, so, err = run_main(capsys, "info", tmp_path / "s.pt", "--json")
+    assert code == 0, err
+    assert json.loads(so)["test_uas"] == r["best"]["test_uas"]  # masked == shrunk
     code, so, err = run_main(capsys, "export", tmp_path / "s.pt", "--onnx", "--json")
     assert code == 0, err
     e = json.loads(so)
