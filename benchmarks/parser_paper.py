@@ -302,7 +302,28 @@ def markdown(results: dict[str, Any]) -> str:
     verdict = results.get("verdict")
     if verdict:
         lines += ["", "## Verdict", "", *verdict]
+    lines += ["", "## Caveats", "", *CAVEATS]
     return "\n".join(lines) + "\n"
+
+
+CAVEATS = [
+    "- **One seed, few epochs.** Each row is one run of a few epochs (the whole table had to "
+    "fit about an hour of a shared 2-core machine); Chen & Manning trained for about 100 "
+    "epochs-equivalent with AdaGrad, dropout 0.5 and pre-trained embeddings. Absolute "
+    "scores are therefore below a tuned parser's; the comparisons are at equal budget.",
+    "- **Not the paper's data.** The meProp paper's parser ran on the Penn Treebank "
+    "(Stanford dependencies); this is UD English EWT with gold UPOS features and "
+    "punctuation counted. Relative claims are compared, not raw accuracies.",
+    "- **Transition accuracy picks the checkpoint** (one evaluation per epoch), UAS/LAS "
+    "are those of the picked checkpoint.",
+    "- **Backprop speed** is PyTorch on CPU (mesimp's per-example top-k backward: "
+    "gather/scatter, a row-sparse weight gradient), the whole `loss.backward()`; the "
+    "paper's 18.6x is its own C# loops.",
+    "- **Diagnostic rows** (if present): *unified* top-20 (one set of 20 units per "
+    "minibatch, mesimp's default) and the paper's per-example top-20 trained with "
+    "AdaGrad lr 0.01 (C&M's optimizer) instead of Adam: whether a loss of per-example "
+    "top-20 comes from the selection or from its interaction with Adam.",
+]
 
 
 PARTS = ("dense", "mesimp", "extra")  # what --part runs (one process each)
