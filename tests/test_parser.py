@@ -294,9 +294,8 @@ def _conllu(path: Path, n: int, seed: int) -> Path:
         for w in range(1, m + 1):
             form = words[int(rng.integers(len(words)))]
             rel = "root" if heads[w - 1] == 0 else ("det" if form in ("the", "a") else "dep")
-            lines.append(
-                f"{w}\t{form}\t_\t{'DET' if rel == 'det' else 'NOUN'}\t_\t_\t{heads[w - 1]}\t{rel}\t_\t_"
-            )
+            pos = "DET" if rel == "det" else "NOUN"
+            lines.append(f"{w}\t{form}\t_\t{pos}\t_\t_\t{heads[w - 1]}\t{rel}\t_\t_")
         lines.append("")
     path.write_text(f"# sent_id = {seed}\n" + "\n".join(lines) + "\n")
     return path
@@ -406,3 +405,16 @@ def test_cli_bad_conllu_is_one_line_exit_2(tmp_path, capsys, bad, match):
     )
     assert code == 2
     assert match in err and len(err.strip().splitlines()) == 1
+
+
+def test_export_parity_scales_with_the_logits_but_catches_wrong_outputs():
+    from mesimp.deploy.export_parser import _check_scaled_parity
+    from mesimp.errors import VerificationError
+
+    ref = np.linspace(-300, 300, 99, dtype=np.float32)[None].repeat(4, 0)
+    assert _check_scaled_parity(ref + 1e-3, ref) == pytest.approx(1e-3, rel=1e-2)
+    with pytest.raises(VerificationError, match="largest"):
+        _check_scaled_parity(ref * 1.01, ref)  # 1 % off: a wrong weight, not rounding
+    small = np.ones((2, 3), np.float32)
+    with pytest.raises(VerificationError):
+        _check_scaled_parity(small + 2e-4, small)  # scale 1: the plain 1e-4 bound
