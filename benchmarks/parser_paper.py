@@ -377,7 +377,7 @@ def main() -> None:
             "command": "python -m benchmarks.parser_paper"
             + (f" --epochs {args.epochs}" if args.epochs != 3 else "")
             + (" --quick" if args.quick else "")
-            + " (as --part dense and --part mesimp in two processes, then merged)",
+            + " (after --part dense, --part mesimp and --part extra, one process each)",
             **_files(args),
             "epochs": args.epochs,
             "batch_size": args.batch_size,
