@@ -18,33 +18,49 @@ from mesimp.cli.main import IntList, KType, cli, emit_json
 )
 @click.option(
     "--model",
-    type=click.Choice(["mlp", "cnn", "lstm-tagger", "lstm-rows"]),
+    type=click.Choice(["mlp", "cnn", "lstm-tagger", "lstm-rows", "parser"]),
     default="mlp",
     show_default=True,
     help="mlp: image MLP; cnn: Conv-BN-ReLU blocks (--hidden: channels per block, default "
     "32,64) and a Linear head; lstm-tagger: UPOS tagger on CoNLL-U (--train/--test); "
-    "lstm-rows: LSTM reading each image row by row (28 steps of 28 pixels).",
+    "lstm-rows: LSTM reading each image row by row (28 steps of 28 pixels); parser: "
+    "Chen & Manning transition-based dependency parser on CoNLL-U (--train/--test).",
 )
 @click.option(
     "--train",
     "train_file",
     type=click.Path(),
     default=None,
-    help="lstm-tagger: training CoNLL-U file (any UD treebank).",
+    help="lstm-tagger, parser: training CoNLL-U file (any UD treebank).",
 )
 @click.option(
     "--dev",
     "dev_file",
     type=click.Path(),
     default=None,
-    help="lstm-tagger: held-out CoNLL-U file for model selection "
+    help="lstm-tagger, parser: held-out CoNLL-U file for model selection "
     "(default: 10%% of --train, a fixed split).",
 )
 @click.option(
-    "--test", "test_file", type=click.Path(), default=None, help="lstm-tagger: test CoNLL-U file."
+    "--test",
+    "test_file",
+    type=click.Path(),
+    default=None,
+    help="lstm-tagger, parser: test CoNLL-U file.",
 )
 @click.option(
-    "--emb-dim", type=int, default=100, show_default=True, help="lstm-tagger: word embedding size."
+    "--emb-dim",
+    type=int,
+    default=None,
+    help="lstm-tagger: word embedding size [default: 100]; parser: size of each embedding "
+    "(words, tags, labels) [default: 50].",
+)
+@click.option(
+    "--activation",
+    type=click.Choice(["relu", "cube"]),
+    default="relu",
+    show_default=True,
+    help="parser: hidden activation (cube: Chen & Manning's x^3).",
 )
 @click.option(
     "--max-len",
@@ -227,6 +243,7 @@ def train(
     dev_file,
     test_file,
     emb_dim,
+    activation,
     max_len,
     hidden,
     layers,
@@ -305,7 +322,9 @@ def train(
         epochs = epochs if "epochs" in given else 20
         evals_per_epoch = evals_per_epoch if "evals_per_epoch" in given else 8
     if batch_size is None:
-        batch_size = 32 if model == "lstm-tagger" else 50
+        batch_size = {"lstm-tagger": 32, "parser": 256}.get(model, 50)
+    if emb_dim is None:
+        emb_dim = 50 if model == "parser" else 100
     if layers is None:
         layers = 2 if model in ("mlp", "cnn") else 1
 
@@ -341,6 +360,7 @@ def train(
         test_file=test_file,
         max_len=max_len,
         emb_dim=emb_dim,
+        activation=activation,
         hidden=hidden if len(hidden) > 1 else hidden[0],
         layers=layers,
         dropout=dropout,
@@ -388,6 +408,7 @@ def _without_nproc(args: list[str]) -> list[str]:
 
 # Options that only some families read: giving one to another is an error, not a no-op.
 _TAGGER_ONLY = ("train_file", "dev_file", "test_file", "emb_dim", "max_len")
+_PARSER_ONLY = ("activation",)
 _IMAGE_DATA = ("data", "dev_size")
 
 
@@ -397,16 +418,18 @@ def _check_model_options(ctx: click.Context, model: str) -> None:
         for name in ctx.params
         if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
     }
-    if model == "lstm-tagger":
+    if model in ("lstm-tagger", "parser"):
         bad = [n for n in _IMAGE_DATA if n in given]
     else:
         bad = [n for n in _TAGGER_ONLY if n in given]
+    if model != "parser":
+        bad += [n for n in _PARSER_ONLY if n in given]
     if model == "cnn" and "dropout" in given:
         bad.append("dropout")
     if bad:
         names = ", ".join("--" + n.removesuffix("_file").replace("_", "-") for n in bad)
         raise click.UsageError(f"{names} do(es) not apply to --model {model}")
-    if model != "mlp" and "sparse_update" in given and ctx.params["sparse_update"]:
+    if model not in ("mlp", "parser") and "sparse_update" in given and ctx.params["sparse_update"]:
         raise click.UsageError(
             f"--sparse-update does not apply to --model {model}: its Conv2d and LSTM meProp "
             "layers make dense gradients (zero rows where unselected)"
@@ -426,6 +449,11 @@ def _train_report(result, as_json):
         f"{result['hidden_sizes']}; params {result['params']:,}; "
         f"train time {result['train_time_s']:.1f}s"
     )
+    if "test_uas" in b:  # a parser: attachment scores by parsing, every token counted
+        click.echo(
+            f"test UAS {b['test_uas']:.4f} LAS {b['test_las']:.4f} "
+            f"(dev UAS {b['dev_uas']:.4f} LAS {b['dev_las']:.4f})"
+        )
     if result["checkpoint"] is not None:
         click.echo(f"checkpoint: {result['checkpoint']}  metrics: {result['metrics_log']}")
     if result["model"] != "mlp" and result["config"]["k"]:
@@ -469,6 +497,11 @@ def info(path, as_json):
         f"params {result['params']:,}  MACs/{per} {result['macs']:,}  "
         f"dev {_fmt(result['dev_accuracy'])}  test {_fmt(result['test_accuracy'])}"
     )
+    if "test_uas" in result:  # a parser: the accuracies above are transition accuracy
+        click.echo(
+            f"test UAS {_fmt(result['test_uas'])}  LAS {_fmt(result['test_las'])}  "
+            f"(dev UAS {_fmt(result.get('dev_uas'))}  LAS {_fmt(result.get('dev_las'))})"
+        )
     for c in result["counters"]:
         click.echo(
             f"  {c['name']}: k={c['k']} {c['selection']} active={c['active']} "

@@ -53,7 +53,8 @@ from mesimp.cli.main import IntList, cli, emit_json
     default=None,
     help="lstm-tagger: CoNLL-U sentences for the parity check and token accuracy, encoded "
     "with the checkpoint's vocabulary (default: the test file recorded at training if it "
-    "exists, else random word ids).",
+    "exists, else random word ids). parser: the same, its oracle features for parity and "
+    "its first 500 sentences parsed for UAS/LAS.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the export report as JSON.")
 def export(path, to_onnx, output, opset, int8, int8_mode, min_agreement, data, conllu, as_json):
@@ -120,7 +121,8 @@ def export(path, to_onnx, output, opset, int8, int8_mode, min_agreement, data, c
     type=click.Path(),
     default=None,
     help="LSTM taggers: time the sentences of this CoNLL-U file (their lengths; word ids "
-    "are random, which costs the same). Default: EWT-like synthetic lengths.",
+    "are random, which costs the same). Default: EWT-like synthetic lengths. Parsers "
+    "(required): the sentences to parse, and UAS/LAS.",
 )
 @click.option(
     "--sentences",
@@ -133,7 +135,8 @@ def export(path, to_onnx, output, opset, int8, int8_mode, min_agreement, data, c
     "--batch-sizes",
     type=IntList(),
     default=None,
-    help="Batch sizes. [default: 1,32,256,4096; LSTM taggers: 1 (decode: one sentence per run)]",
+    help="Batch sizes. [default: 1,32,256,4096; LSTM taggers: 1 (decode: one sentence per "
+    "run); parsers: 1,256 (sentences parsed together)]",
 )
 @click.option(
     "--threads",
@@ -191,7 +194,9 @@ def bench(
     LSTM taggers (int64 [batch, seq] input) are timed tagging whole sentences: at batch
     1 (mode decode) one sentence per run; per row P50/P99 ms per sentence, tokens/s
     (real tokens / total time) and speed-up = tokens/s over the first model's. LSTM row
-    classifiers take [batch, rows, width] images. One call benches one kind of model.
+    classifiers take [batch, rows, width] images. Dependency parsers parse the --conllu
+    sentences (transition loop in Python, scorer in onnxruntime): sentences/s (ex/s),
+    tok/s, UAS and LAS. One call benches one kind of model.
 
     \b
     Examples:

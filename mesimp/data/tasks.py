@@ -11,6 +11,8 @@ interface, so meProp, meSimp, evaluation, resume and the run safety are written 
   padding, ignored by loss and accuracy). A batch is trimmed to its longest sentence, so
   the LSTM runs no steps over pure padding. Unknown test tags map to ``<unk-tag>``, which
   no prediction matches: they count as errors and are reported, never a crash.
+* ``parsing``: inputs ``[N, 48]`` feature ids of parser configurations, targets ``[N]``
+  oracle transitions (``mesimp.data.parsing``); ``metrics`` parses dev and test (UAS/LAS).
 * Any other ``kind`` (a user's own data through the Python API) is classification:
   targets ``[N]``, cross-entropy, example accuracy.
 """
@@ -18,6 +20,7 @@ interface, so meProp, meSimp, evaluation, resume and the run safety are written 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +47,7 @@ SPLIT_SEED = 0  # the held-out split is fixed, so runs with different seeds see 
 DEFAULT_MAX_LEN = 250  # words; UD English EWT's longest sentence has 159
 # Evaluation batch: the MLP loop always evaluated 2,000 images at a time, the LSTM
 # tasks 256 sequences (an LSTM batch holds T steps of activations).
-EVAL_BATCH = {"images": 2000}
+EVAL_BATCH = {"images": 2000, "parsing": 4096}
 
 
 @dataclass
@@ -64,6 +67,9 @@ class Task:
     y_test: torch.Tensor
     arch: dict[str, Any]  # model config fields fixed by the data (sizes, vocabularies)
     summary: dict[str, Any] = field(default_factory=dict)
+    # Metrics beyond accuracy, computed at every evaluation from the model (e.g. a
+    # parser's UAS/LAS by actually parsing dev and test): {name: value}.
+    metrics: Callable[[torch.nn.Module], dict[str, float]] | None = None
 
     @property
     def tagging(self) -> bool:
@@ -107,7 +113,7 @@ class Task:
     def to(self, device: torch.device | str) -> Task:
         """The same task with its tensors on ``device`` (the run's device)."""
         move = {k: getattr(self, k).to(device) for k in _TENSORS}
-        return Task(self.kind, **move, arch=self.arch, summary=self.summary)
+        return Task(self.kind, **move, arch=self.arch, summary=self.summary, metrics=self.metrics)
 
     @property
     def source(self) -> str:

@@ -56,6 +56,12 @@ Sequence models (the kind is read from the model's input, see ``mesimp.deploy.on
   ``config`` adds ``sentences``, ``tokens``, ``mean_length``, ``word_ids`` and
   ``repeat_unit`` (``repeat`` counts passes over the sentences).
 
+* **Dependency parsers** (int64 ``[batch, 48]`` feature ids, ``mesimp export`` of a
+  ``parser`` checkpoint) parse the sentences of ``conllu`` (``workload_parse``): the
+  transition loop in Python, the scorer in onnxruntime; a run parses ``batch_size``
+  sentences together. Rows as for taggers (``mode: "parse"``) plus ``throughput`` =
+  ``sentences_per_s`` and the parses' ``uas``/``las``.
+
 Models of different kinds are refused in one call (one line).
 
 Where the parts live: reading the graphs in ``onnx_graph``, sessions and interleaved
@@ -83,6 +89,7 @@ from mesimp.deploy.timing import MAX_ROUNDS, machine_info, timing_session
 from mesimp.deploy.workload import Workload
 from mesimp.deploy.workload_batches import DEFAULT_BATCH_SIZES as DEFAULT_BATCH_SIZES
 from mesimp.deploy.workload_batches import BatchWorkload
+from mesimp.deploy.workload_parse import ParseWorkload
 from mesimp.deploy.workload_sentences import SentenceWorkload, sentence_lengths
 from mesimp.errors import BadInputError
 from mesimp.progress import bar as progress_bar
@@ -100,7 +107,7 @@ __all__ = [
 
 DEFAULT_THREADS = (1, 2)
 # The workload of each input kind (``onnx_graph.KIND_NAMES``); any other kind: batches.
-WORKLOADS: dict[str, type[Workload]] = {"tagger": SentenceWorkload}
+WORKLOADS: dict[str, type[Workload]] = {"tagger": SentenceWorkload, "parser": ParseWorkload}
 
 
 def bench(

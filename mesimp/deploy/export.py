@@ -15,7 +15,9 @@ chosen here from ``arch["model"]`` (``FAMILIES``):
 
 * ``export_dense``: MLPs and CNNs (masks folded into the weights);
 * ``export_lstm``: LSTM taggers and row classifiers (one ``LSTM`` node per layer,
-  dynamic sequence axis; check data from ``lstm_check_data``).
+  dynamic sequence axis; check data from ``lstm_check_data``);
+* ``export_parser``: dependency parsers (the transition scorer, int64 feature ids in,
+  the vocabularies in the metadata).
 
 The steps they share live in their own modules: ``torch_onnx`` (the one
 ``torch.onnx.export`` call and why the dynamo exporter is the default), ``verify``
@@ -33,6 +35,7 @@ from typing import Any
 from mesimp.deploy.export_dense import DenseExport, plain_model
 from mesimp.deploy.export_family import OUTPUT_NAME, ExportFamily
 from mesimp.deploy.export_lstm import RowsExport, TaggerExport
+from mesimp.deploy.export_parser import ParserExport
 from mesimp.deploy.int8 import DEFAULT_INT8_MODE, get_int8_mode
 from mesimp.deploy.quantize import quantize_int8
 from mesimp.deploy.torch_onnx import EXPORTERS, ExportError, torch_to_onnx
@@ -55,7 +58,11 @@ __all__ = [
 # int8 predictions must agree with fp32 ones on at least this fraction of the inputs.
 INT8_MIN_AGREEMENT = 0.95
 # The family of each arch["model"]; any other model (MLP, CNN): DenseExport.
-FAMILIES: dict[str, type[ExportFamily]] = {"lstm-tagger": TaggerExport, "lstm-rows": RowsExport}
+FAMILIES: dict[str, type[ExportFamily]] = {
+    "lstm-tagger": TaggerExport,
+    "lstm-rows": RowsExport,
+    "parser": ParserExport,
+}
 
 
 def default_output(checkpoint_path: str | os.PathLike, int8: bool = False) -> Path:

@@ -28,6 +28,7 @@ KIND_NAMES = {
     "dense": "an MLP",
     "rows": "an LSTM row classifier",
     "tagger": "an LSTM tagger",
+    "parser": "a dependency parser",
 }
 
 
@@ -109,7 +110,8 @@ def _input_signature(proto: Any, path: Path) -> tuple[str, tuple[int | None, ...
 
     Kinds: ``"dense"``, a float input with fixed feature axes (an MLP); and, for graphs
     with an ``LSTM``/``DynamicQuantizeLSTM`` node, ``"tagger"`` (int64 ``[batch, seq]``)
-    and ``"rows"`` (float ``[batch, steps, width]``, fixed width). A dynamic sequence
+    and ``"rows"`` (float ``[batch, steps, width]``, fixed width); without one, an int64
+    ``[batch, features]`` input is ``"parser"`` (feature ids). A dynamic sequence
     axis is ``None`` in the shape.
     """
     init_names = {t.name for t in proto.graph.initializer}
@@ -131,6 +133,8 @@ def _input_signature(proto: Any, path: Path) -> tuple[str, tuple[int | None, ...
             raise BadInputError(f"{path}: input {inp.name!r} has a non-fixed row width")
         steps = int(dims[1].dim_value) if dims[1].HasField("dim_value") else None
         return inp.name, (steps, int(dims[2].dim_value)), fixed, "rows"
+    if not lstm and tt.elem_type == 7 and len(dims) == 2 and dims[1].HasField("dim_value"):
+        return inp.name, (int(dims[1].dim_value),), fixed, "parser"  # feature ids [b, 48]
     if tt.elem_type != 1:  # onnx.TensorProto.FLOAT
         raise BadInputError(f"{path}: input {inp.name!r} is not float32")
     if len(dims) < 2:
@@ -197,7 +201,7 @@ def load_model_info(path: str | os.PathLike, metadata: bool = False) -> dict[str
     if "int8_mode" in meta:
         info["int8_mode"] = meta["int8_mode"]
         info["int8_portable"] = meta.get("int8_portable") != "false"
-    if metadata:
+    if metadata or kind == "parser":  # a parser's vocabularies are in its metadata
         info["metadata"] = meta
         info["arch"] = _json_or_none(meta.get("arch"))
     return info

@@ -31,6 +31,8 @@ _COLUMNS = (
     ("speedup", "speedup", "{:.2f}x"),
     ("MAC ratio", "mac_ratio", "{:.2f}x"),
     ("accuracy", "accuracy", "{:.4f}"),
+    ("UAS", "uas", "{:.4f}"),  # parsers only
+    ("LAS", "las", "{:.4f}"),
 )
 
 

@@ -1,5 +1,6 @@
-"""Built-in model families (MLP, CNN, LSTM tagger, row LSTM), each rebuilt from a plain
-``arch`` dict (the nanoGPT pattern), and the size of any model (params, MACs, widths)."""
+"""Built-in model families (MLP, CNN, LSTM tagger, row LSTM, dependency parser), each
+rebuilt from a plain ``arch`` dict (the nanoGPT pattern), and the size of any model
+(params, MACs, widths)."""
 
 from mesimp.models.cnn import CNN, CNNConfig
 from mesimp.models.lstm import (
@@ -10,6 +11,7 @@ from mesimp.models.lstm import (
     TaggerConfig,
 )
 from mesimp.models.mlp import MLP, MLPConfig
+from mesimp.models.parser import Parser, ParserConfig
 from mesimp.models.registry import (
     ModelConfig,
     arch_from_dict,
@@ -30,6 +32,8 @@ __all__ = [
     "MLP",
     "MLPConfig",
     "ModelConfig",
+    "Parser",
+    "ParserConfig",
     "RowLSTMClassifier",
     "RowLSTMConfig",
     "TaggerConfig",

@@ -97,6 +97,8 @@ def model_info(model: nn.Module, ckpt: dict[str, Any] | None = None) -> dict[str
         "macs": count_macs(model),
         "dev_accuracy": metrics.get("dev_accuracy"),
         "test_accuracy": metrics.get("test_accuracy"),
+        # a parser's attachment scores (its accuracies are transition accuracy)
+        **{k: metrics[k] for k in ("dev_uas", "dev_las", "test_uas", "test_las") if k in metrics},
         "layers": layer_table(model),
         "counters": counter_summary(model),
     }

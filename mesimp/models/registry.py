@@ -15,16 +15,19 @@ from mesimp.errors import BadInputError, CheckpointError
 from mesimp.models.cnn import CNN, CNNConfig
 from mesimp.models.lstm import LSTMStack, LSTMTagger, RowLSTMClassifier, RowLSTMConfig, TaggerConfig
 from mesimp.models.mlp import MLP, MLPConfig
+from mesimp.models.parser import Parser, ParserConfig
 
-_ARCH_KEYS_IGNORED = ("word_vocab", "tag_vocab")  # tagger metadata kept beside the config
+# tagger and parser metadata kept beside the config
+_ARCH_KEYS_IGNORED = ("word_vocab", "tag_vocab", "label_vocab")
 
 
-ModelConfig = MLPConfig | CNNConfig | TaggerConfig | RowLSTMConfig
+ModelConfig = MLPConfig | CNNConfig | TaggerConfig | RowLSTMConfig | ParserConfig
 _CONFIGS: dict[str, tuple[type, str]] = {
     "mlp": (MLPConfig, "an MLP"),
     "cnn": (CNNConfig, "a CNN"),
     "lstm-tagger": (TaggerConfig, "an LSTM tagger"),
     "lstm-rows": (RowLSTMConfig, "a row-sequential LSTM classifier"),
+    "parser": (ParserConfig, "a dependency parser"),
 }
 
 
@@ -49,7 +52,7 @@ def build_model(arch: dict[str, Any] | ModelConfig) -> nn.Module:
     """A plain PyTorch model (only ``torch.nn`` layers) for an ``arch``."""
     config = (
         arch
-        if isinstance(arch, (MLPConfig, CNNConfig, TaggerConfig, RowLSTMConfig))
+        if isinstance(arch, (MLPConfig, CNNConfig, TaggerConfig, RowLSTMConfig, ParserConfig))
         else arch_from_dict(arch)
     )
     if isinstance(config, CNNConfig):
@@ -58,6 +61,8 @@ def build_model(arch: dict[str, Any] | ModelConfig) -> nn.Module:
         return LSTMTagger(config)
     if isinstance(config, RowLSTMConfig):
         return RowLSTMClassifier(config)
+    if isinstance(config, ParserConfig):
+        return Parser(config)
     return MLP(config)
 
 

@@ -183,6 +183,13 @@ def shrink_checkpoint(
                 "checkpoint is shrunk to the masks meSimp set during training"
             )
         return _shrink_lstm_checkpoint(src, path, out_path, data)
+    if src["arch"].get("model") == "parser":
+        if prune_rate is not None or round_to > 1:
+            raise BadInputError(
+                "--prune-rate and --round-to apply to MLP checkpoints only; a parser "
+                "checkpoint is shrunk to the masks meSimp set during training"
+            )
+        return _shrink_parser_checkpoint(src, path, out_path)
     if src["arch"].get("model") == "cnn":
         if prune_rate is not None:
             raise BadInputError(
@@ -284,6 +291,36 @@ def _shrink_cnn_checkpoint(
     small = build_model(arch)
     small.load_state_dict(shrunk.state_dict())
     return _verify_and_save(src, path, out_path, model, small, arch, check, round_to, {})
+
+
+# -- parser models ------------------------------------------------------------------------
+def _shrink_parser_checkpoint(
+    src: dict[str, Any], path: str | os.PathLike, out_path: Path
+) -> dict[str, Any]:
+    """A parser through the dependency-graph shrink (``mesimp.shrink``): each masked hidden
+    unit goes with its bias and its column of the output layer; verified in float64 on
+    the oracle features of the test file recorded at training (else random ids)."""
+    from mesimp.data.parsing import parser_check_features
+
+    model = model_from_checkpoint(src).eval()
+    x, _, _, source = parser_check_features(src)
+    shrunk = graph_shrink(model, x[:64])  # traced and verified on real inputs
+    arch = {**src["arch"], "hidden": hidden_sizes(shrunk)[0]}
+    small = build_model(arch)
+    small.load_state_dict(shrunk.state_dict())
+    small.eval()
+    diff, _ = _max_abs_diff(model, small, x)
+    if not diff <= TOLERANCE:
+        raise VerificationError(
+            f"shrunk model disagrees with the masked model: max_abs_diff "
+            f"{diff:.3g} > {TOLERANCE}; nothing written"
+        )
+    train_meta = dict(src.get("train") or {})
+    train_meta["shrunk_from"] = {"path": str(path), "sha256": sha256_file(path)}
+    ckpt = make_checkpoint(small, arch, None, train_meta)
+    ckpt["meprop"]["config"] = src["meprop"].get("config")
+    save_checkpoint(out_path, ckpt)
+    return _report(path, out_path, (model, src), (small, ckpt), diff, source)
 
 
 # -- LSTM models -------------------------------------------------------------------------

@@ -13,10 +13,18 @@ from typing import Any
 
 from torch import nn
 
+from mesimp.data.parsing import parsing_data
 from mesimp.data.tasks import Task, image_task, rows_data, tagging_data
 from mesimp.errors import BadInputError
 from mesimp.files.checkpoint import load_checkpoint
-from mesimp.models import CNNConfig, MLPConfig, RowLSTMConfig, TaggerConfig, build_model
+from mesimp.models import (
+    CNNConfig,
+    MLPConfig,
+    ParserConfig,
+    RowLSTMConfig,
+    TaggerConfig,
+    build_model,
+)
 from mesimp.nn.linear import MePropCounters
 from mesimp.nn.swap import meprop_
 from mesimp.training.config import CUSTOM, FAMILIES, TrainConfig
@@ -28,6 +36,15 @@ _DATA_FIELDS = {
     "cnn": ("in_features", "out_features"),
     "lstm-tagger": ("vocab_size", "num_tags", "word_vocab", "tag_vocab"),
     "lstm-rows": ("in_features", "num_classes"),
+    "parser": (
+        "n_words",
+        "n_tags",
+        "n_labels",
+        "n_transitions",
+        "word_vocab",
+        "tag_vocab",
+        "label_vocab",
+    ),
 }
 
 
@@ -42,6 +59,12 @@ def load_task(config: TrainConfig) -> Task:
         if config.train_file is None or config.test_file is None:
             raise BadInputError("--model lstm-tagger needs --train and --test CoNLL-U files")
         return tagging_data(
+            config.train_file, config.test_file, config.dev_file, max_len=config.max_len
+        )
+    if kind == "parsing":
+        if config.train_file is None or config.test_file is None:
+            raise BadInputError("--model parser needs --train and --test CoNLL-U files")
+        return parsing_data(
             config.train_file, config.test_file, config.dev_file, max_len=config.max_len
         )
     raise BadInputError(f"--model {config.model}: pass the data as train(..., task=Task(...))")
@@ -65,6 +88,19 @@ def family_arch(config: TrainConfig, task: Task) -> dict[str, Any]:
             ).to_dict()
             # the vocabularies travel with the model: export and bench encode text with them
             return {**arch, "word_vocab": a["word_vocab"], "tag_vocab": a["tag_vocab"]}
+        if config.model == "parser":
+            if len(hidden) != 1:
+                raise BadInputError(f"a parser has one hidden layer; --hidden {hidden}")
+            sizes = {k: a[k] for k in ("n_words", "n_tags", "n_labels", "n_transitions")}
+            arch = ParserConfig(
+                **sizes,
+                emb_dim=config.emb_dim,
+                hidden=hidden[0],
+                activation=config.activation,
+                dropout=config.dropout,
+            ).to_dict()
+            vocabs = {k: a[k] for k in ("word_vocab", "tag_vocab", "label_vocab")}
+            return {**arch, **vocabs}  # the transition loop encodes text with them
     except KeyError as e:
         raise BadInputError(f"--model {config.model} does not fit {task.kind} data") from e
     raise BadInputError(f"--model {config.model}: no built-in architecture")

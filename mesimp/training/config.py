@@ -21,6 +21,7 @@ FAMILIES = {
     "cnn": "images",
     "lstm-tagger": "tagging",
     "lstm-rows": "rows",
+    "parser": "parsing",
 }
 LSTM_FAMILIES = ("lstm-tagger", "lstm-rows")
 CUSTOM = "custom"  # a user's own nn.Module (Python API only)
@@ -38,12 +39,13 @@ class TrainConfig:
     # image data (mlp, cnn, lstm-rows): an IDX directory or .npz; None = Fashion-MNIST
     data: str | None = None
     dev_size: int = 5000  # image data: the first N training images are the dev split
-    # lstm-tagger: CoNLL-U files (without dev_file, 10% of train_file is held out)
+    # lstm-tagger, parser: CoNLL-U files (without dev_file, 10% of train_file is held out)
     train_file: str | None = None
     dev_file: str | None = None
     test_file: str | None = None
     max_len: int = 250  # lstm-tagger: a longer sentence is an error
-    emb_dim: int = 100  # lstm-tagger: word embedding size
+    emb_dim: int = 100  # lstm-tagger: word embedding size (parser: each table's; CLI 50)
+    activation: str = "relu"  # parser: relu or cube (Chen & Manning's)
     # mlp: hidden widths; cnn: channels per conv block; lstm-*: widths of stacked LSTMs
     hidden: int | list[int] = 500  # one width for every layer, or a width per layer
     layers: int = 2

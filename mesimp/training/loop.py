@@ -103,6 +103,9 @@ __all__ = [
 # meProp step (784-500-500-10, k=20, 1 thread). In between, a NaN gradient makes NaN
 # weights and so a NaN loss one step later, and saves check the weights themselves.
 GRAD_CHECK_EVERY = 10
+# Metrics a task's ``metrics`` may add to an evaluation, carried into the checkpoint and
+# the summary (the parser's attachment scores).
+_TASK_METRICS = ("dev_uas", "dev_las", "test_uas", "test_las")
 
 
 def metrics_path(checkpoint: str | Path) -> Path:
@@ -464,6 +467,8 @@ class _Run:
             "widths": active_widths(model),
             "elapsed_s": self.train_time,
         }
+        if task.metrics is not None:  # e.g. a parser's UAS/LAS, by parsing dev and test
+            rec.update(task.metrics(model))
         self.records.append(rec)
         self.last_eval = rec
         score = rec["dev_accuracy"]
@@ -497,7 +502,7 @@ class _Run:
                 "data": self.task.summary,
                 "metrics": {
                     k: metrics[k]
-                    for k in ("dev_accuracy", "test_accuracy", "train_loss")
+                    for k in ("dev_accuracy", "test_accuracy", "train_loss", *_TASK_METRICS)
                     if k in metrics
                 },
                 "optimizer_resets": self._resets(),
@@ -586,8 +591,16 @@ class _Run:
             "active_widths": self.best_widths,
             "params": count_params(self.model),
             "macs": count_macs(self.model),
-            "best": {k: best[k] for k in ("epoch", "step", "dev_accuracy", "test_accuracy")},
-            "final": {k: self.last_eval[k] for k in ("dev_accuracy", "test_accuracy")},
+            "best": {
+                k: best[k]
+                for k in ("epoch", "step", "dev_accuracy", "test_accuracy", *_TASK_METRICS)
+                if k in best
+            },
+            "final": {
+                k: self.last_eval[k]
+                for k in ("dev_accuracy", "test_accuracy", *_TASK_METRICS)
+                if k in self.last_eval
+            },
             "train_time_s": self.train_time,
             "wall_time_s": time.perf_counter() - self.t0,
             "optimizer_resets": self._resets(),
