@@ -321,8 +321,17 @@ void adam_update(std::vector<Tensor> params, std::vector<Tensor> grads, std::vec
   for (size_t i = 0; i < params.size(); ++i) {
     Tensor& g = grads[i];
     if (!g.is_sparse()) continue;
-    if (!g.is_coalesced()) g = g.coalesce();
     Tensor rows = g._indices().select(0, 0);
+    if (!g.is_coalesced()) {  // autograd drops the flag: re-sort only if really unsorted
+      Tensor r = rows.contiguous();
+      const int64_t* rp = r.data_ptr<int64_t>();
+      bool sorted = true;
+      for (int64_t i = 1; i < r.numel() && sorted; ++i) sorted = rp[i - 1] < rp[i];
+      if (!sorted) {
+        g = g.coalesce();
+        rows = g._indices().select(0, 0);
+      }
+    }
     Scatter s{params[i], ms[i], vs[i], rows, params[i].index_select(0, rows),
               ms[i].index_select(0, rows), vs[i].index_select(0, rows)};
     params[i] = s.pr;
