@@ -56,14 +56,38 @@ MESIMP_CLONES void relu_mask(int64_t n, const float* __restrict h, float* __rest
 
 inline float key_of(float s) { return std::isnan(s) ? std::numeric_limits<float>::infinity() : s; }
 
-// the k largest of key[0..n) (ties: lower index first), returned sorted ascending
+// the k largest of key[0..n) (ties: lower index first), returned sorted ascending.
+// A min-heap of the k best seen so far: one comparison per rejected candidate.
 void top_indices(const float* key, int64_t n, int64_t k, std::vector<int64_t>& idx) {
-  idx.resize(n);
-  std::iota(idx.begin(), idx.end(), 0);
-  auto cmp = [key](int64_t a, int64_t b) { return key[a] > key[b] || (key[a] == key[b] && a < b); };
-  if (k < n) std::nth_element(idx.begin(), idx.begin() + k, idx.end(), cmp);
   idx.resize(k);
+  if (k >= n) {
+    std::iota(idx.begin(), idx.end(), 0);
+    return;
+  }
+  // "a is better than b"; the heap's front is the worst kept
+  auto better = [key](int64_t a, int64_t b) {
+    return key[a] > key[b] || (key[a] == key[b] && a < b);
+  };
+  std::iota(idx.begin(), idx.end(), 0);
+  std::make_heap(idx.begin(), idx.end(), better);
+  for (int64_t j = k; j < n; ++j) {
+    // j is later than every kept index, so it wins only on a strictly larger key
+    if (key[j] > key[idx.front()]) {
+      std::pop_heap(idx.begin(), idx.end(), better);
+      idx.back() = j;
+      std::push_heap(idx.begin(), idx.end(), better);
+    }
+  }
   std::sort(idx.begin(), idx.end());
+}
+
+// dx[i] += v W[j] and dW[j] += v x[i] in one pass over the row pair
+MESIMP_CLONES void dual_axpy(int64_t n, float v, const float* __restrict w, float* __restrict dx,
+                             const float* __restrict x, float* __restrict dw) {
+  for (int64_t e = 0; e < n; ++e) {
+    dx[e] += v * w[e];
+    dw[e] += v * x[e];
+  }
 }
 
 Tensor index_tensor(const std::vector<int64_t>& v) {
@@ -175,34 +199,45 @@ LayerGrads layer_backward(const Tensor& dy, const Tensor& x, const Tensor& weigh
     Tensor wc = weight.contiguous();
     const float* wp = wc.data_ptr<float>();
     const float* xp = xc.data_ptr<float>();
-    if (need_dx) {
-      out.dx = at::zeros({N, d}, u.options());
-      float* dxp = out.dx.data_ptr<float>();
-      for (int64_t i = 0; i < N; ++i)
-        for (int64_t t = 0; t < k; ++t)
-          axpy(d, vals[i * k + t], wp + idx[i * k + t] * d, dxp + i * d);
-    }
-    if (need_dw) {
-      if (a.sparse_grad) {  // the union of the selected rows, sorted
-        std::vector<int64_t> pos(n, -1), uni;
-        for (int64_t j = 0; j < n; ++j)
-          if (counts[j] > 0) {
-            pos[j] = (int64_t)uni.size();
-            uni.push_back(j);
-          }
-        Tensor rows_w = at::zeros({(int64_t)uni.size(), d}, u.options());
-        float* rp = rows_w.data_ptr<float>();
-        for (int64_t i = 0; i < N; ++i)
-          for (int64_t t = 0; t < k; ++t)
-            axpy(d, vals[i * k + t], xp + i * d, rp + pos[idx[i * k + t]] * d);
-        out.dw = make_weight_grad(rows_w, index_tensor(uni), weight.sizes(), true);
-      } else {
-        out.dw = at::zeros(weight.sizes(), u.options());
-        float* dwp = out.dw.data_ptr<float>();
-        for (int64_t i = 0; i < N; ++i)
-          for (int64_t t = 0; t < k; ++t) axpy(d, vals[i * k + t], xp + i * d, dwp + idx[i * k + t] * d);
+    // group the N*k selected entries by unit (CSR): each W row and dW row is touched once
+    std::vector<int64_t> start(n + 1, 0), pos(n, -1), uni;
+    for (int64_t j = 0; j < n; ++j) {
+      start[j + 1] = start[j] + counts[j];
+      if (counts[j] > 0) {
+        pos[j] = (int64_t)uni.size();
+        uni.push_back(j);
       }
     }
+    std::vector<int64_t> fill(start.begin(), start.end() - 1), ex(N * k);
+    std::vector<float> ev(N * k);
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t t = 0; t < k; ++t) {
+        const int64_t j = idx[i * k + t], e = fill[j]++;
+        ex[e] = i;
+        ev[e] = vals[i * k + t];
+      }
+    Tensor dx, dwt;
+    if (need_dx) dx = at::zeros({N, d}, u.options());
+    float* dxp = need_dx ? dx.data_ptr<float>() : nullptr;
+    const bool sparse_rows = a.sparse_grad;
+    if (need_dw) dwt = at::zeros({sparse_rows ? (int64_t)uni.size() : n, d}, u.options());
+    float* dwp = need_dw ? dwt.data_ptr<float>() : nullptr;
+    for (int64_t j : uni) {
+      float* dwr = need_dw ? dwp + (sparse_rows ? pos[j] : j) * d : nullptr;
+      for (int64_t e = start[j]; e < start[j + 1]; ++e) {
+        const int64_t i = ex[e];
+        if (need_dw && need_dx) {
+          dual_axpy(d, ev[e], wp + j * d, dxp + i * d, xp + i * d, dwr);
+        } else if (need_dw) {
+          axpy(d, ev[e], xp + i * d, dwr);
+        } else if (need_dx) {
+          axpy(d, ev[e], wp + j * d, dxp + i * d);
+        }
+      }
+    }
+    if (need_dx) out.dx = dx;
+    if (need_dw)
+      out.dw = sparse_rows ? make_weight_grad(dwt, index_tensor(uni), weight.sizes(), true) : dwt;
     if (need_db && a.has_bias && !a.dense_bias) {
       out.db = at::zeros({n}, u.options());
       float* bp = out.db.data_ptr<float>();

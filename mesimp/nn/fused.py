@@ -214,10 +214,10 @@ def fused_train_step(
     y: torch.Tensor,
     optimizer: torch.optim.Optimizer,
     check_grads: bool = False,
-) -> tuple[torch.Tensor, int] | None:
-    """One compiled step: ``(loss, bad)`` (``bad`` = index into the model's stack params of
-    a non-finite gradient, or -1), or None where it does not apply. A non-finite loss or
-    gradient leaves parameters and optimizer state untouched."""
+) -> tuple[torch.Tensor, nn.Parameter | None] | None:
+    """One compiled step: ``(loss, bad)`` (``bad``: the parameter whose gradient held
+    NaN/Inf, checked when ``check_grads``, else None), or None where it does not apply.
+    A non-finite loss or gradient leaves parameters and optimizer state untouched."""
     if not (_applies(x) and y.dtype == torch.long and y.dim() == 1):
         return None
     layers = plan(model)
@@ -240,7 +240,8 @@ def fused_train_step(
             ms, vs, steps, float(group["lr"]), beta1, beta2, group["eps"], check_grads,
         )  # fmt: skip
     _store_memories(layers, alphas, out[2:])
-    return out[0], int(out[1])
+    bad = int(out[1])
+    return out[0], (params[bad] if bad >= 0 else None)
 
 
 def train_step(
