@@ -23,6 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import mesimp.training.loop as loop_module
 from mesimp.errors import BadInputError
 from mesimp.models import MLP, MLPConfig
 from mesimp.nn import kernels
@@ -169,6 +170,17 @@ def test_mlp_adam_matches_python(path, selection, alpha, masked, one_call):
         _same(ref[i]._state.memory, got[i]._state.memory, exact, "memory")
 
 
+@pytest.mark.parametrize("selection", ["unified", "topk"])
+def test_train_step_is_the_fused_backward_bit_for_bit(path, selection):
+    """train_step and the one-node backward + RowSparseAdam give the same bits, so a run
+    may switch between them (the trainer falls back per step) and stay bit-identical."""
+    a, sa = path("cpp", _mlp_run, selection, 0.5, True, "adam", False)
+    b, sb = path("cpp", _mlp_run, selection, 0.5, True, "adam", True)
+    for x, y in zip([*a.parameters(), *sa], [*b.parameters(), *sb], strict=True):
+        assert torch.equal(x, y)
+    assert torch.equal(a[0].hits, b[0].hits) and torch.equal(a[2].hits, b[2].hits)
+
+
 @pytest.mark.parametrize("optimizer", ["adagrad", "sgd"])
 @pytest.mark.parametrize("sparse", [False, True])
 def test_mlp_other_optimizers_match_python(path, optimizer, sparse):
@@ -247,3 +259,36 @@ def test_train_json_reports_the_path(tiny_npz, tmp_path, path):
     assert (s["kernel"], s["step_path"]) == ("cpp", "train_step")
     s = path("python", train_tiny, tiny_npz, tmp_path / "b.pt", k=8, selection="unified")
     assert (s["kernel"], s["step_path"]) == ("python", "python")
+
+
+@pytest.mark.parametrize("kind", ["loss", "grad"])
+def test_trainer_guards_on_the_compiled_step(tiny_npz, tmp_path, path, kind):
+    """A NaN loss or (checked) gradient inside the compiled step stops the run before
+    its update, with the loop's message; the NaN comes from a weight (loss) or from the
+    MSBP memory (gradient only)."""
+    from conftest import train_tiny
+
+    from mesimp.training.runsafety import TrainingDiverged
+
+    real = loop_module.fused_train_step
+    calls = [0]
+
+    def poisoned(model, x, y, optimizer, check_grads=False):
+        calls[0] += 1
+        if calls[0] == 3:
+            if kind == "loss":
+                with torch.no_grad():
+                    model[0].weight[0, 0] = float("nan")
+            else:  # a NaN MSBP memory: a finite loss, a NaN gradient of the first layer
+                model[0]._state.memory.fill_(float("nan"))
+                check_grads = True
+        return real(model, x, y, optimizer, check_grads)
+
+    loop_module.fused_train_step = poisoned
+    try:
+        with pytest.raises(TrainingDiverged) as e:
+            path("cpp", train_tiny, tiny_npz, tmp_path / "m.pt", k=8, selection="unified", msbp=0.5)
+    finally:
+        loop_module.fused_train_step = real
+    want = "loss is nan" if kind == "loss" else "the gradient of 0.weight holds NaN/Inf"
+    assert f"{want} at epoch 1 step 3" in str(e.value)
