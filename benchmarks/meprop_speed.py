@@ -315,7 +315,8 @@ def markdown(results: list[dict], best: dict[int, str], args: argparse.Namespace
     head += "whole step: Python (sparse Adam) | dense-exact | "
     head += "compiled layer | fused MLP | train_step | " if cpp else ""
     head += "FLOP limit (bwd) | mean \\|U\\| l1/l2 |"
-    lines = [head, "|---:|---:|:---|" + "---:|" * (head.count("|") - 4)]
+    ncols = 8 + (5 if cpp else 0)
+    lines = [head, "|---:|---:|:---|" + "---:|" * (ncols - 3)]
     for r in results:
         s = r["speedup"]
         u1, u2 = r["union"]
