@@ -36,10 +36,6 @@ enum Selection : int64_t { kDense = 0, kUnified = 1, kTopk = 2 };
 #define MESIMP_CLONES
 #endif
 
-MESIMP_CLONES void axpy(int64_t n, float a, const float* __restrict x, float* __restrict y) {
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
-}
-
 // score[j] = sum_i |u[i, j]|, rows accumulated in order
 MESIMP_CLONES void abs_colsum(int64_t rows, int64_t n, const float* __restrict u,
                               float* __restrict score) {
@@ -96,14 +92,26 @@ void top_indices(const float* key, int64_t n, int64_t k, std::vector<int64_t>& i
   std::sort(idx.begin(), idx.end());
 }
 
-// dx[i] += v W[j] and dW[j] += v x[i] in one pass over the row pair
-MESIMP_CLONES void dual_axpy(int64_t n, float v, const float* __restrict w, float* __restrict dx,
-                             const float* __restrict x, float* __restrict dw) {
-  for (int64_t e = 0; e < n; ++e) {
-    dx[e] += v * w[e];
-    dw[e] += v * x[e];
+// out += sum_e w[e] * rows[e], accumulated in e order for every element (the bits of
+// m successive axpys), in register-sized column chunks: out is loaded and stored once.
+MESIMP_CLONES void weighted_rows_sum(int64_t d, int64_t m, const float* const* rows,
+                                     const float* w, float* __restrict out) {
+  constexpr int64_t C = 64;
+  int64_t c0 = 0;
+  for (; c0 + C <= d; c0 += C) {
+    float acc[C];
+    for (int64_t t = 0; t < C; ++t) acc[t] = out[c0 + t];
+    for (int64_t e = 0; e < m; ++e) {
+      const float* __restrict r = rows[e] + c0;
+      const float v = w[e];
+      for (int64_t t = 0; t < C; ++t) acc[t] += v * r[t];
+    }
+    for (int64_t t = 0; t < C; ++t) out[c0 + t] = acc[t];
   }
+  for (int64_t e = 0; e < m; ++e)
+    for (int64_t t = c0; t < d; ++t) out[t] += w[e] * rows[e][t];
 }
+
 
 Tensor index_tensor(const std::vector<int64_t>& v) {
   Tensor t = at::empty({(int64_t)v.size()}, at::kLong);
@@ -233,22 +241,23 @@ LayerGrads layer_backward(const Tensor& dy, const Tensor& x, const Tensor& weigh
         ev[e] = vals[i * k + t];
       }
     Tensor dx, dwt;
-    if (need_dx) dx = at::zeros({N, d}, u.options());
-    float* dxp = need_dx ? dx.data_ptr<float>() : nullptr;
+    std::vector<const float*> rows(std::max<int64_t>(N, k));
+    if (need_dx) {  // dx[i] = sum_t vals[i, t] W[idx[i, t]], one example at a time
+      dx = at::zeros({N, d}, u.options());
+      float* dxp = dx.data_ptr<float>();
+      for (int64_t i = 0; i < N; ++i) {
+        for (int64_t t = 0; t < k; ++t) rows[t] = wp + idx[i * k + t] * d;
+        weighted_rows_sum(d, k, rows.data(), &vals[i * k], dxp + i * d);
+      }
+    }
     const bool sparse_rows = a.sparse_grad;
-    if (need_dw) dwt = at::zeros({sparse_rows ? (int64_t)uni.size() : n, d}, u.options());
-    float* dwp = need_dw ? dwt.data_ptr<float>() : nullptr;
-    for (int64_t j : uni) {
-      float* dwr = need_dw ? dwp + (sparse_rows ? pos[j] : j) * d : nullptr;
-      for (int64_t e = start[j]; e < start[j + 1]; ++e) {
-        const int64_t i = ex[e];
-        if (need_dw && need_dx) {
-          dual_axpy(d, ev[e], wp + j * d, dxp + i * d, xp + i * d, dwr);
-        } else if (need_dw) {
-          axpy(d, ev[e], xp + i * d, dwr);
-        } else if (need_dx) {
-          axpy(d, ev[e], wp + j * d, dxp + i * d);
-        }
+    if (need_dw) {  // dW[j] = sum over the entries that selected j of val * x[example]
+      dwt = at::zeros({sparse_rows ? (int64_t)uni.size() : n, d}, u.options());
+      float* dwp = dwt.data_ptr<float>();
+      for (int64_t j : uni) {
+        const int64_t m = start[j + 1] - start[j];
+        for (int64_t e = 0; e < m; ++e) rows[e] = xp + ex[start[j] + e] * d;
+        weighted_rows_sum(d, m, rows.data(), &ev[start[j]], dwp + (sparse_rows ? pos[j] : j) * d);
       }
     }
     if (need_dx) out.dx = dx;
