@@ -54,7 +54,7 @@ from mesimp.files.checkpoint import (
 from mesimp.models import count_macs, count_params, hidden_sizes
 from mesimp.nn import kernels
 from mesimp.nn.fused import fused_train_step
-from mesimp.nn.linear import MePropCounters
+from mesimp.nn.linear import MePropCounters, MePropLinear
 from mesimp.nn.swap import meprop_
 from mesimp.progress import bar as progress_bar
 from mesimp.simplify.rule import active_widths
@@ -250,6 +250,9 @@ class _Run:
         # Linear-ReLU stack, in one process (each step re-checks that it applies)
         self.one_call = not config.reference and ranks.world == 1 and not self.task.tagging
         self.path = "python"  # which path the last step took (train --json reports it)
+        self.sparse_layers = any(  # Linear layers the kernels serve (LSTM, Conv: Python)
+            isinstance(m, MePropLinear) and m.k > 0 for m in self.model.modules()
+        )
         self.named_params = list(self.model.named_parameters())
         self.n = len(self.task.y_train)
         per_rank = math.ceil(self.n / ranks.world)  # DistributedSampler pads by wrapping
@@ -419,7 +422,9 @@ class _Run:
         x, y = self.task.batch(self.task.x_train[idx], self.task.y_train[idx])
         if self.one_call and self._compiled_step(epoch, step, x, y):
             return
-        self.path = "python" if kernels.kernel_name() == "python" else "compiled"
+        self.path = (
+            "compiled" if self.sparse_layers and kernels.kernel_name() == "cpp" else "python"
+        )
         loss = self.task.loss(self.forward(x), y, self.reduction)
         loss_value = loss.item()
         # every rank must take the same branch: DDP's backward all-reduces
