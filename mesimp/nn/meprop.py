@@ -151,7 +151,9 @@ class MePropLinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         k, selection, alpha, sparse_grad, state, masked, has_bias, dense_bias = ctx.meprop
-        if selection != "random" and kernels.usable(dy, x, weight):
+        # torch.compile traces with fake tensors, which the kernels have no rule for
+        compiled = selection != "random" and not torch.compiler.is_compiling()
+        if compiled and kernels.usable(dy, x, weight):
             return _compiled_backward(ctx, dy, x, weight)
         n = weight.shape[0]
         rows = dy.shape[0]
