@@ -13,11 +13,14 @@ DEMO_ARGS ?=
 
 setup: $(STAMP) data
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py mesimp/csrc/kernels.cpp
 	$(PYTHON) -m venv $(VENV)
 	# The pinned CPU wheel first: an unpinned torch would pull GBs of CUDA packages.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	# No build isolation: setup.py compiles the meProp kernels (mesimp/csrc, ~1 min)
+	# against exactly this torch; a failed compile leaves the pure-Python path.
+	$(BIN)/pip install --quiet 'setuptools>=68' wheel
+	$(BIN)/pip install --quiet --no-build-isolation -e '.[dev,bench]'
 	touch $(STAMP)
 
 # Fashion-MNIST in IDX format from Debian's dataset-fashion-mnist package.
@@ -75,4 +78,4 @@ bench: setup
 	$(BIN)/python -m benchmarks.run   # writes benchmarks/RESULTS.md (~19 min)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info mesimp/_C*.so

@@ -48,13 +48,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mesimp.models import MLP, MLPConfig
+from mesimp.nn import kernels
+from mesimp.nn.fused import train_step
 from mesimp.nn.meprop import MePropConfig
 from mesimp.nn.swap import meprop_
 from mesimp.training.optim import build_optimizer
 
 IN, HID, OUT = 784, 500, 10
 BATCHES = (50, 100)
-KS = (10, 20, 40, 80, 160)
+KS = (10, 20, 40, 80)
 SELECTIONS = ("topk", "unified", "random")
 N_BATCHES = 8  # distinct random minibatches, cycled (so no variant overfits one batch)
 LR = 1e-3
@@ -101,11 +104,12 @@ class _Batches:
         return self.data[self.i]
 
 
-def backward_runner(model: nn.Module, batches: _Batches) -> Runner:
-    """Times ``loss.backward()`` only."""
+def backward_runner(model: nn.Module, batches: _Batches, path: str = "python") -> Runner:
+    """Times ``loss.backward()`` only; ``path`` is the kernel mode it runs under."""
     params = list(model.parameters())
 
     def run(n: int) -> float:
+        kernels.set_kernels(path)
         total = 0.0
         for _ in range(n):
             for p in params:
@@ -120,10 +124,13 @@ def backward_runner(model: nn.Module, batches: _Batches) -> Runner:
     return run
 
 
-def step_runner(model: nn.Module, opt: torch.optim.Optimizer, batches: _Batches) -> Runner:
+def step_runner(
+    model: nn.Module, opt: torch.optim.Optimizer, batches: _Batches, path: str = "python"
+) -> Runner:
     """Times a whole training step: forward, backward, step, zero_grad."""
 
     def run(n: int) -> float:
+        kernels.set_kernels(path)
         t0 = time.perf_counter()
         for _ in range(n):
             x, y = batches.next()
@@ -131,6 +138,20 @@ def step_runner(model: nn.Module, opt: torch.optim.Optimizer, batches: _Batches)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    return run
+
+
+def train_step_runner(model: nn.Module, opt: torch.optim.Optimizer, batches: _Batches) -> Runner:
+    """Times ``mesimp.nn.fused.train_step`` (the whole step in one compiled call)."""
+
+    def run(n: int) -> float:
+        kernels.set_kernels("cpp")
+        t0 = time.perf_counter()
+        for _ in range(n):
+            x, y = batches.next()
+            train_step(model, x, y, opt)
         return time.perf_counter() - t0
 
     return run
@@ -156,10 +177,18 @@ def median(xs: list[float]) -> float:
 
 
 # -- one configuration --------------------------------------------------------------------
-def meprop_copy(base: nn.Module, k: int, selection: str, sparse_grad: bool = True) -> nn.Module:
-    return meprop_(
-        copy.deepcopy(base), MePropConfig(k=k, selection=selection, sparse_grad=sparse_grad)
-    )
+def meprop_copy(
+    base: nn.Module, k: int, selection: str, sparse_grad: bool = True, fused: bool = False
+) -> nn.Module:
+    """A meProp copy of ``base``: a plain ``nn.Sequential`` (one autograd node per layer),
+    or with ``fused`` mesimp's ``MLP`` (the same weights; its forward takes the fused
+    one-node path when the kernels are on)."""
+    model = copy.deepcopy(base)
+    if fused:
+        mlp = MLP(MLPConfig(in_features=IN, hidden_sizes=[HID, HID], out_features=OUT))
+        mlp.load_state_dict(base.state_dict())
+        model = mlp
+    return meprop_(model, MePropConfig(k=k, selection=selection, sparse_grad=sparse_grad))
 
 
 def union_sizes(base: nn.Module, batches: _Batches, k: int, selection: str) -> list[float]:
@@ -180,16 +209,19 @@ def union_sizes(base: nn.Module, batches: _Batches, k: int, selection: str) -> l
 def bench_config(
     base: nn.Module, b: int, k: int, selection: str, rounds: int, iters: int, warmup: int, seed: int
 ) -> dict:
-    # Backward only.
+    # Backward only: dense, the Python path, the compiled per-layer path, the fused path.
+    cpp = kernels.available()
     batches = _Batches(b, seed)
-    dense = copy.deepcopy(base)
-    mp = meprop_copy(base, k, selection)
-    bwd = interleaved(
-        {"dense": backward_runner(dense, batches), "meprop": backward_runner(mp, batches)},
-        rounds,
-        iters,
-        warmup,
-    )
+    bwd_runners = {
+        "dense": backward_runner(copy.deepcopy(base), batches),
+        "meprop": backward_runner(meprop_copy(base, k, selection), batches),
+    }
+    if cpp:
+        bwd_runners["layer"] = backward_runner(meprop_copy(base, k, selection), batches, "cpp")
+        bwd_runners["fused"] = backward_runner(
+            meprop_copy(base, k, selection, fused=True), batches, "cpp"
+        )
+    bwd = interleaved(bwd_runners, rounds, iters, warmup)
 
     # Whole step; every variant starts from the same weights.
     batches = _Batches(b, seed)
@@ -197,6 +229,10 @@ def bench_config(
     d_foreach = copy.deepcopy(base)
     mp_sparse = meprop_copy(base, k, selection, sparse_grad=True)
     mp_exact = meprop_copy(base, k, selection, sparse_grad=False)
+
+    def sparse_adam(m: nn.Module) -> torch.optim.Optimizer:
+        return build_optimizer("adam", m.parameters(), LR, sparse_update=True)
+
     runners = {
         "dense_fused": step_runner(
             d_fused, torch.optim.Adam(d_fused.parameters(), lr=LR, fused=True), batches
@@ -204,17 +240,20 @@ def bench_config(
         "dense_foreach": step_runner(
             d_foreach, torch.optim.Adam(d_foreach.parameters(), lr=LR, foreach=True), batches
         ),
-        "meprop_sparse": step_runner(
-            mp_sparse,
-            build_optimizer("adam", mp_sparse.parameters(), LR, sparse_update=True),
-            batches,
-        ),
+        "meprop_sparse": step_runner(mp_sparse, sparse_adam(mp_sparse), batches),
         "meprop_exact": step_runner(
             mp_exact,
             build_optimizer("adam", mp_exact.parameters(), LR, sparse_update=False),
             batches,
         ),
     }
+    if cpp:
+        layer = meprop_copy(base, k, selection)
+        fused = meprop_copy(base, k, selection, fused=True)
+        one = meprop_copy(base, k, selection, fused=True)
+        runners["layer"] = step_runner(layer, sparse_adam(layer), batches, "cpp")
+        runners["fused"] = step_runner(fused, sparse_adam(fused), batches, "cpp")
+        runners["train_step"] = train_step_runner(one, sparse_adam(one), batches)
     step = interleaved(runners, rounds, iters, warmup)
     return {
         "b": b,
@@ -257,29 +296,53 @@ def summarize(results: list[dict]) -> dict[int, str]:
             "step_sparse": _ratios(base, r["step_s"]["meprop_sparse"]),
             "step_exact": _ratios(base, r["step_s"]["meprop_exact"]),
         }
+        for name in ("layer", "fused"):
+            if name in r["backward_s"]:
+                r["speedups"][f"backward_{name}"] = _ratios(
+                    r["backward_s"]["dense"], r["backward_s"][name]
+                )
+        for name in ("layer", "fused", "train_step"):
+            if name in r["step_s"]:
+                r["speedups"][f"step_{name}"] = _ratios(base, r["step_s"][name])
         r["speedup"] = {n: v["min"] for n, v in r["speedups"].items()}
     return best
 
 
 def markdown(results: list[dict], best: dict[int, str], args: argparse.Namespace) -> str:
-    lines = [
-        "| b | k | selection | backward speedup | whole step (sparse Adam) "
-        "| whole step (dense-exact) | FLOP limit (bwd) | mean \\|U\\| l1/l2 |",
-        "|---:|---:|:---|---:|---:|---:|---:|---:|",
-    ]
+    cpp = any("backward_fused" in r["speedup"] for r in results)
+    head = "| b | k | selection | backward: Python | "
+    head += "compiled layer | fused MLP | " if cpp else ""
+    head += "whole step: Python (sparse Adam) | dense-exact | "
+    head += "compiled layer | fused MLP | train_step | " if cpp else ""
+    head += "FLOP limit (bwd) | mean \\|U\\| l1/l2 |"
+    ncols = 8 + (5 if cpp else 0)
+    lines = [head, "|---:|---:|:---|" + "---:|" * (ncols - 3)]
     for r in results:
         s = r["speedup"]
         u1, u2 = r["union"]
-        lines.append(
-            f"| {r['b']} | {r['k']} | {r['selection']} | {s['backward']:.2f}x "
-            f"| {s['step_sparse']:.2f}x | {s['step_exact']:.2f}x | {r['flop_limit']:.1f}x "
-            f"| {u1:.0f}/{u2:.0f} |"
-        )
+        cells = [str(r["b"]), str(r["k"]), r["selection"], f"{s['backward']:.2f}x"]
+        if cpp:
+            cells += [f"{s['backward_layer']:.2f}x", f"{s['backward_fused']:.2f}x"]
+        cells += [f"{s['step_sparse']:.2f}x", f"{s['step_exact']:.2f}x"]
+        if cpp:
+            cells += [f"{s[n]:.2f}x" for n in ("step_layer", "step_fused", "step_train_step")]
+        cells += [f"{r['flop_limit']:.1f}x", f"{u1:.0f}/{u2:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(
         "Speedup = dense time / meProp time, each the best of the interleaved "
         "rounds. The FLOP limit counts k per example; per-example selection updates "
         "the union |U| of selected rows (its optimizer step scales with |U|, not k)."
+    )
+    lines.append("")
+    lines.append(
+        "Paths: Python = mesimp's pure-Python meProp (`MESIMP_KERNELS=python`); compiled "
+        "layer = the compiled kernels, one autograd node per layer (a plain nn.Sequential); "
+        "fused MLP = mesimp's MLP, one autograd node for the stack (both through "
+        "loss.backward() and RowSparseAdam); train_step = mesimp.nn.fused.train_step, the "
+        "whole step in one compiled call. Kernels: "
+        + ("built" if cpp else "not built (Python path only)")
+        + ". Random selection has no compiled path (its kernel columns run the Python path)."
     )
     lines.append("")
     lines.append(
@@ -374,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
             "loadavg_start": load_start,
             "loadavg_end": load_end,
             "cpus": os.cpu_count(),
+            "kernels": kernels.available(),
         }
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=1)

@@ -34,6 +34,33 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
+# meProp's own tests run on both paths: the compiled kernels (where built) and the
+# pure-Python fallback (mesimp.nn.kernels); the rest of the suite runs the default (auto).
+BOTH_KERNEL_PATHS = {"test_meprop", "test_optim"}
+
+
+def pytest_generate_tests(metafunc):
+    if metafunc.module.__name__ in BOTH_KERNEL_PATHS and "kernel_path" in metafunc.fixturenames:
+        metafunc.parametrize("kernel_path", ["cpp", "python"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def kernel_path(request):
+    """The kernel mode a test runs under (``cpp`` skips where the kernels are not built)."""
+    from mesimp.nn import kernels
+
+    mode = getattr(request, "param", None)
+    if mode is None:
+        yield kernels.mode()
+        return
+    if mode == "cpp" and not kernels.available():
+        pytest.skip("mesimp._C is not built")
+    before = kernels.mode()
+    kernels.set_kernels(mode)
+    yield mode
+    kernels.set_kernels(before)
+
+
 def _idx(stem: str) -> Path:
     for name in (f"{stem}.gz", stem):
         if (FMNIST / name).is_file():

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from conftest import DEV, read_jsonl
 from mesimp.cli.main import main as cli_main
 
+import mesimp.training.loop as loop_module
 from mesimp.errors import BadInputError, CheckpointError, MesimpError
 from mesimp.files.checkpoint import (
     NonFiniteError,
@@ -72,22 +73,46 @@ def quiet_train(cfg: TrainConfig | None = None, **kw) -> dict:
 
 class Fault:
     """Patches ``F.cross_entropy`` (called once per training step) to act at call ``at``:
-    send ``signum`` to this process (the real signal path) or raise ``Crash``."""
+    send ``signum`` to this process (the real signal path) or raise ``Crash``.
+
+    The compiled one-call step (``mesimp.nn.fused``) computes its loss without
+    ``F.cross_entropy``, so its entry point counts as that call; where it does not apply,
+    the step's ``F.cross_entropy`` call that follows is not counted again."""
 
     def __init__(self, monkeypatch, at: int, signum: int | None = None) -> None:
         self.calls, self.at, self.signum = 0, at, signum
+        self.counted = False  # the one-call step counted this step already
         real = F.cross_entropy
+        real_step = loop_module.fused_train_step
 
-        def patched(*a, **k):
+        def act():
             self.calls += 1
             if self.calls == self.at:
                 if self.signum is None:
                     raise Crash(f"crash at call {self.at}")
                 os.kill(os.getpid(), self.signum)
+
+        def patched(*a, **k):
+            if self.counted:
+                self.counted = False
+            else:
+                act()
             return real(*a, **k)
 
+        def patched_step(*a, **k):
+            act()
+            done = real_step(*a, **k)
+            self.counted = done is None
+            return done
+
         monkeypatch.setattr(F, "cross_entropy", patched)
-        self.undo = lambda: monkeypatch.setattr(F, "cross_entropy", real)
+        monkeypatch.setattr(loop_module, "fused_train_step", patched_step)
+
+        def undo():
+            monkeypatch.setattr(F, "cross_entropy", real)
+            monkeypatch.setattr(loop_module, "fused_train_step", real_step)
+
+        self.undo = undo
 
 
 class Crash(Exception):
@@ -366,9 +391,14 @@ def test_nan_stops_training_keeps_good_checkpoints_and_the_run_resumes(
         return loss
 
     monkeypatch.setattr(F, "cross_entropy", poisoned)
+    # the poison is in F.cross_entropy, which the one-call compiled step does not call:
+    # take the step through loss.backward() (the same bits: test_kernels.py); the
+    # compiled step's own guards are tested in test_kernels.py
+    monkeypatch.setattr(loop_module, "fused_train_step", lambda *a, **k: None)
     with pytest.raises(TrainingDiverged) as e:
         quiet_train(config(tiny_npz, out, **CASES["topk-msbp"]))
     monkeypatch.setattr(F, "cross_entropy", real)
+    monkeypatch.undo()
     msg = str(e.value)
     assert "\n" not in msg and e.value.exit_code == 1
     assert message in msg and "try a lower --lr" in msg

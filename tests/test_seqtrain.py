@@ -314,6 +314,8 @@ TRAIN_JSON = {
     "train_time_s": float,
     "wall_time_s": float,
     "optimizer_resets": int,
+    "kernel": str,
+    "step_path": str,
     "config": dict,
     "data": dict,
 }

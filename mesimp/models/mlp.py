@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from mesimp.errors import BadInputError
+from mesimp.nn.fused import fused_forward
 
 
 @dataclass
@@ -55,3 +56,9 @@ class MLP(nn.Sequential):
         mods.append(nn.Linear(width, config.out_features))
         super().__init__(*mods)
         self.config = config
+
+    def forward(self, x):
+        """``nn.Sequential``'s forward; once meProp layers are in, the compiled fused path
+        (one autograd node for the whole stack, ``mesimp.nn.fused``) where it applies."""
+        out = fused_forward(self, x)
+        return out if out is not None else super().forward(x)

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from mesimp.errors import BadInputError
+from mesimp.nn import kernels
 
 SELECTIONS = ("topk", "unified", "random")
 
@@ -150,6 +151,10 @@ class MePropLinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         k, selection, alpha, sparse_grad, state, masked, has_bias, dense_bias = ctx.meprop
+        # torch.compile traces with fake tensors, which the kernels have no rule for
+        compiled = selection != "random" and not torch.compiler.is_compiling()
+        if compiled and kernels.usable(dy, x, weight):
+            return _compiled_backward(ctx, dy, x, weight)
         n = weight.shape[0]
         rows = dy.shape[0]
         u = dy
@@ -218,3 +223,21 @@ class MePropLinearFunction(torch.autograd.Function):
         if has_bias and dense_bias and ctx.needs_input_grad[2]:
             grad_b = dy.sum(0).mul_(state.mask) if masked else dy.sum(0)  # masked: no gradient
         return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+
+
+_SELECTION_CODE = {"unified": 1, "topk": 2}  # mesimp/csrc/kernels.cpp's enum
+
+
+def _compiled_backward(ctx, dy, x, weight):
+    """The same backward in one call of ``torch.ops.mesimp.linear_backward``."""
+    k, selection, alpha, sparse_grad, state, masked, has_bias, dense_bias = ctx.meprop
+    memory = state.memory if alpha > 0 else None
+    need = ctx.needs_input_grad
+    dx, dw, db, memory = torch.ops.mesimp.linear_backward(
+        dy, x, weight, state.mask if masked else None, memory, state.hits, state.ref,
+        k, _SELECTION_CODE[selection], float(alpha), state.count, has_bias, dense_bias,
+        need[0], need[1], has_bias and need[2], sparse_grad,
+    )  # fmt: skip
+    if alpha > 0:
+        state.memory = memory
+    return dx, dw, db, None, None, None, None, None, None, None

@@ -52,7 +52,9 @@ from mesimp.files.checkpoint import (
     save_checkpoint,
 )
 from mesimp.models import count_macs, count_params, hidden_sizes
-from mesimp.nn.linear import MePropCounters
+from mesimp.nn import kernels
+from mesimp.nn.fused import fused_train_step
+from mesimp.nn.linear import MePropCounters, MePropLinear
 from mesimp.nn.swap import meprop_
 from mesimp.progress import bar as progress_bar
 from mesimp.simplify.rule import active_widths
@@ -247,6 +249,13 @@ class _Run:
             )
         )
         self.reduction = "sum" if config.reference else "mean"
+        # the whole step as one compiled call: mesimp's own cross-entropy step of a
+        # Linear-ReLU stack, in one process (each step re-checks that it applies)
+        self.one_call = not config.reference and ranks.world == 1 and not self.task.tagging
+        self.path = "python"  # which path the last step took (train --json reports it)
+        self.sparse_layers = any(  # Linear layers the kernels serve (LSTM, Conv: Python)
+            isinstance(m, MePropLinear) and m.k > 0 for m in self.model.modules()
+        )
         self.named_params = list(self.model.named_parameters())
         self.n = len(self.task.y_train)
         per_rank = math.ceil(self.n / ranks.world)  # DistributedSampler pads by wrapping
@@ -414,6 +423,11 @@ class _Run:
         start, end = self.bounds[step - 1]
         idx = self.shard[start:end]
         x, y = self.task.batch(self.task.x_train[idx], self.task.y_train[idx])
+        if self.one_call and self._compiled_step(epoch, step, x, y):
+            return
+        self.path = (
+            "compiled" if self.sparse_layers and kernels.kernel_name() == "cpp" else "python"
+        )
         loss = self.task.loss(self.forward(x), y, self.reduction)
         loss_value = loss.item()
         # every rank must take the same branch: DDP's backward all-reduces
@@ -431,6 +445,32 @@ class _Run:
                     f"the gradient of {bad} holds NaN/Inf", epoch, step, self.global_step + 1
                 )
         self.optimizer.step()
+        self._after_update(loss_value)
+
+    def _compiled_step(self, epoch: int, step: int, x: torch.Tensor, y: torch.Tensor) -> bool:
+        """The whole step in one compiled call (``mesimp.nn.fused``) where it applies: the
+        same update as the steps in ``_step``, the same guards. False: not taken."""
+        check = (self.global_step + 1) % GRAD_CHECK_EVERY == 0
+        done = fused_train_step(self.model, x, y, self.optimizer, check_grads=check)
+        if done is None:
+            return False
+        self.path = "train_step"
+        loss, bad = done
+        loss_value = loss.item()
+        self.stopping, nonfinite = self.ranks.agree(
+            self.stop.signum is not None, not math.isfinite(loss_value)
+        )
+        if nonfinite:
+            raise self._diverged(f"loss is {loss_value}", epoch, step, self.global_step + 1)
+        if bad is not None:
+            name = next(n for n, p in self.named_params if p is bad)
+            raise self._diverged(
+                f"the gradient of {name} holds NaN/Inf", epoch, step, self.global_step + 1
+            )
+        self._after_update(loss_value)
+        return True
+
+    def _after_update(self, loss_value: float) -> None:
         self.global_step += 1
         self.loss_sum += loss_value
         if self.simplifier is not None:
@@ -604,6 +644,11 @@ class _Run:
             "train_time_s": self.train_time,
             "wall_time_s": time.perf_counter() - self.t0,
             "optimizer_resets": self._resets(),
+            # the meProp kernels: "cpp" (compiled, mesimp.nn.kernels) or "python"; the
+            # last step's path: "train_step" (one compiled call), "compiled" (the
+            # kernels behind loss.backward()) or "python"
+            "kernel": kernels.kernel_name(),
+            "step_path": self.path,
             "config": self.config.to_dict(),
             "data": self.task.summary,
         }

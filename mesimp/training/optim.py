@@ -17,6 +17,7 @@ from collections.abc import Iterable
 import torch
 
 from mesimp.errors import BadInputError
+from mesimp.nn import kernels
 
 OPTIMIZERS = ("adam", "adagrad", "sgd")
 
@@ -47,39 +48,47 @@ class RowSparseAdam(torch.optim.Adam):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        compiled = kernels.enabled()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            ps, gs, ms, vs, steps, scatter = [], [], [], [], [], []
+            ps, gs, ms, vs, steps = [], [], [], [], []
             for p in group["params"]:
-                g = p.grad
-                if g is None:
+                if p.grad is None:
                     continue
                 state = self.state[p]
                 if not state:  # same keys and types as torch's Adam (state_dict compatible)
                     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                if g.is_sparse:
-                    rows = g._indices()[0]
-                    # Autograd drops the coalesced flag; re-sort only if really unsorted.
-                    if rows.numel() > 1 and not bool((rows[1:] > rows[:-1]).all()):
-                        g = g.coalesce()
-                        rows = g._indices()[0]
-                    pr, mr, vr = (
-                        p.index_select(0, rows),
-                        m.index_select(0, rows),
-                        v.index_select(0, rows),
-                    )
-                    scatter.append((p, m, v, rows, pr, mr, vr))
-                    p, g, m, v = pr, g._values(), mr, vr
                 ps.append(p)
-                gs.append(g)
-                ms.append(m)
-                vs.append(v)
+                gs.append(p.grad)
+                ms.append(state["exp_avg"])
+                vs.append(state["exp_avg_sq"])
                 steps.append(state["step"])
             if not ps:
                 continue
+            if compiled and kernels.usable(*ps):  # the same ops below, in one compiled call
+                torch.ops.mesimp.lazy_adam_step(
+                    ps, gs, ms, vs, steps, group["lr"], beta1, beta2, group["eps"]
+                )
+                continue
+            scatter = []
+            for i, g in enumerate(gs):
+                if not g.is_sparse:
+                    continue
+                rows = g._indices()[0]
+                # Autograd drops the coalesced flag; re-sort only if really unsorted.
+                if rows.numel() > 1 and not bool((rows[1:] > rows[:-1]).all()):
+                    g = g.coalesce()
+                    rows = g._indices()[0]
+                p, m, v = ps[i], ms[i], vs[i]
+                pr, mr, vr = (
+                    p.index_select(0, rows),
+                    m.index_select(0, rows),
+                    v.index_select(0, rows),
+                )
+                scatter.append((p, m, v, rows, pr, mr, vr))
+                ps[i], gs[i], ms[i], vs[i] = pr, g._values(), mr, vr
             torch._foreach_add_(steps, 1)
             torch._fused_adam_(
                 ps,

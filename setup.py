@@ -1,0 +1,46 @@
+"""Build the optional compiled meProp kernels (mesimp/_C, see mesimp/nn/kernels.py).
+
+Everything else is in pyproject.toml. The extension is built at install time against the
+torch already in the environment (the Makefile installs torch first, then
+``pip install --no-build-isolation -e .``), so its ABI is exactly that torch's. A failed
+build is not fatal: mesimp then runs the pure-Python path (``mesimp.nn.kernels``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from setuptools import setup
+
+
+def _ext_modules() -> tuple[list, dict]:
+    if os.environ.get("MESIMP_BUILD_KERNELS", "1") == "0":
+        return [], {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:  # an isolated build without torch: the Python path only
+        print("mesimp: torch not importable at build time; no compiled kernels", file=sys.stderr)
+        return [], {}
+
+    class OptionalBuild(BuildExtension):
+        """A compiler error leaves the package installed without the kernels."""
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as e:  # noqa: BLE001 - any build failure means "no kernels"
+                print(f"mesimp: compiled kernels not built ({e}); Python path", file=sys.stderr)
+
+    # -O3 and a portable ISA: no -march=native. The hot loops carry GCC target_clones
+    # (AVX2 picked at run time); -ffp-contract=off keeps every ISA's results bit-equal.
+    ext = CppExtension(
+        "mesimp._C",
+        ["mesimp/csrc/kernels.cpp"],
+        extra_compile_args=["-O3", "-ffp-contract=off"],
+    )
+    return [ext], {"build_ext": OptionalBuild.with_options(use_ninja=False)}
+
+
+ext_modules, cmdclass = _ext_modules()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

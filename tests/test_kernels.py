@@ -1,0 +1,294 @@
+"""The compiled meProp kernels (mesimp/csrc/kernels.cpp) against the Python path.
+
+The Python path (``MESIMP_KERNELS=python``) is the reference; it is itself tested against
+plain autograd on the masked gradient in test_meprop.py, and test_meprop.py / test_optim.py
+run on both paths (conftest.py's ``kernel_path``). Stated tolerances:
+
+* unified selection: the same bits (same selected set, same ATen GEMMs on the same
+  gathered operands, same fused Adam);
+* per-example top-k: the same selected sets and counters; gradients and parameters
+  within float32 rounding (the kernel sums the b*k selected entries in its own order).
+
+Ties are not compared: the inputs are continuous random numbers. In the MLP tests ties
+can only be between exact zeros (dead ReLU units), where the choice changes no gradient,
+memory or parameter, only which zero-valued unit is counted, so there the total count
+is compared, not its split.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mesimp.training.loop as loop_module
+from mesimp.errors import BadInputError
+from mesimp.models import MLP, MLPConfig
+from mesimp.nn import kernels
+from mesimp.nn.fused import FusedStackFunction, fused_forward, train_step
+from mesimp.nn.linear import MePropLinear
+from mesimp.nn.meprop import MePropConfig
+from mesimp.nn.swap import meprop_
+from mesimp.training.optim import build_optimizer
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="mesimp._C is not built")
+
+RTOL, ATOL = 1e-5, 1e-6  # float32 rounding of sums taken in another order
+
+
+@pytest.fixture
+def path():
+    """Run a function under a kernel mode; restore the previous mode afterwards."""
+    before = kernels.mode()
+
+    def run(mode, fn, *args, **kwargs):
+        kernels.set_kernels(mode)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            kernels.set_kernels(before)
+
+    return run
+
+
+def _same(a, b, exact: bool, what: str) -> None:
+    if a is None or b is None:
+        assert a is None and b is None, what
+        return
+    a = a.to_dense() if a.is_sparse else a
+    b = b.to_dense() if b.is_sparse else b
+    if exact:
+        assert torch.equal(a, b), what
+    else:
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL, msg=what)
+
+
+def _layer_run(layer: MePropLinear, mask: torch.Tensor | None, steps: int = 3):
+    """Three backward passes of one layer on fixed random data; what they leave."""
+    layer = copy.deepcopy(layer)
+    if mask is not None:
+        layer.apply_mask(mask)
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for _ in range(steps):
+        x = torch.randn(9, layer.in_features, generator=g, requires_grad=True)
+        dy = torch.randn(9, layer.out_features, generator=g)
+        layer.zero_grad(set_to_none=True)
+        layer(x).backward(dy)
+        out.append((x.grad, layer.weight.grad, layer.bias.grad))
+    return out, layer.hits.clone(), layer.ref.clone(), layer._state.memory
+
+
+@pytest.mark.parametrize("selection", ["unified", "topk"])
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("sparse_grad", [False, True])
+@pytest.mark.parametrize("dense_bias", [False, True])
+def test_layer_backward_matches_python(path, selection, alpha, masked, sparse_grad, dense_bias):
+    torch.manual_seed(0)
+    cfg = MePropConfig(
+        k=5, selection=selection, msbp_alpha=alpha, sparse_grad=sparse_grad, dense_bias=dense_bias
+    )
+    layer = MePropLinear(12, 16, config=cfg)
+    mask = torch.ones(16, dtype=torch.bool)
+    mask[[2, 7, 11]] = False
+    ref = path("python", _layer_run, layer, mask if masked else None)
+    got = path("cpp", _layer_run, layer, mask if masked else None)
+    exact = selection == "unified"
+    for (rx, rw, rb), (gx, gw, gb) in zip(ref[0], got[0], strict=True):
+        _same(rx, gx, exact, "dx")
+        _same(rw, gw, exact, "dW")
+        _same(rb, gb, exact, "db")
+        assert rw.is_sparse == gw.is_sparse
+    assert torch.equal(ref[1], got[1]) and torch.equal(ref[2], got[2])  # hits, ref
+    _same(ref[3], got[3], exact, "MSBP memory")
+    if masked:
+        assert int(got[1][~mask].sum()) == 0  # a masked unit is never selected
+
+
+def test_layer_counts_the_selected_units(path):
+    """Independent of the Python path: unified hits are exactly the k largest column sums
+    of |dy|, each counted once per example; per-example the k largest |dy| of each row."""
+    torch.manual_seed(1)
+    x, dy = torch.randn(6, 8), torch.randn(6, 10)
+    for selection in ("unified", "topk"):
+        layer = MePropLinear(8, 10, k=3, selection=selection)
+        path("cpp", lambda lay=layer: lay(x.requires_grad_()).backward(dy))
+        if selection == "unified":
+            want = torch.zeros(10, dtype=torch.long)
+            want[dy.abs().sum(0).topk(3).indices] = 6
+        else:
+            want = torch.bincount(dy.abs().topk(3, dim=1).indices.reshape(-1), minlength=10)
+        assert torch.equal(layer.hits, want), selection
+        assert int(layer.ref) == 6
+
+
+def _mlp_run(selection, alpha, masked, optimizer, one_call, steps=4, sparse=True):
+    torch.manual_seed(0)
+    model = MLP(MLPConfig(in_features=20, hidden_sizes=[30, 25], out_features=5))
+    meprop_(model, MePropConfig(k=6, selection=selection, msbp_alpha=alpha, sparse_grad=sparse))
+    if masked:
+        keep = torch.ones(30, dtype=torch.bool)
+        keep[[1, 4, 7]] = False
+        model[0].apply_mask(keep)
+    opt = build_optimizer(optimizer, model.parameters(), 1e-2, sparse_update=sparse)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(8, 20, generator=g)
+        y = torch.randint(0, 5, (8,), generator=g)
+        if one_call:
+            train_step(model, x, y, opt)
+        else:
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    state = [t for p in model.parameters() for t in opt.state[p].values()]
+    return model, state
+
+
+@pytest.mark.parametrize("selection", ["unified", "topk"])
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("one_call", [False, True])
+def test_mlp_adam_matches_python(path, selection, alpha, masked, one_call):
+    """The fused one-node backward + compiled lazy Adam, and train_step, after 4 steps:
+    parameters, Adam's moments and steps, counters and MSBP memories."""
+    ref, ref_state = path("python", _mlp_run, selection, alpha, masked, "adam", False)
+    got, got_state = path("cpp", _mlp_run, selection, alpha, masked, "adam", one_call)
+    exact = selection == "unified"
+    for (name, a), b in zip(ref.named_parameters(), got.parameters(), strict=True):
+        _same(a.detach(), b.detach(), exact, name)
+    for i, (a, b) in enumerate(zip(ref_state, got_state, strict=True)):
+        _same(a, b, exact, f"optimizer state {i}")
+    for i in (0, 2):
+        assert int(ref[i].ref) == int(got[i].ref) == 4 * 8
+        assert int(ref[i].hits.sum()) == int(got[i].hits.sum())
+        if exact:
+            assert torch.equal(ref[i].hits, got[i].hits)
+        _same(ref[i]._state.memory, got[i]._state.memory, exact, "memory")
+
+
+@pytest.mark.parametrize("selection", ["unified", "topk"])
+def test_train_step_is_the_fused_backward_bit_for_bit(path, selection):
+    """train_step and the one-node backward + RowSparseAdam give the same bits, so a run
+    may switch between them (the trainer falls back per step) and stay bit-identical."""
+    a, sa = path("cpp", _mlp_run, selection, 0.5, True, "adam", False)
+    b, sb = path("cpp", _mlp_run, selection, 0.5, True, "adam", True)
+    for x, y in zip([*a.parameters(), *sa], [*b.parameters(), *sb], strict=True):
+        assert torch.equal(x, y)
+    assert torch.equal(a[0].hits, b[0].hits) and torch.equal(a[2].hits, b[2].hits)
+
+
+@pytest.mark.parametrize("optimizer", ["adagrad", "sgd"])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_mlp_other_optimizers_match_python(path, optimizer, sparse):
+    """Adagrad and SGD take the fused backward's (dense or row-sparse) gradients."""
+    ref, ref_state = path("python", _mlp_run, "unified", 0.0, True, optimizer, False, sparse=sparse)
+    got, got_state = path("cpp", _mlp_run, "unified", 0.0, True, optimizer, True, sparse=sparse)
+    for a, b in zip(ref.parameters(), got.parameters(), strict=True):
+        _same(a.detach(), b.detach(), True, "param")
+    for a, b in zip(ref_state, got_state, strict=True):
+        _same(a, b, True, "state")
+
+
+def _small() -> MLP:
+    return meprop_(
+        MLP(MLPConfig(in_features=6, hidden_sizes=[8], out_features=3)), MePropConfig(k=2)
+    )
+
+
+def test_fused_path_is_one_node_and_falls_back(path):
+    torch.manual_seed(0)
+    model = meprop_(
+        MLP(MLPConfig(in_features=6, hidden_sizes=[8], out_features=3)), MePropConfig(k=2)
+    )
+    x = torch.randn(4, 6)
+    assert isinstance(path("cpp", model, x).grad_fn, FusedStackFunction._backward_cls)
+    assert path("python", fused_forward, model, x) is None  # kernels off
+    assert path("cpp", fused_forward, model, x.double()) is None  # float64: Python path
+    with torch.no_grad():
+        assert path("cpp", fused_forward, model, x) is None
+    rnd = meprop_(
+        MLP(MLPConfig(in_features=6, hidden_sizes=[8], out_features=3)), MePropConfig(k=2)
+    )
+    for m in rnd.modules():
+        if isinstance(m, MePropLinear):
+            m.meprop_config.selection = "random"
+    assert path("cpp", fused_forward, rnd, x) is None  # random selection: Python path
+    dense = MLP(MLPConfig(in_features=6, hidden_sizes=[8], out_features=3))
+    assert path("cpp", fused_forward, dense, x) is None  # nothing to sparsify
+
+
+def test_train_step_refuses_a_nonfinite_loss(path):
+    """A NaN loss leaves the parameters and Adam's state untouched (the trainer then
+    stops, naming the step)."""
+    torch.manual_seed(0)
+    model = meprop_(
+        MLP(MLPConfig(in_features=6, hidden_sizes=[8], out_features=3)), MePropConfig(k=2)
+    )
+    opt = build_optimizer("adam", model.parameters(), 1e-2)
+    before = copy.deepcopy(model.state_dict())
+    x = torch.full((4, 6), float("nan"))
+    loss = path("cpp", train_step, model, x, torch.zeros(4, dtype=torch.long), opt)
+    assert torch.isnan(loss)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(int(opt.state[p]["step"]) == 0 for p in model.parameters())
+
+
+def test_mode_choice():
+    before = kernels.mode()
+    try:
+        with pytest.raises(BadInputError):
+            kernels.set_kernels("fast")
+        kernels.set_kernels("python")
+        assert kernels.kernel_name() == "python" and not kernels.usable(torch.zeros(1))
+        kernels.set_kernels("cpp")
+        assert kernels.kernel_name() == "cpp" and kernels.usable(torch.zeros(1))
+        assert not kernels.usable(torch.zeros(1, dtype=torch.float64))
+    finally:
+        kernels.set_kernels(before)
+
+
+def test_train_json_reports_the_path(tiny_npz, tmp_path, path):
+    from conftest import train_tiny
+
+    s = path("cpp", train_tiny, tiny_npz, tmp_path / "a.pt", k=8, selection="unified")
+    assert (s["kernel"], s["step_path"]) == ("cpp", "train_step")
+    s = path("python", train_tiny, tiny_npz, tmp_path / "b.pt", k=8, selection="unified")
+    assert (s["kernel"], s["step_path"]) == ("python", "python")
+
+
+@pytest.mark.parametrize("kind", ["loss", "grad"])
+def test_trainer_guards_on_the_compiled_step(tiny_npz, tmp_path, path, kind):
+    """A NaN loss or (checked) gradient inside the compiled step stops the run before
+    its update, with the loop's message; the NaN comes from a weight (loss) or from the
+    MSBP memory (gradient only)."""
+    from conftest import train_tiny
+
+    from mesimp.training.runsafety import TrainingDiverged
+
+    real = loop_module.fused_train_step
+    calls = [0]
+
+    def poisoned(model, x, y, optimizer, check_grads=False):
+        calls[0] += 1
+        if calls[0] == 3:
+            if kind == "loss":
+                with torch.no_grad():
+                    model[0].weight[0, 0] = float("nan")
+            else:  # a NaN MSBP memory: a finite loss, a NaN gradient of the first layer
+                model[0]._state.memory.fill_(float("nan"))
+                check_grads = True
+        return real(model, x, y, optimizer, check_grads)
+
+    loop_module.fused_train_step = poisoned
+    try:
+        with pytest.raises(TrainingDiverged) as e:
+            path("cpp", train_tiny, tiny_npz, tmp_path / "m.pt", k=8, selection="unified", msbp=0.5)
+    finally:
+        loop_module.fused_train_step = real
+    want = "loss is nan" if kind == "loss" else "the gradient of 0.weight holds NaN/Inf"
+    assert f"{want} at epoch 1 step 3" in str(e.value)
