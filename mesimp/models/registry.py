@@ -16,7 +16,8 @@ from mesimp.models.cnn import CNN, CNNConfig
 from mesimp.models.lstm import LSTMStack, LSTMTagger, RowLSTMClassifier, RowLSTMConfig, TaggerConfig
 from mesimp.models.mlp import MLP, MLPConfig
 
-_ARCH_KEYS_IGNORED = ("word_vocab", "tag_vocab")  # tagger metadata kept beside the config
+# tagger metadata kept beside the config
+_ARCH_KEYS_IGNORED = ("word_vocab", "tag_vocab", "feature_vocabs")
 
 
 ModelConfig = MLPConfig | CNNConfig | TaggerConfig | RowLSTMConfig

@@ -44,6 +44,11 @@ class TrainConfig:
     test_file: str | None = None
     max_len: int = 250  # lstm-tagger: a longer sentence is an error
     emb_dim: int = 100  # lstm-tagger: word embedding size
+    # lstm-tagger: a forward and a backward LSTM per layer (meProp/meSimp per direction),
+    # the suffix and shape features, and length-bucketed batches (windows of N sentences)
+    bidirectional: bool = False
+    word_features: bool = False
+    bucket: int = 0
     # mlp: hidden widths; cnn: channels per conv block; lstm-*: widths of stacked LSTMs
     hidden: int | list[int] = 500  # one width for every layer, or a width per layer
     layers: int = 2
@@ -92,6 +97,8 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise BadInputError(f"--{name.replace('_', '-')} must be an integer > 0, got {v!r}")
+        if isinstance(self.bucket, bool) or not isinstance(self.bucket, int) or self.bucket < 0:
+            raise BadInputError(f"--bucket must be an integer >= 0, got {self.bucket!r}")
         if self.save_every < 0:
             raise BadInputError(f"--save-every must be >= 0, got {self.save_every}")
         self.meprop_config()  # validates k, selection, msbp
