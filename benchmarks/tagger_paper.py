@@ -127,6 +127,35 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"
 
 
+def _partial(name: str, runs: Path) -> dict[str, Any] | None:
+    """The result of an unfinished run from its metrics log and best checkpoint, marked
+    partial (the checkpoint holds the best-on-dev model of the evaluations so far)."""
+    from mesimp.files.checkpoint import load_checkpoint, model_from_checkpoint
+    from mesimp.models import count_params
+
+    lines = (runs / f"{name}.metrics.jsonl").read_text().splitlines()
+    evals = [e for e in map(json.loads, lines) if e.get("event") == "eval"]
+    if not evals:
+        return None
+    best = max(evals, key=lambda e: e["dev_accuracy"])
+    ckpt = load_checkpoint(runs / f"{name}.pt")
+    epochs = ckpt["train"]["config"]["epochs"]
+    done = evals[-1]["epoch"]
+    return {
+        "row": name,
+        "label": f"{LABELS[name]} (partial: {done:g} of {epochs} epochs)",
+        "test": best["test_accuracy"],
+        "dev": best["dev_accuracy"],
+        "best_epoch": best["epoch"],
+        "widths": best["widths"],
+        "hidden_sizes": model_from_checkpoint(ckpt).config.hidden_sizes(),
+        "params": count_params(model_from_checkpoint(ckpt)),
+        "train_time_s": evals[-1]["elapsed_s"],
+        "epochs": epochs,
+        "partial": True,
+    }
+
+
 def _kept(widths: list[int], full: list[int]) -> str:
     return f" ({100 * sum(widths) / sum(full):.1f}%)" if widths != full else ""
 
@@ -225,6 +254,10 @@ def report(runs: Path, out_dir: Path = HERE) -> None:
         p = runs / f"{name}.json"
         if p.exists():
             results[name] = json.loads(p.read_text())
+        elif (runs / f"{name}.metrics.jsonl").exists() and (runs / f"{name}.pt").exists():
+            partial = _partial(name, runs)  # a run still going (or stopped): its best so far
+            if partial is not None:
+                results[name] = partial
     m = results.get("mesimp")
     if m is not None and (runs / "mesimp.pt").exists():
         s = shrink_checkpoint(runs / "mesimp.pt", runs / "mesimp.small.pt")

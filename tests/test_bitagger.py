@@ -29,6 +29,7 @@ from mesimp.models import LSTMTagger, TaggerConfig, build_model
 from mesimp.nn.lstm import MePropLSTM
 from mesimp.nn.meprop import MePropConfig
 from mesimp.simplify.checkpoint_shrink import shrink_lstm_model
+from mesimp.training.config import TrainConfig
 from mesimp.training.sequence import meprop_lstms_
 
 LENGTHS = [5, 3, 1, 4]  # padded to 5: rows with 2, 4 and 1 padding steps
@@ -280,6 +281,8 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     m = _tagger([3, 3])
     with pytest.raises(BadInputError, match=r"\[batch, seq, 3\]"):
         m(torch.ones(2, 4, dtype=torch.long))
+    with pytest.raises(BadInputError, match="--bidirectional: for --model lstm-tagger only"):
+        TrainConfig(model="lstm-rows", bidirectional=True)
     code, _, err = run_main(capsys, "train", "--model", "mlp", "--bidirectional")
     assert code == 2 and "--bidirectional" in err
     tr = _tiny_conllu(tmp_path / "tr.conllu", 10, 0)

@@ -99,6 +99,10 @@ class TrainConfig:
                 raise BadInputError(f"--{name.replace('_', '-')} must be an integer > 0, got {v!r}")
         if isinstance(self.bucket, bool) or not isinstance(self.bucket, int) or self.bucket < 0:
             raise BadInputError(f"--bucket must be an integer >= 0, got {self.bucket!r}")
+        tagger_only = [n for n in ("bidirectional", "word_features", "bucket") if getattr(self, n)]
+        if tagger_only and self.model in FAMILIES and self.model != "lstm-tagger":
+            names = ", ".join("--" + n.replace("_", "-") for n in tagger_only)
+            raise BadInputError(f"{names}: for --model lstm-tagger only, not {self.model}")
         if self.save_every < 0:
             raise BadInputError(f"--save-every must be >= 0, got {self.save_every}")
         self.meprop_config()  # validates k, selection, msbp
