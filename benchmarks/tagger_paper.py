@@ -166,6 +166,29 @@ def _partial(name: str, runs: Path) -> dict[str, Any] | None:
     }
 
 
+def _trajectory(runs: Path, results: dict[str, Any]) -> list[str]:
+    """Test UPOS at every dev check, per row (from the metrics logs): how the gaps move."""
+    curves = {}
+    for name in results:
+        p = runs / f"{name}.metrics.jsonl"
+        if p.exists():
+            evals = [e for e in map(json.loads, p.read_text().splitlines()) if e["event"] == "eval"]
+            curves[name] = {e["epoch"]: e["test_accuracy"] for e in evals}
+    points = sorted({ep for c in curves.values() for ep in c})
+    if not points:
+        return []
+    out = [
+        "",
+        "Test UPOS % at every dev check (epochs; meSimp: the masked model at its widths then):",
+        "",
+        "| row | " + " | ".join(f"{ep:g}" for ep in points) + " |",
+        "|---|" + "---:|" * len(points),
+    ]
+    for name, c in curves.items():
+        out.append(f"| {name} | " + " | ".join(_fmt(c.get(ep)) for ep in points) + " |")
+    return out
+
+
 def _kept(widths: list[int], full: list[int]) -> str:
     return f" ({100 * sum(widths) / sum(full):.1f}%)" if widths != full else ""
 
@@ -351,6 +374,7 @@ def report(runs: Path, out_dir: Path = HERE, with_bench: bool = False) -> None:
             f"{r['best_epoch']:.1f} | "
             f"{r['train_time_s']:.0f} |"
         )
+    lines += _trajectory(runs, results)
     lines += [
         "",
         "Verdict rules (RESULTS.md's): *no loss* = within 0.2 points of dense; a larger "
