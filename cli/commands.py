@@ -70,6 +70,25 @@ from mesimp.cli.main import IntList, KType, cli, emit_json
     help="lstm-tagger: a sentence longer than this many words is an error.",
 )
 @click.option(
+    "--bidirectional",
+    is_flag=True,
+    help="lstm-tagger: a forward and a backward LSTM per layer (meProp and meSimp per "
+    "direction; shrink keeps each direction's own width).",
+)
+@click.option(
+    "--word-features",
+    is_flag=True,
+    help="lstm-tagger: add suffix-3 and word-shape embeddings (unknown words).",
+)
+@click.option(
+    "--bucket",
+    type=int,
+    default=0,
+    show_default=True,
+    help="lstm-tagger: sort each window of N shuffled sentences by length before cutting "
+    "batches (less padding); 0 = plain shuffled batches.",
+)
+@click.option(
     "--hidden",
     type=IntList(),
     default="500",
@@ -245,6 +264,9 @@ def train(
     emb_dim,
     activation,
     max_len,
+    bidirectional,
+    word_features,
+    bucket,
     hidden,
     layers,
     dropout,
@@ -361,6 +383,9 @@ def train(
         max_len=max_len,
         emb_dim=emb_dim,
         activation=activation,
+        bidirectional=bidirectional,
+        word_features=word_features,
+        bucket=bucket,
         hidden=hidden if len(hidden) > 1 else hidden[0],
         layers=layers,
         dropout=dropout,
@@ -408,6 +433,7 @@ def _without_nproc(args: list[str]) -> list[str]:
 
 # Options that only some families read: giving one to another is an error, not a no-op.
 _TAGGER_ONLY = ("train_file", "dev_file", "test_file", "emb_dim", "max_len")
+_TAGGER_ONLY += ("bidirectional", "word_features", "bucket")  # the parser refuses these itself
 _PARSER_ONLY = ("activation",)
 _IMAGE_DATA = ("data", "dev_size")
 

@@ -82,7 +82,9 @@ class LstmExport(ExportFamily):
                 f"LSTM weights as int8 (use --int8-mode {DEFAULT_INT8_MODE}, or s8)"
             )
         self.arch = arch
-        self.public_arch = {k: v for k, v in arch.items() if k not in ("word_vocab", "tag_vocab")}
+        self.public_arch = {
+            k: v for k, v in arch.items() if k not in ("word_vocab", "tag_vocab", "feature_vocabs")
+        }
         self.model = model_from_checkpoint(ckpt, meprop=False).eval()
         self.hidden_sizes = self.model.config.hidden_sizes()
         self.inputs = self.check_inputs(ckpt, data, conllu, n_check, int8)
@@ -169,18 +171,26 @@ class TaggerExport(LstmExport):
         return tagger_inputs(ckpt, conllu, n_check)
 
     def extra_metadata(self) -> dict[str, str]:
-        meta = {
-            "vocab_size": str(self.model.config.vocab_size),
-            "num_tags": str(self.model.config.num_tags),
-        }
+        c = self.model.config
+        meta = {"vocab_size": str(c.vocab_size), "num_tags": str(c.num_tags)}
+        if c.feature_vocab_sizes:  # bench draws each input column's ids below its size
+            meta["feature_vocab_sizes"] = json.dumps(c.feature_vocab_sizes)
+        if c.bidirectional:
+            meta["bidirectional"] = "true"
         tags = _tag_names(self.arch)
         if tags is not None:  # a few dozen UPOS names: small enough to keep (words are not)
             meta["tags"] = json.dumps(tags)
         return meta
 
     def example(self) -> torch.Tensor:
-        # 2 x 5 word ids: no axis of size 1 for the tracer to fix
-        return torch.arange(1, 11).reshape(2, 5) % self.model.config.vocab_size
+        # 2 x 5 word ids: no axis of size 1 for the tracer to fix (ids of every feature
+        # table after them, as a last axis, for a tagger with features)
+        c = self.model.config
+        words = torch.arange(1, 11).reshape(2, 5)
+        if not c.feature_vocab_sizes:
+            return words % c.vocab_size
+        sizes = torch.tensor([c.vocab_size, *c.feature_vocab_sizes])
+        return words.unsqueeze(-1) % sizes
 
     def summary(self) -> dict[str, Any]:
         return {"vocab_size": self.model.config.vocab_size, "num_tags": self.model.config.num_tags}

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from mesimp.data import Vocab, read_conllu, tagging_tensors
+from mesimp.data.word_features import feature_vocabs_from_arch, tagger_input
 from mesimp.errors import BadInputError, CheckpointError, DataError
 
 __all__ = ["CHECK_BATCH", "RANDOM_MAX_LEN", "SeqInputs", "rows_inputs", "tagger_inputs"]
@@ -65,11 +66,17 @@ def tagger_inputs(
     encoded with the checkpoint's vocabularies, else random word ids of random lengths."""
     arch = ckpt["arch"]
     vocab_size = int(arch["vocab_size"])
+    feat_sizes = [int(n) for n in arch.get("feature_vocab_sizes") or []]
     path = Path(conllu) if conllu is not None else _checkpoint_test_file(ckpt)
     if path is None:
         rng = np.random.default_rng(0)
         lengths = rng.integers(1, RANDOM_MAX_LEN + 1, n_check)
         seqs = [rng.integers(min(1, vocab_size - 1), vocab_size, n) for n in lengths]
+        if feat_sizes:  # one column per feature, ids of its own table
+            seqs = [
+                np.stack([s, *(rng.integers(min(1, v - 1), v, len(s)) for v in feat_sizes)], -1)
+                for s in seqs
+            ]
         runs, _, masks = _sentence_runs(seqs, None)
         return SeqInputs(
             runs, masks, None, None, None, "random", n_check, tokens=int(lengths.sum())
@@ -85,6 +92,10 @@ def tagger_inputs(
         )
     sents = read_conllu(path)
     words, tags, lengths = tagging_tensors(sents, word_vocab, tag_vocab)
+    try:
+        words = tagger_input(sents, words, feature_vocabs_from_arch(arch))
+    except DataError as e:
+        raise CheckpointError(f"the checkpoint's feature vocabularies: {e}") from e
     w, t = words.numpy(), tags.numpy()
     seqs = [w[i, :n] for i, n in enumerate(lengths.tolist())]
     labels = [t[i, :n] for i, n in enumerate(lengths.tolist())]
@@ -112,7 +123,7 @@ def _sentence_runs(
     for start in range(0, len(order), CHECK_BATCH):
         idx = order[start : start + CHECK_BATCH]
         t = max(len(seqs[i]) for i in idx)
-        x = np.zeros((len(idx), t), np.int64)
+        x = np.zeros((len(idx), t, *seqs[idx[0]].shape[1:]), np.int64)  # + feature columns
         y = np.zeros((len(idx), t), np.int64)
         m = np.zeros((len(idx), t), bool)
         for r, i in enumerate(idx):

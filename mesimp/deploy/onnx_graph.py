@@ -128,6 +128,10 @@ def _input_signature(proto: Any, path: Path) -> tuple[str, tuple[int | None, ...
     if lstm and tt.elem_type == 7 and len(dims) == 2:  # onnx.TensorProto.INT64
         seq = int(dims[1].dim_value) if dims[1].HasField("dim_value") else None
         return inp.name, (seq,), fixed, "tagger"
+    if lstm and tt.elem_type == 7 and len(dims) == 3 and dims[2].HasField("dim_value"):
+        # a tagger with sub-word features: [batch, seq, 1 + features] ids
+        seq = int(dims[1].dim_value) if dims[1].HasField("dim_value") else None
+        return inp.name, (seq, int(dims[2].dim_value)), fixed, "tagger"
     if lstm and tt.elem_type == 1 and len(dims) == 3:
         if not dims[2].HasField("dim_value"):
             raise BadInputError(f"{path}: input {inp.name!r} has a non-fixed row width")
@@ -193,6 +197,9 @@ def load_model_info(path: str | os.PathLike, metadata: bool = False) -> dict[str
         info["vocab_size"] = _embedding_rows(proto, name) or _positive_int_or_none(
             meta.get("vocab_size")
         )
+        feats = _json_or_none(meta.get("feature_vocab_sizes"))
+        if len(shape) == 2:  # feature columns: each one's table size (bench draws below it)
+            info["feature_vocab_sizes"] = feats if isinstance(feats, list) else None
     hidden = _json_or_none(meta.get("hidden_sizes"))
     if hidden is not None:
         info["hidden_sizes"] = hidden

@@ -104,13 +104,14 @@ class SentenceWorkload(Workload):
                 )
         self.name: str = name
         self.vocab: int = min(info["vocab_size"] for info in infos)  # ids valid for every model
+        self.columns = _feature_columns(paths, infos)
         self.total_tokens = sum(self.lengths)
 
     def prepare(self, threads: list[int]) -> dict[int, list[Any]]:
         return {}  # the sentence lengths are all there is to load
 
     def feeds(self, batch: int) -> Feeds:
-        feeds, tokens = _tagger_runs(self.name, self.lengths, self.vocab, batch)
+        feeds, tokens = _tagger_runs(self.name, self.lengths, self.vocab, batch, self.columns)
         return Feeds(feeds, tokens)
 
     def time(
@@ -162,8 +163,28 @@ class SentenceWorkload(Workload):
         }
 
 
+def _feature_columns(paths: list[Path], infos: list[dict[str, Any]]) -> list[int] | None:
+    """Table sizes of a feature tagger's extra input columns (the smallest over the
+    models, so ids are valid for each), or None for word-id-only taggers."""
+    shapes = {len(info["input"]["shape"]) for info in infos}
+    if shapes == {1}:
+        return None
+    cols = {info["input"]["shape"][1] for info in infos if len(info["input"]["shape"]) == 2}
+    if len(shapes) > 1 or len(cols) > 1:
+        raise BadInputError(
+            "the taggers take different inputs (word ids only vs word + feature ids); "
+            "bench compares models of the same task"
+        )
+    sizes = [info.get("feature_vocab_sizes") for info in infos]
+    n = cols.pop() - 1
+    for p, s in zip(paths, sizes, strict=True):
+        if not isinstance(s, list) or len(s) != n:
+            raise BadInputError(f"{p}: no feature_vocab_sizes metadata for its {n} feature ids")
+    return [min(s[i] for s in sizes) for i in range(n)]
+
+
 def _tagger_runs(
-    name: str, lengths: list[int], vocab: int, batch: int
+    name: str, lengths: list[int], vocab: int, batch: int, columns: list[int] | None = None
 ) -> tuple[list[dict[str, np.ndarray]], list[int]]:
     """Feeds and their real-token counts. Word ids are uniform in ``[1, vocab)`` (seed 0):
     an LSTM's cost does not depend on which words it reads, so no vocabulary is needed.
@@ -173,13 +194,20 @@ def _tagger_runs(
     rng = np.random.default_rng(0)
     low = 1 if vocab > 1 else 0
     sents = [rng.integers(low, max(vocab, 1), n, dtype=np.int64) for n in lengths]
+    if columns:  # a feature tagger: [n, 1 + features], each column below its table's size
+        sents = [
+            np.stack(
+                [s, *(rng.integers(min(1, v - 1), max(v, 1), len(s)) for v in columns)], -1
+            ).astype(np.int64)
+            for s in sents
+        ]
     if batch == 1:
         return [{name: s[None, :]} for s in sents], list(lengths)
     order = sorted(range(len(sents)), key=lambda i: lengths[i])
     feeds, tokens = [], []
     for start in range(0, len(order), batch):
         idx = order[start : start + batch]
-        x = np.zeros((len(idx), max(lengths[i] for i in idx)), np.int64)
+        x = np.zeros((len(idx), max(lengths[i] for i in idx), *sents[0].shape[1:]), np.int64)
         for r, i in enumerate(idx):
             x[r, : lengths[i]] = sents[i]
         feeds.append({name: x})

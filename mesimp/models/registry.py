@@ -18,7 +18,7 @@ from mesimp.models.mlp import MLP, MLPConfig
 from mesimp.models.parser import Parser, ParserConfig
 
 # tagger and parser metadata kept beside the config
-_ARCH_KEYS_IGNORED = ("word_vocab", "tag_vocab", "label_vocab")
+_ARCH_KEYS_IGNORED = ("word_vocab", "tag_vocab", "label_vocab", "feature_vocabs")
 
 
 ModelConfig = MLPConfig | CNNConfig | TaggerConfig | RowLSTMConfig | ParserConfig

@@ -21,6 +21,7 @@ from torch import nn
 from mesimp.data import load_eval_data
 from mesimp.data.conllu import Vocab, read_conllu, tagging_tensors
 from mesimp.data.tasks import classification_accuracy, sequence_accuracy
+from mesimp.data.word_features import feature_vocabs_from_arch, tagger_input
 from mesimp.errors import BadInputError, VerificationError
 from mesimp.files.checkpoint import (
     load_checkpoint,
@@ -61,7 +62,10 @@ def prune_linear_out(layer: nn.Linear, keep: torch.Tensor) -> nn.Linear:
 
 def prune_linear_in(layer: nn.Linear, keep: torch.Tensor) -> nn.Linear:
     """A new ``nn.Linear`` reading only the inputs (columns) in ``keep`` (indices)."""
-    new = nn.Linear(len(keep), layer.out_features, layer.bias is not None)
+    w = layer.weight  # same dtype: a float64 check must not pass through float32
+    new = nn.Linear(
+        len(keep), layer.out_features, layer.bias is not None, device=w.device, dtype=w.dtype
+    )
     with torch.no_grad():
         new.weight.copy_(layer.weight[:, keep])
         if layer.bias is not None:
@@ -328,9 +332,12 @@ def shrink_lstm_model(model: nn.Module) -> nn.Module:
     """A plain copy of an LSTM model without the masked hidden units of its LSTMs.
 
     For each layer, every kept unit keeps its four gate rows and its W_hh column
-    (``prune_lstm_hidden``) and its input column of what reads it: the next LSTM's
-    ``weight_ih`` (``prune_lstm_input``) or the output Linear (``prune_linear_in``).
-    Plain or unmasked LSTMs keep every unit. Other modules (the embedding) are copied.
+    (``prune_lstm_hidden``) and its input column of what reads it: the next layer's
+    LSTM(s) ``weight_ih`` (``prune_lstm_input``) or the output Linear
+    (``prune_linear_in``). A bidirectional tagger's layer outputs ``[h_fwd; h_bwd]``, so
+    what reads it keeps the forward direction's kept columns and the backward
+    direction's, offset by the forward width; each direction keeps its own width.
+    Plain or unmasked LSTMs keep every unit. Other modules (the embeddings) are copied.
     """
     lstms = lstm_stack(model)
     keeps = []
@@ -340,20 +347,35 @@ def shrink_lstm_model(model: nn.Module) -> nn.Module:
         else:
             keeps.append(torch.arange(lstm.hidden_size))
     config = model.config
+    dirs = getattr(config, "directions", 1)
     fields = config.to_dict()
     widths = [int(k.numel()) for k in keeps]
     fields["hidden"] = widths[0] if len(widths) == 1 else widths
-    new = build_model(type(config)(**fields))
+    w = model.out.weight
+    new = build_model(type(config)(**fields)).to(device=w.device, dtype=w.dtype)
     new_lstms = lstm_stack(new)
+
+    def layer_out(layer: int) -> torch.Tensor:
+        """Kept columns of layer ``layer``'s output (its directions concatenated)."""
+        parts, offset = [], 0
+        for i in range(layer * dirs, (layer + 1) * dirs):
+            parts.append(keeps[i] + offset)
+            offset += lstms[i].hidden_size
+        return torch.cat(parts)
+
     for i, (lstm, keep) in enumerate(zip(lstms, keeps, strict=True)):
         small = prune_lstm_hidden(lstm, keep)
-        if i:
-            small = prune_lstm_input(small, keeps[i - 1])
+        if i >= dirs:
+            small = prune_lstm_input(small, layer_out(i // dirs - 1))
         new_lstms[i].load_state_dict(small.state_dict())
-    new.out.load_state_dict(prune_linear_in(model.out, keeps[-1]).state_dict())
+    new.out.load_state_dict(
+        prune_linear_in(model.out, layer_out(len(lstms) // dirs - 1)).state_dict()
+    )
     if hasattr(model, "embed"):
         new.embed.load_state_dict(model.embed.state_dict())
-    return new.to(model.out.weight.device)
+    if hasattr(model, "features"):
+        new.features.load_state_dict(model.features.state_dict())
+    return new
 
 
 def _lstm_check_inputs(
@@ -371,10 +393,14 @@ def _lstm_check_inputs(
         test = ((src.get("train") or {}).get("data") or {}).get("test")
         if test and Path(test).is_file():
             words, tags = Vocab.from_dict(arch["word_vocab"]), Vocab.from_dict(arch["tag_vocab"])
-            x, y, _ = tagging_tensors(read_conllu(test), words, tags)
+            sents = read_conllu(test)
+            x, y, _ = tagging_tensors(sents, words, tags)
+            x = tagger_input(sents, x, feature_vocabs_from_arch(arch))
             return x, y, f"{test} ({len(x)} sentences)"
-        x = torch.randint(1, model.config.vocab_size, (500, 30), generator=gen)
-        return x, None, "500 random sentences"
+        sizes = [model.config.vocab_size, *model.config.feature_vocab_sizes]
+        x = torch.stack([torch.randint(1, max(n, 2), (500, 30), generator=gen) for n in sizes], -1)
+        x = x % torch.tensor(sizes)  # a 1-row table (only padding) gets id 0
+        return (x if len(sizes) > 1 else x[..., 0]), None, "500 random sentences"
     width = model.config.in_features
     ds = load_eval_data(data, width * width) if data is not None or width == 28 else None
     if ds is not None:

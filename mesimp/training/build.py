@@ -34,7 +34,7 @@ from mesimp.training.reference import reference_init_
 _DATA_FIELDS = {
     "mlp": ("in_features", "out_features"),
     "cnn": ("in_features", "out_features"),
-    "lstm-tagger": ("vocab_size", "num_tags", "word_vocab", "tag_vocab"),
+    "lstm-tagger": ("vocab_size", "num_tags", "word_vocab", "tag_vocab", "feature_vocabs"),
     "lstm-rows": ("in_features", "num_classes"),
     "parser": (
         "n_words",
@@ -59,7 +59,12 @@ def load_task(config: TrainConfig) -> Task:
         if config.train_file is None or config.test_file is None:
             raise BadInputError("--model lstm-tagger needs --train and --test CoNLL-U files")
         return tagging_data(
-            config.train_file, config.test_file, config.dev_file, max_len=config.max_len
+            config.train_file,
+            config.test_file,
+            config.dev_file,
+            max_len=config.max_len,
+            features=config.word_features,
+            bucket=config.bucket,
         )
     if kind == "parsing":
         if config.train_file is None or config.test_file is None:
@@ -83,11 +88,21 @@ def family_arch(config: TrainConfig, task: Task) -> dict[str, Any]:
                 a["in_features"], a["num_classes"], hidden, config.dropout
             ).to_dict()
         if config.model == "lstm-tagger":
+            tagger = {}
+            if config.bidirectional:
+                # one width: every direction of every layer; a list: one per direction
+                # (fwd, bwd per layer), e.g. a shrunk model's widths
+                tagger["bidirectional"] = True
+                if not isinstance(config.hidden, list):
+                    hidden = [w for w in hidden for _ in range(2)]
+            if a.get("feature_vocab_sizes"):
+                tagger["feature_vocab_sizes"] = a["feature_vocab_sizes"]
             arch = TaggerConfig(
-                a["vocab_size"], a["num_tags"], config.emb_dim, hidden, config.dropout
+                a["vocab_size"], a["num_tags"], config.emb_dim, hidden, config.dropout, **tagger
             ).to_dict()
             # the vocabularies travel with the model: export and bench encode text with them
-            return {**arch, "word_vocab": a["word_vocab"], "tag_vocab": a["tag_vocab"]}
+            vocabs = {k: a[k] for k in ("word_vocab", "tag_vocab", "feature_vocabs") if k in a}
+            return {**arch, **vocabs}
         if config.model == "parser":
             if len(hidden) != 1:
                 raise BadInputError(f"a parser has one hidden layer; --hidden {hidden}")

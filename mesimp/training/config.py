@@ -46,6 +46,11 @@ class TrainConfig:
     max_len: int = 250  # lstm-tagger: a longer sentence is an error
     emb_dim: int = 100  # lstm-tagger: word embedding size (parser: each table's; CLI 50)
     activation: str = "relu"  # parser: relu or cube (Chen & Manning's)
+    # lstm-tagger: a forward and a backward LSTM per layer (meProp/meSimp per direction),
+    # the suffix and shape features, and length-bucketed batches (windows of N sentences)
+    bidirectional: bool = False
+    word_features: bool = False
+    bucket: int = 0
     # mlp: hidden widths; cnn: channels per conv block; lstm-*: widths of stacked LSTMs
     hidden: int | list[int] = 500  # one width for every layer, or a width per layer
     layers: int = 2
@@ -94,6 +99,12 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise BadInputError(f"--{name.replace('_', '-')} must be an integer > 0, got {v!r}")
+        if isinstance(self.bucket, bool) or not isinstance(self.bucket, int) or self.bucket < 0:
+            raise BadInputError(f"--bucket must be an integer >= 0, got {self.bucket!r}")
+        tagger_only = [n for n in ("bidirectional", "word_features", "bucket") if getattr(self, n)]
+        if tagger_only and self.model in FAMILIES and self.model != "lstm-tagger":
+            names = ", ".join("--" + n.replace("_", "-") for n in tagger_only)
+            raise BadInputError(f"{names}: for --model lstm-tagger only, not {self.model}")
         if self.save_every < 0:
             raise BadInputError(f"--save-every must be >= 0, got {self.save_every}")
         self.meprop_config()  # validates k, selection, msbp

@@ -380,7 +380,8 @@ class _Run:
     def _epoch(self, epoch: int) -> None:
         config, spe = self.config, self.steps_per_epoch
         if self.start_step == 0:
-            self.perm = torch.randperm(self.n, generator=self.order_gen)
+            perm = torch.randperm(self.n, generator=self.order_gen)
+            self.perm = self.task.order(perm, config.batch_size)  # bucketed by length, or perm
             self.shard = self.ranks.shard(self.perm)
             self.loss_sum = 0.0
         self.bar = progress_bar(

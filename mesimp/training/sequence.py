@@ -132,12 +132,26 @@ def train_tagger(
     max_len: int = DEFAULT_MAX_LEN,
     hidden: int | list[int] = 500,
     emb_dim: int = 100,
+    word_features: bool = False,
+    bucket: int = 0,
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Train an LSTM POS tagger on CoNLL-U files (see ``train_lstm`` for ``kwargs``:
     ``k``, ``selection``, ``simplify``, ``epochs``, ``batch_size``, ``lr``, ``seed``,
     ``output``, ``progress``, ``msbp``, ``optimizer``, ...). Without ``dev_path``,
     ``heldout`` of the training file picks the best epoch. A sentence longer than
-    ``max_len`` words is an error."""
-    data = tagging_data(train_path, test_path, dev_path, heldout=heldout, max_len=max_len)
-    return train_lstm(data, hidden=hidden, emb_dim=emb_dim, **kwargs)
+    ``max_len`` words is an error. ``bidirectional=True`` (a ``kwargs`` entry),
+    ``word_features`` and ``bucket``: the BiLSTM tagger with suffix/shape features and
+    length-bucketed batches (README, "The bidirectional tagger")."""
+    data = tagging_data(
+        train_path,
+        test_path,
+        dev_path,
+        heldout=heldout,
+        max_len=max_len,
+        features=word_features,
+        bucket=bucket,
+    )
+    return train_lstm(
+        data, hidden=hidden, emb_dim=emb_dim, word_features=word_features, bucket=bucket, **kwargs
+    )
