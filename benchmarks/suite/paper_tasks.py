@@ -59,7 +59,7 @@ class PaperTask:
     claims: tuple[Claim, ...]
     extra_metrics: tuple[tuple[str, str], ...] = ()  # (run field, column label)
     # where the runs file keeps its runs and names their fields (the scripts differ)
-    runs_at: str | None = None  # the key of the run list in a JSON object; None: a bare list
+    runs_at: str | None = None  # the key of the runs (a list, or a dict by row); None: a list
     row_field: str = "row"
     widths_field: str = "widths"
 
@@ -144,6 +144,35 @@ TASKS: tuple[PaperTask, ...] = (
         ),
     ),
     PaperTask(
+        key="tagger",
+        title="POS tagging on full UD EWT (meProp, meSimp)",
+        runs_file="tagger.json",
+        detail="TAGGER.md",
+        protocol="BiLSTM tagger, 500 units per direction, word embedding 100 + suffix-3 and "
+        "shape features, trained on en_ewt-ud-train, best of 6 dev checks on en_ewt-ud-dev, "
+        "UPOS accuracy on en_ewt-ud-test. Dropout 0.3, Adam 2e-3, batch 32, 3 epochs, 1 seed. "
+        "The paper's numbers are on its own data (Penn Treebank WSJ).",
+        metric="test",
+        metric_label="test UPOS %",
+        full_width=500,
+        runs_at="rows",
+        rows=(
+            Row("dense", "dense BiLSTM 500", "97.22"),
+            Row("topk10", "meProp per-example top-10", "97.25"),
+            Row("topk20", "meProp per-example top-20"),
+            Row("unified10", "meProp unified top-10"),
+            Row("mesimp", "meSimp (unified top-20) + shrink", "97.25 at 500 -> 60"),
+            Row("samewidth", "dense at meSimp's widths"),
+        ),
+        claims=(
+            Claim("no_loss", NO_LOSS, "top-10 vs dense (the paper's)", "topk10", "dense"),
+            Claim("no_loss", NO_LOSS, "top-20 vs dense", "topk20", "dense"),
+            Claim("no_loss", NO_LOSS, "unified top-10 vs dense", "unified10", "dense"),
+            Claim("smaller", SMALLER, "meSimp (paper: 12.0% kept)", "mesimp", "dense", 0.12),
+            Claim("beats", SAME, "meSimp vs dense at its widths", "mesimp", "samewidth"),
+        ),
+    ),
+    PaperTask(
         key="parser",
         title="Dependency parsing on UD EWT (meProp, meSimp)",
         runs_file="parser_paper.json",
@@ -210,6 +239,8 @@ def load_runs(task: PaperTask, bench_dir: Path = BENCH_DIR) -> list[dict[str, An
         return None
     data = json.loads(path.read_text())
     runs = data.get(task.runs_at) if task.runs_at and isinstance(data, dict) else data
+    if isinstance(runs, dict):  # {row name: run}
+        runs = list(runs.values())
     if not isinstance(runs, list) or not all(
         isinstance(r, dict) and task.row_field in r for r in runs
     ):
