@@ -33,6 +33,12 @@ class Row:
     name: str  # the "row" field of the runs file
     label: str
     paper: str = ""  # the paper's number on its data, as printed there
+    paper_acc: float | None = None  # its metric, for the plot
+
+    @classmethod
+    def with_paper(cls, name: str, label: str, paper: str) -> Row:
+        """A row whose paper text starts with the paper's metric (e.g. "98.31 at ...")."""
+        return cls(name, label, paper, float(paper.split()[0]))
 
 
 @dataclass(frozen=True)
@@ -84,13 +90,13 @@ TASKS: tuple[PaperTask, ...] = (
         metric_label="test accuracy %",
         full_width=500,
         rows=(
-            Row("ref dense", "ref dense", "98.20"),
+            Row.with_paper("ref dense", "ref dense", "98.20"),
             Row("ref topk20", "ref per-example top-20"),
-            Row("ref topk80", "ref per-example top-80", "98.27"),
+            Row.with_paper("ref topk80", "ref per-example top-80", "98.27"),
             Row("ref unified20", "ref unified top-20"),
             Row("ref random20", "ref random-20"),
             Row("ref msbp topk20 0.8", "ref MSBP (top-20, alpha 0.8)"),
-            Row("ref mesimp", "ref meSimp (top-160, rate 0.1)", "98.31 at 500 -> 154"),
+            Row.with_paper("ref mesimp", "ref meSimp (top-160, rate 0.1)", "98.31 at 500 -> 154"),
             Row("mesimp dense", "mesimp dense"),
             Row("mesimp topk20", "mesimp per-example top-20"),
             Row("mesimp topk80", "mesimp per-example top-80"),
@@ -157,11 +163,11 @@ TASKS: tuple[PaperTask, ...] = (
         full_width=500,
         runs_at="rows",
         rows=(
-            Row("dense", "dense BiLSTM 500", "97.22"),
-            Row("topk10", "meProp per-example top-10", "97.25"),
+            Row.with_paper("dense", "dense BiLSTM 500", "97.22"),
+            Row.with_paper("topk10", "meProp per-example top-10", "97.25"),
             Row("topk20", "meProp per-example top-20"),
             Row("unified10", "meProp unified top-10"),
-            Row("mesimp", "meSimp (unified top-20) + shrink", "97.25 at 500 -> 60"),
+            Row.with_paper("mesimp", "meSimp (unified top-20) + shrink", "97.25 at 500 -> 60"),
             Row("samewidth", "dense at meSimp's widths"),
         ),
         claims=(
@@ -190,8 +196,10 @@ TASKS: tuple[PaperTask, ...] = (
         row_field="name",
         widths_field="active_widths",
         rows=(
-            Row("dense 500", "dense 500", "89.80 (PTB)"),
-            Row("meProp top-20", "meProp per-example top-20", "88.94 as printed (+0.04 claimed)"),
+            Row.with_paper("dense 500", "dense 500", "89.80 (PTB)"),
+            Row.with_paper(
+                "meProp top-20", "meProp per-example top-20", "88.94 as printed (+0.04 claimed)"
+            ),
             Row("meSimp top-20", "meSimp (top-20) + shrink", "500 -> 51, no loss"),
             Row("dense 149 (same width)", "dense at meSimp's width"),
             Row("meProp top-20, unified", "unified top-20 (diagnostic)"),

@@ -119,11 +119,10 @@ def paper_tasks(path: Path, plt: Any, bench_dir: Path = BENCH_DIR) -> bool:
                 if r["row"] == row.name and r.get(task.metric) is not None
             ]
             ax.scatter([i] * len(vals), vals, color="C0", s=18, label="ours" if i == 0 else None)
-            paper = row.paper.split()[0] if row.paper else ""
-            if paper.replace(".", "", 1).isdigit():
+            if row.paper_acc is not None:
                 ax.scatter(
                     [i],
-                    [float(paper)],
+                    [row.paper_acc],
                     color="C3",
                     marker="*",
                     s=90,
