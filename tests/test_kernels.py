@@ -221,6 +221,29 @@ def test_fused_path_is_one_node_and_falls_back(path):
     assert path("cpp", fused_forward, dense, x) is None  # nothing to sparsify
 
 
+def test_reference_heap_selection_stays_on_the_python_path(path):
+    """The C# heap (``--reference``) counts zero-gradient fills: the kernels' top-k does not,
+    so a heap layer must never take them (a regression: the fused MLP once did)."""
+
+    def run():
+        torch.manual_seed(0)
+        model = meprop_(
+            MLP(MLPConfig(in_features=20, hidden_sizes=[12, 12], out_features=3)),
+            MePropConfig(k=10, selection="topk", heap_select=True, dense_bias=True),
+        )
+        x = torch.randn(7, 20).relu()  # ReLU zeros leave rows with fewer than k nonzeros
+        out = model(x)
+        F.cross_entropy(out, torch.tensor([0, 1, 2, 0, 1, 2, 0]), reduction="sum").backward()
+        layers = [m for m in model.modules() if isinstance(m, MePropLinear)]
+        return out.grad_fn, [m.hits.clone() for m in layers], [p.grad for p in model.parameters()]
+
+    fn, hits_cpp, grads_cpp = path("cpp", run)
+    assert not isinstance(fn, FusedStackFunction._backward_cls)
+    _, hits_py, grads_py = path("python", run)
+    assert all(torch.equal(a, b) for a, b in zip(hits_cpp, hits_py, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(grads_cpp, grads_py, strict=True))
+
+
 def test_train_step_refuses_a_nonfinite_loss(path):
     """A NaN loss leaves the parameters and Adam's state untouched (the trainer then
     stops, naming the step)."""

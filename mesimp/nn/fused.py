@@ -60,7 +60,7 @@ def plan(seq: nn.Module) -> list[_Layer] | None:
             if k == 0 or (k >= m.out_features and not masked):
                 layers.append(_Layer(m, 0, 0, masked))
                 continue
-            if cfg.selection not in _SELECTION:
+            if cfg.selection not in _SELECTION or cfg.heap_select:  # the heap: Python only
                 return None
             layers.append(_Layer(m, _SELECTION[cfg.selection], k, masked))
             meprop = True
