@@ -248,16 +248,16 @@ def test_paper_tasks_section_judges_the_runs_file(tmp_path):
             "ref dense": [0.983, 0.984, 0.983],
             "ref topk80": [0.983, 0.983, 0.984],  # no loss
             "ref topk20": [0.92, 0.93, 0.91],  # a clear loss
-            "ref mesimp": [0.983, 0.984, 0.984],
+            "ref meSimp topk160 r0.1": [0.983, 0.984, 0.984],
         },
-        {"ref mesimp": [150, 140]},  # 29 % kept, under the paper's 30.8 %
+        {"ref meSimp topk160 r0.1": [150, 140]},  # 29 % kept, under the paper's 30.8 %
     )
     (tmp_path / mnist.runs_file).write_text(json.dumps(runs))
     md = paper_tasks.section_md(tmp_path)
     lines = {ln.split(" | ")[1]: ln for ln in md.splitlines() if ln.startswith("| meProp")}
     assert lines["ref top-80 vs ref dense (the paper's)"].endswith("| holds |")
     assert lines["ref top-20 vs ref dense"].endswith("| does not hold |")
-    simp = next(ln for ln in md.splitlines() if "ref meSimp (paper: 30.8% kept)" in ln)
+    simp = next(ln for ln in md.splitlines() if "the C# code (paper: 30.8% kept)" in ln)
     assert "kept 29.00%" in simp and simp.endswith("| holds |")
     assert "| ref dense | 98.33 ± 0.06 | 3 | 500-500 | 98.20 |" in md
     assert "unified" not in md.split("| claim |")[0]  # rows never run are not listed

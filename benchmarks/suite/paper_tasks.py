@@ -65,7 +65,8 @@ class PaperTask:
     claims: tuple[Claim, ...]
     extra_metrics: tuple[tuple[str, str], ...] = ()  # (run field, column label)
     # where the runs file keeps its runs and names their fields (the scripts differ)
-    runs_at: str | None = None  # the key of the runs (a list, or a dict by row); None: a list
+    runs_at: str | None = None  # the key of the runs in a JSON object (default "runs")
+    more_files: tuple[str, ...] = ()  # further runs files of the same task
     row_field: str = "row"
     widths_field: str = "widths"
 
@@ -81,11 +82,15 @@ TASKS: tuple[PaperTask, ...] = (
         key="mnist",
         title="MNIST (meProp, meSimp)",
         runs_file="mnist_paper.json",
+        more_files=("mnist_mesimp_ref.json",),
         detail="MNIST.md",
         protocol="MLP 784-500-500-10 on the original MNIST, batch 100, 20 epochs, dev = the "
         "first 5,000 training images checked 8 times an epoch, test accuracy at the best dev "
-        "check. `ref` rows: `--reference` (the C# code's semantics); `mesimp` rows: mesimp's "
-        "defaults.",
+        "check. `ref` rows: `--reference` (the C# code's semantics; its meSimp: per-example "
+        "top-160 through the C# heap, rate 0.1, 5-epoch cycles, Adam's moments zeroed in each "
+        "cycle's last epoch); `mesimp` rows: mesimp's defaults. Kept widths are those of the "
+        "checkpoint tested (best dev); the C# meSimp's final widths (149-153 / 119-137) and "
+        "the ablations' are in MNIST.md.",
         metric="test",
         metric_label="test accuracy %",
         full_width=500,
@@ -96,7 +101,13 @@ TASKS: tuple[PaperTask, ...] = (
             Row("ref unified20", "ref unified top-20"),
             Row("ref random20", "ref random-20"),
             Row("ref msbp topk20 0.8", "ref MSBP (top-20, alpha 0.8)"),
-            Row.with_paper("ref mesimp", "ref meSimp (top-160, rate 0.1)", "98.31 at 500 -> 154"),
+            Row.with_paper(
+                "ref meSimp topk160 r0.1", "ref meSimp (the C# code)", "98.31 at 500 -> 154"
+            ),
+            Row("ref meSimp topk160 r0.1 no-fill", "ref meSimp, heap fills not counted"),
+            Row("ref meSimp topk160 r0.1 no-reset", "ref meSimp, no Adam resets"),
+            Row("ref meSimp topk160 r0.1 fresh-adam", "ref meSimp, resets zero t too"),
+            Row("ref dense 149-124", "ref dense at 149-124 (from scratch)"),
             Row("mesimp dense", "mesimp dense"),
             Row("mesimp topk20", "mesimp per-example top-20"),
             Row("mesimp topk80", "mesimp per-example top-80"),
@@ -125,8 +136,16 @@ TASKS: tuple[PaperTask, ...] = (
             Claim(
                 "smaller",
                 SMALLER,
-                "ref meSimp (paper: 30.8% kept)",
-                "ref mesimp",
+                "ref meSimp, the C# code (paper: 30.8% kept)",
+                "ref meSimp topk160 r0.1",
+                "ref dense",
+                0.308,
+            ),
+            Claim(
+                "smaller",
+                SMALLER,
+                "ref meSimp, heap fills not counted",
+                "ref meSimp topk160 r0.1 no-fill",
                 "ref dense",
                 0.308,
             ),
@@ -146,6 +165,13 @@ TASKS: tuple[PaperTask, ...] = (
                 "ref unified top-20 vs ref random-20",
                 "ref unified20",
                 "ref random20",
+            ),
+            Claim(
+                "beats",
+                SAME,
+                "ref meSimp vs ref dense at 149-124 (seed 1's final widths)",
+                "ref meSimp topk160 r0.1",
+                "ref dense 149-124",
             ),
         ),
     ),
@@ -240,28 +266,35 @@ TASKS: tuple[PaperTask, ...] = (
 )
 
 
+def _runs_in(data: Any, runs_at: str | None) -> Any:
+    """A runs file's run list: the file itself, or its ``runs_at`` (default "runs") entry,
+    a dict of runs by row name counting as the list of its values."""
+    runs = data.get(runs_at or "runs") if isinstance(data, dict) else data
+    return list(runs.values()) if isinstance(runs, dict) else runs
+
+
 def load_runs(task: PaperTask, bench_dir: Path = BENCH_DIR) -> list[dict[str, Any]] | None:
-    """The task's runs in the format above, or None when it was never run."""
-    path = bench_dir / task.runs_file
-    if not path.is_file():
-        return None
-    data = json.loads(path.read_text())
-    runs = data.get(task.runs_at) if task.runs_at and isinstance(data, dict) else data
-    if isinstance(runs, dict):  # {row name: run}
-        runs = list(runs.values())
-    if not isinstance(runs, list) or not all(
-        isinstance(r, dict) and task.row_field in r for r in runs
-    ):
-        raise ValueError(f"{path}: expected a list of runs with a {task.row_field!r} field")
-    return [
-        {
-            **r,
-            "row": r[task.row_field],
-            "seed": r.get("seed", 1),
-            "widths": r.get(task.widths_field),
-        }
-        for r in runs
-    ]
+    """The task's runs (from every one of its files) in the format above; None if never run."""
+    out = []
+    for name in (task.runs_file, *task.more_files):
+        path = bench_dir / name
+        if not path.is_file():
+            continue
+        runs = _runs_in(json.loads(path.read_text()), task.runs_at)
+        if not isinstance(runs, list) or not all(
+            isinstance(r, dict) and task.row_field in r for r in runs
+        ):
+            raise ValueError(f"{path}: expected a list of runs with a {task.row_field!r} field")
+        out += [
+            {
+                **r,
+                "row": r[task.row_field],
+                "seed": r.get("seed", 1),
+                "widths": r.get(task.widths_field),
+            }
+            for r in runs
+        ]
+    return out or None
 
 
 def suite_row(runs: list[dict[str, Any]], name: str, metric: str) -> dict[str, Any] | None:
