@@ -33,6 +33,7 @@ from mesimp.data.arcstandard import Configuration, check_tree, is_projective, n_
 from mesimp.data.conllu import Sentence, read_conllu, split_dev
 from mesimp.data.parse_decode import attachment_scores, parse, torch_scorer
 from mesimp.data.parse_features import N_FEATURES, ParserVocabs, features, table_size
+from mesimp.data.tasks import Task
 from mesimp.errors import DataError
 
 __all__ = [
@@ -128,11 +129,9 @@ def parsing_data(
     heldout: float = 0.1,
     max_len: int = 250,
     min_count: int = 2,
-) -> Any:
+) -> Task:
     """The ``parsing`` Task of CoNLL-U files (module docstring). Without ``dev`` a fixed
     ``heldout`` fraction of ``train`` picks the model."""
-    from mesimp.data.tasks import Task  # tasks imports this module
-
     train_all = read_trees(train, max_len)
     test_sents = read_trees(test, max_len)
     if dev is not None:

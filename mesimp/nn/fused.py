@@ -27,6 +27,7 @@ from torch import nn
 
 from mesimp.nn import kernels
 from mesimp.nn.linear import MePropLinear
+from mesimp.training.optim import RowSparseAdam
 
 _SELECTION = {"unified": 1, "topk": 2}
 
@@ -186,8 +187,6 @@ def fused_forward(seq: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
 
 def _adam_state(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> tuple | None:
     """The RowSparseAdam state lists for ``params`` (created as its ``step`` would)."""
-    from mesimp.training.optim import RowSparseAdam
-
     if type(optimizer) is not RowSparseAdam or len(optimizer.param_groups) != 1:
         return None
     group = optimizer.param_groups[0]

@@ -20,6 +20,7 @@ from torch import nn
 
 from mesimp.data import load_eval_data
 from mesimp.data.conllu import Vocab, read_conllu, tagging_tensors
+from mesimp.data.parsing import parser_check_features
 from mesimp.data.tasks import classification_accuracy, sequence_accuracy
 from mesimp.data.word_features import feature_vocabs_from_arch, tagger_input
 from mesimp.errors import BadInputError, VerificationError
@@ -304,8 +305,6 @@ def _shrink_parser_checkpoint(
     """A parser through the dependency-graph shrink (``mesimp.shrink``): each masked hidden
     unit goes with its bias and its column of the output layer; verified in float64 on
     the oracle features of the test file recorded at training (else random ids)."""
-    from mesimp.data.parsing import parser_check_features
-
     model = model_from_checkpoint(src).eval()
     x, _, _, source = parser_check_features(src)
     shrunk = graph_shrink(model, x[:64])  # traced and verified on real inputs
