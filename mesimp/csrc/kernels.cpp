@@ -93,8 +93,9 @@ void top_indices(const float* key, int64_t n, int64_t k, std::vector<int64_t>& i
 }
 
 // 8 floats as one value (GCC vector extension; unaligned): explicit vectors, because GCC
-// left the chunked loop below scalar. Lane-wise multiply then add, as the scalar code.
-typedef float v8f __attribute__((vector_size(32), aligned(4)));
+// left the chunked loop below scalar; may_alias: it reads and writes float arrays.
+// Lane-wise multiply then add (no contraction), so every ISA gives the scalar bits.
+typedef float v8f __attribute__((vector_size(32), aligned(4), __may_alias__));
 
 // One column chunk [c0, c0 + 8V) of weighted_rows_sum, accumulated in registers.
 template <int V>
