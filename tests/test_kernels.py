@@ -125,6 +125,68 @@ def test_layer_counts_the_selected_units(path):
         assert int(layer.ref) == 6
 
 
+def _topk_reference(dy: torch.Tensor, k: int) -> torch.Tensor:
+    """The per-example selection rule, written out: per row the k largest |dy| (NaN as
+    +inf), ties to the lower index. A bool [N, n] mask."""
+    key = dy.abs().double().nan_to_num(nan=float("inf")).tolist()
+    sel = torch.zeros(dy.shape, dtype=torch.bool)
+    for i, row in enumerate(key):
+        for j in sorted(range(len(row)), key=lambda j, row=row: (-row[j], j))[:k]:
+            sel[i, j] = True
+    return sel
+
+
+# (in, out, k): the row sums' column chunks of 64 and 8 and the single-column tail; the
+# selection's ranking of 2k block maxima (2k <= 96), its nth_element bound (2k > 96), and
+# the no-bound case (4k > out: every unit a candidate)
+_WIDE = [(150, 83, 7), (77, 200, 40), (70, 220, 50), (20, 30, 9)]
+
+
+@pytest.mark.parametrize(("d", "n", "k"), _WIDE)
+@pytest.mark.parametrize("sparse_grad", [False, True])
+@pytest.mark.parametrize("ties", [False, True])
+def test_topk_backward_against_float64(path, d, n, k, sparse_grad, ties):
+    """Per-example top-k on wider layers than the other tests, against float64 autograd
+    on the explicitly masked gradient: the selected set (ties: the lower index; rows with
+    fewer than k nonzeros), the counters, dx, dW (row-sparse or dense with zero rows) and
+    db. Independent of the Python path (whose torch.topk leaves ties unspecified)."""
+    g = torch.Generator().manual_seed(d + n + k)
+    x = torch.randn(6, d, generator=g)
+    dy = torch.randn(6, n, generator=g)
+    if ties:  # few distinct magnitudes, and a row with only 3 nonzeros
+        dy = torch.randint(-2, 3, (6, n), generator=g).float()
+        dy[1] = 0.0
+        dy[1, [5, 9, 17]] = torch.tensor([1.0, -3.0, 2.0])
+    cfg = MePropConfig(k=k, selection="topk", sparse_grad=sparse_grad)
+    layer = MePropLinear(d, n, config=cfg)
+    xr = x.clone().requires_grad_()
+    path("cpp", lambda: layer(xr).backward(dy))
+    sel = _topk_reference(dy, k)
+    assert torch.equal(layer.hits, sel.sum(0)) and int(layer.ref) == 6
+    x64 = x.double().requires_grad_()
+    w64 = layer.weight.detach().double().requires_grad_()
+    b64 = layer.bias.detach().double().requires_grad_()
+    torch.nn.functional.linear(x64, w64, b64).backward(dy.double() * sel)
+    assert layer.weight.grad.is_sparse == sparse_grad
+    for got, want in (
+        (xr.grad, x64.grad),
+        (layer.weight.grad, w64.grad),
+        (layer.bias.grad, b64.grad),
+    ):
+        got = got.to_dense() if got.is_sparse else got
+        torch.testing.assert_close(got.double(), want, rtol=RTOL, atol=ATOL)
+
+
+def test_topk_selection_counts_nan_as_largest(path):
+    """NaN ranks above every number (as in torch.topk): the row's NaNs (every 5th unit
+    from 1) are selected before its 2.0s, the lowest indices first."""
+    dy = torch.tensor([[0.5, float("nan"), -2.0, 1.0, 0.1] * 20])
+    layer = MePropLinear(4, 100, k=3, selection="topk")
+    path("cpp", lambda: layer(torch.randn(1, 4, requires_grad=True)).backward(dy))
+    assert torch.equal(layer.hits, _topk_reference(dy, 3).sum(0))
+    assert layer.hits.nonzero().flatten().tolist() == [1, 6, 11]
+
+
 def _mlp_run(selection, alpha, masked, optimizer, one_call, steps=4, sparse=True):
     torch.manual_seed(0)
     model = MLP(MLPConfig(in_features=20, hidden_sizes=[30, 25], out_features=5))

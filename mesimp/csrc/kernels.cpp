@@ -92,26 +92,117 @@ void top_indices(const float* key, int64_t n, int64_t k, std::vector<int64_t>& i
   std::sort(idx.begin(), idx.end());
 }
 
-// out += sum_e w[e] * rows[e], accumulated in e order for every element (the bits of
-// m successive axpys), in register-sized column chunks: out is loaded and stored once.
-MESIMP_CLONES void weighted_rows_sum(int64_t d, int64_t m, const float* const* rows,
-                                     const float* w, float* __restrict out) {
-  constexpr int64_t C = 64;
-  int64_t c0 = 0;
-  for (; c0 + C <= d; c0 += C) {
-    float acc[C];
-    for (int64_t t = 0; t < C; ++t) acc[t] = out[c0 + t];
-    for (int64_t e = 0; e < m; ++e) {
-      const float* __restrict r = rows[e] + c0;
-      const float v = w[e];
-      for (int64_t t = 0; t < C; ++t) acc[t] += v * r[t];
-    }
-    for (int64_t t = 0; t < C; ++t) out[c0 + t] = acc[t];
+// 8 floats as one value (GCC vector extension; unaligned): explicit vectors, because GCC
+// left the chunked loop below scalar; may_alias: it reads and writes float arrays.
+// Lane-wise multiply then add (no contraction), so every ISA gives the scalar bits.
+typedef float v8f __attribute__((vector_size(32), aligned(4), __may_alias__));
+
+// One column chunk [c0, c0 + 8V) of weighted_rows_sum, accumulated in registers.
+template <int V>
+inline void weighted_chunk(int64_t c0, int64_t m, const float* const* rows, const float* w,
+                           float* __restrict out) {
+  v8f acc[V];
+  for (int q = 0; q < V; ++q) acc[q] = v8f{};
+  for (int64_t e = 0; e < m; ++e) {
+    const v8f* r = reinterpret_cast<const v8f*>(rows[e] + c0);
+    const float v = w[e];
+    for (int q = 0; q < V; ++q) acc[q] += v * r[q];
   }
-  for (int64_t e = 0; e < m; ++e)
-    for (int64_t t = c0; t < d; ++t) out[t] += w[e] * rows[e][t];
+  v8f* o = reinterpret_cast<v8f*>(out + c0);
+  for (int q = 0; q < V; ++q) o[q] = acc[q];
 }
 
+// out = 0 + sum_e w[e] * rows[e], accumulated in e order for every element (the bits of m
+// successive axpys into a zeroed row), written once: out need not be initialised. Column
+// chunks of 64, then 8, then single columns, all in registers (a scalar tail that went
+// through memory took over half of the per-example top-k backward).
+MESIMP_CLONES void weighted_rows_sum(int64_t d, int64_t m, const float* const* rows,
+                                     const float* w, float* __restrict out) {
+  int64_t c0 = 0;
+  for (; c0 + 64 <= d; c0 += 64) weighted_chunk<8>(c0, m, rows, w, out);
+  for (; c0 + 8 <= d; c0 += 8) weighted_chunk<1>(c0, m, rows, w, out);
+  for (; c0 < d; ++c0) {
+    float acc = 0.f;
+    for (int64_t e = 0; e < m; ++e) acc += w[e] * rows[e][c0];
+    out[c0] = acc;
+  }
+}
+
+// Working arrays of row_top_indices, kept between calls.
+struct RowScratch {
+  std::vector<float> bmax, ck;
+  std::vector<int32_t> ci;
+  std::vector<int64_t> tmp;
+};
+
+// The k largest of key[0..n) (ties: lower index first), sorted ascending, for one row of
+// the per-example selection; the same set as top_indices, without its data-dependent
+// branches (their mispredictions were most of its time at n=500, k=20). A bound first: the
+// maxima of B = 2k strided blocks (block b = {b, b+B, ...}, an elementwise max over rows
+// of B keys) hold k distinct keys >= their k-th largest t, so only keys >= t can be
+// selected. t is found by ranking the B maxima, the ~k..2k candidates >= t by ranking them
+// (rank < k: selected; ranks by key, ties by position, so they are a permutation), both
+// branch-free; candidates come in index order, so the output needs no sort. Large k or
+// many candidates (ties, e.g. a row with fewer than k nonzeros) take nth_element.
+MESIMP_CLONES void row_top_indices(const float* __restrict key, int64_t n, int64_t k,
+                                   int64_t* __restrict out, RowScratch& s) {
+  constexpr int64_t kRankMax = 96;  // rank-count at most this many values (c^2 compares)
+  const int64_t B = 2 * k;
+  float t = -std::numeric_limits<float>::infinity();
+  if (2 * B <= n) {
+    s.bmax.resize(B);
+    float* __restrict m = s.bmax.data();
+    for (int64_t b = 0; b < B; ++b) m[b] = key[b];
+    int64_t r = B;
+    for (; r + B <= n; r += B)
+      for (int64_t b = 0; b < B; ++b) m[b] = key[r + b] > m[b] ? key[r + b] : m[b];
+    for (int64_t b = 0; r + b < n; ++b) m[b] = key[r + b] > m[b] ? key[r + b] : m[b];
+    if (B <= kRankMax) {
+      for (int64_t a = 0; a < B; ++a) {
+        const float v = m[a];
+        int32_t rank = 0;
+        for (int64_t b = 0; b < a; ++b) rank += m[b] >= v;
+        for (int64_t b = a + 1; b < B; ++b) rank += m[b] > v;
+        t = rank == k - 1 ? v : t;
+      }
+    } else {
+      std::nth_element(m, m + (k - 1), m + B, std::greater<float>());
+      t = m[k - 1];
+    }
+  }
+  s.ck.resize(n);
+  s.ci.resize(n);
+  float* __restrict ck = s.ck.data();
+  int32_t* __restrict ci = s.ci.data();
+  int64_t c = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    ck[c] = key[j];
+    ci[c] = static_cast<int32_t>(j);
+    c += key[j] >= t;
+  }
+  if (c <= kRankMax) {
+    s.tmp.resize(c);  // every candidate is written (branch-free), the first k are the set
+    int64_t* __restrict sel = s.tmp.data();
+    int64_t o = 0;
+    for (int64_t a = 0; a < c; ++a) {
+      const float v = ck[a];
+      int32_t rank = 0;
+      for (int64_t b = 0; b < a; ++b) rank += ck[b] >= v;
+      for (int64_t b = a + 1; b < c; ++b) rank += ck[b] > v;
+      sel[o] = ci[a];
+      o += rank < k;
+    }
+    std::copy(sel, sel + k, out);
+    return;
+  }
+  s.tmp.assign(ci, ci + c);
+  auto better = [key](int64_t a, int64_t b) {
+    return key[a] > key[b] || (key[a] == key[b] && a < b);
+  };
+  std::nth_element(s.tmp.begin(), s.tmp.begin() + k, s.tmp.end(), better);
+  std::copy(s.tmp.begin(), s.tmp.begin() + k, out);
+  std::sort(out, out + k);
+}
 
 Tensor index_tensor(const std::vector<int64_t>& v) {
   Tensor t = at::empty({(int64_t)v.size()}, at::kLong);
@@ -128,6 +219,14 @@ Tensor make_weight_grad(const Tensor& rows_w, const Tensor& sel, at::IntArrayRef
   }
   return at::zeros(shape, rows_w.options()).index_copy_(0, sel, rows_w);
 }
+
+// The per-example top-k backward's working arrays, kept between calls.
+struct TopkScratch {
+  std::vector<int64_t> idx, counts, start, pos, uni, fill, ex;
+  std::vector<float> vals, key, ev;
+  std::vector<const float*> rows;
+  RowScratch row;
+};
 
 struct LayerGrads {
   Tensor dx, dw, db, memory;
@@ -196,15 +295,23 @@ LayerGrads layer_backward(const Tensor& dy, const Tensor& x, const Tensor& weigh
       out.db = at::zeros({n}, u.options()).index_copy_(0, sel, u_sel.sum(0));
   } else {  // per-example top-k: b*k*d work for dx and dW
     const int64_t k = a.k;
-    std::vector<int64_t> idx(N * k), row;
-    std::vector<float> vals(N * k), key(n), bmax;
-    std::vector<int64_t> counts(n, 0);
+    TORCH_CHECK(n <= std::numeric_limits<int32_t>::max(), "mesimp kernels: layer too wide");
+    // scratch reused across calls (one set per thread): no per-call allocations
+    thread_local TopkScratch sc;
+    sc.idx.resize(N * k);
+    sc.vals.resize(N * k);
+    sc.key.resize(n);
+    sc.counts.assign(n, 0);
+    std::vector<int64_t>& idx = sc.idx;
+    std::vector<float>& vals = sc.vals;
+    std::vector<int64_t>& counts = sc.counts;
+    float* key = sc.key.data();
     for (int64_t i = 0; i < N; ++i) {
       const float* r = up + i * n;
       for (int64_t j = 0; j < n; ++j) key[j] = (mp && !mp[j]) ? -1.f : key_of(std::fabs(r[j]));
-      top_indices(key.data(), n, k, row, bmax);
+      int64_t* row = &idx[i * k];
+      row_top_indices(key, n, k, row, sc.row);
       for (int64_t t = 0; t < k; ++t) {
-        idx[i * k + t] = row[t];
         vals[i * k + t] = r[row[t]];
         counts[row[t]] += 1;
       }
@@ -224,7 +331,10 @@ LayerGrads layer_backward(const Tensor& dy, const Tensor& x, const Tensor& weigh
     const float* wp = wc.data_ptr<float>();
     const float* xp = xc.data_ptr<float>();
     // group the N*k selected entries by unit (CSR): each W row and dW row is touched once
-    std::vector<int64_t> start(n + 1, 0), pos(n, -1), uni;
+    std::vector<int64_t>&start = sc.start, &pos = sc.pos, &uni = sc.uni;
+    start.assign(n + 1, 0);
+    pos.assign(n, -1);
+    uni.clear();
     for (int64_t j = 0; j < n; ++j) {
       start[j + 1] = start[j] + counts[j];
       if (counts[j] > 0) {
@@ -232,8 +342,11 @@ LayerGrads layer_backward(const Tensor& dy, const Tensor& x, const Tensor& weigh
         uni.push_back(j);
       }
     }
-    std::vector<int64_t> fill(start.begin(), start.end() - 1), ex(N * k);
-    std::vector<float> ev(N * k);
+    sc.fill.assign(start.begin(), start.end() - 1);
+    sc.ex.resize(N * k);
+    sc.ev.resize(N * k);
+    std::vector<int64_t>&fill = sc.fill, &ex = sc.ex;
+    std::vector<float>& ev = sc.ev;
     for (int64_t i = 0; i < N; ++i)
       for (int64_t t = 0; t < k; ++t) {
         const int64_t j = idx[i * k + t], e = fill[j]++;
@@ -241,9 +354,10 @@ LayerGrads layer_backward(const Tensor& dy, const Tensor& x, const Tensor& weigh
         ev[e] = vals[i * k + t];
       }
     Tensor dx, dwt;
-    std::vector<const float*> rows(std::max<int64_t>(N, k));
+    std::vector<const float*>& rows = sc.rows;
+    rows.resize(std::max<int64_t>(N, k));
     if (need_dx) {  // dx[i] = sum_t vals[i, t] W[idx[i, t]], one example at a time
-      dx = at::zeros({N, d}, u.options());
+      dx = at::empty({N, d}, u.options());  // every row written whole
       float* dxp = dx.data_ptr<float>();
       for (int64_t i = 0; i < N; ++i) {
         for (int64_t t = 0; t < k; ++t) rows[t] = wp + idx[i * k + t] * d;
@@ -252,8 +366,12 @@ LayerGrads layer_backward(const Tensor& dy, const Tensor& x, const Tensor& weigh
     }
     const bool sparse_rows = a.sparse_grad;
     if (need_dw) {  // dW[j] = sum over the entries that selected j of val * x[example]
-      dwt = at::zeros({sparse_rows ? (int64_t)uni.size() : n, d}, u.options());
+      // row-sparse: [|U|, d], every row written whole; dense: zero only the rows not in U
+      dwt = at::empty({sparse_rows ? (int64_t)uni.size() : n, d}, u.options());
       float* dwp = dwt.data_ptr<float>();
+      if (!sparse_rows)
+        for (int64_t j = 0; j < n; ++j)
+          if (counts[j] == 0) std::fill(dwp + j * d, dwp + (j + 1) * d, 0.f);
       for (int64_t j : uni) {
         const int64_t m = start[j + 1] - start[j];
         for (int64_t e = 0; e < m; ++e) rows[e] = xp + ex[start[j] + e] * d;
