@@ -234,7 +234,9 @@ def test_cli_reference_simplify_takes_the_csharp_settings(tmp_path, tiny_npz, ca
     with pytest.raises(SystemExit) as e:
         main([str(a) for a in args])
     assert e.value.code in (0, None)
-    cfg = json.loads(capsys.readouterr().out)["config"]
+    doc = json.loads(capsys.readouterr().out)
+    cfg = doc["config"]
+    assert doc["step_path"] == "python"  # the heap has no compiled path: the JSON says so
     assert (cfg["k"], cfg["selection"], cfg["reference"]) == (160, "topk", True)
     assert cfg["simplify"]["prune_rate"] == 0.1 and cfg["simplify"]["cycle_epochs"] == 5
     assert cfg["simplify"]["points_per_epoch"] == cfg["evals_per_epoch"] == 8

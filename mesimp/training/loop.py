@@ -254,8 +254,13 @@ class _Run:
         # Linear-ReLU stack, in one process (each step re-checks that it applies)
         self.one_call = not config.reference and ranks.world == 1 and not self.task.tagging
         self.path = "python"  # which path the last step took (train --json reports it)
-        self.sparse_layers = any(  # Linear layers the kernels serve (LSTM, Conv: Python)
-            isinstance(m, MePropLinear) and m.k > 0 for m in self.model.modules()
+        self.sparse_layers = any(  # Linear layers the kernels serve (LSTM, Conv, random
+            # selection and the reference's heap: Python)
+            isinstance(m, MePropLinear)
+            and m.k > 0
+            and m.meprop_config.selection in ("unified", "topk")
+            and not m.meprop_config.heap_select
+            for m in self.model.modules()
         )
         self.named_params = list(self.model.named_parameters())
         self.n = len(self.task.y_train)
