@@ -167,7 +167,10 @@ from mesimp.cli.main import IntList, KType, cli, emit_json
     help="The C# reference code's semantics (lancopku/meProp, nnmnist), MLP only: summed "
     "loss, every gradient element clipped to 5, dense bias gradient, its dense Adam, its "
     "init, epochs of 8 chunks with a dev check after each. Unless given: --batch-size 100 "
-    "--epochs 20 --evals-per-epoch 8 (its protocol). See README, 'Reference mode'.",
+    "--epochs 20 --evals-per-epoch 8 (its protocol). With --simplify, the C# meSimp: "
+    "per-example top-k through its heap, k fixed (default --k 160), a prune after every "
+    "dev check of a simplifying cycle (--prune-rate 0.1, --cycle-epochs 5), Adam's "
+    "moments zeroed at every check of a cycle's last epoch. See README, 'Reference mode'.",
 )
 @click.option("--threads", type=int, default=None, help="torch CPU threads (per process).")
 @click.option(
@@ -304,6 +307,13 @@ def train(
         batch_size = batch_size or 100
         epochs = epochs if "epochs" in given else 20
         evals_per_epoch = evals_per_epoch if "evals_per_epoch" in given else 8
+        if simplify:  # the C# meSimp's settings (default.json), where not given
+            k = k if "k" in given else 160
+            selection = selection if "selection" in given else "topk"
+            prune_rate = prune_rate if "prune_rate" in given else 0.1
+            cycle_epochs = cycle_epochs if "cycle_epochs" in given else 5
+            if "simplify_per_epoch" not in given:
+                simplify_per_epoch = evals_per_epoch  # a prune after every dev check
     if batch_size is None:
         batch_size = 32 if model == "lstm-tagger" else 50
     if layers is None:

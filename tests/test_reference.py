@@ -176,7 +176,7 @@ def test_train_reference_mode_wires_every_piece(tmp_path, tiny_npz):
     [
         ({"model": "cnn", "hidden": [4]}, "--model is cnn"),
         ({"optimizer": "sgd"}, "drop --optimizer"),
-        ({"k": 4, "simplify": {}}, "not built yet"),
+        ({"k": 4, "simplify": {}}, "the C# meSimp"),
     ],
 )
 def test_reference_mode_refuses_what_it_cannot_reproduce(kw, needle):

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from mesimp.errors import BadInputError
+from mesimp.nn.heap_select import heap_topk
 
 SELECTIONS = ("topk", "unified", "random")
 
@@ -62,6 +63,14 @@ class MePropConfig:
     # the bias gradient over every unit (the C# reference: summed before the top-k), not
     # only the selected ones'; Linear layers only
     dense_bias: bool = False
+    # the C# reference's selection (``mesimp.nn.heap_select``): per-example top-k through
+    # its TopNHeap, k fixed (not capped at the active width), masked units candidates
+    # with score 0; with fewer than k nonzero entries the rest of the k slots (counted
+    # as hits) come from columns 0..k-1. Linear layers, ``selection="topk"`` only
+    heap_select: bool = False
+    # with heap_select: count the zero-gradient fills as hits, as the C# code does
+    # (False: an ablation that counts only the units that got a gradient)
+    count_zero_fills: bool = True
 
     def __post_init__(self) -> None:
         k = self.k
@@ -80,13 +89,17 @@ class MePropConfig:
             )
         if not 0.0 <= self.msbp_alpha <= 1.0:
             raise BadInputError(f"msbp alpha must be in [0, 1], got {self.msbp_alpha}")
+        if self.heap_select and (self.selection != "topk" or isinstance(self.k, float)):
+            raise BadInputError("heap_select is the reference's per-example top-k: an int k, topk")
 
-    def resolve_k(self, active_width: int) -> int:
+    def resolve_k(self, active_width: int, width: int | None = None) -> int:
         """The k used now. Int k is capped at the active width; a fraction scales with it.
 
         Capping matters for meSimp: as a layer shrinks, a fixed k would otherwise
         exceed the active width and "select" masked neurons (the C# reference did).
         """
+        if self.heap_select and width is not None:  # the reference: k fixed
+            return min(int(self.k), width)
         if active_width <= 0:
             return 0
         if isinstance(self.k, float):
@@ -120,8 +133,13 @@ def select(u: torch.Tensor, k: int, selection: str, mask: torch.Tensor | None) -
     """Indices of the selected outputs: ``[k]`` for unified, ``[N, k]`` otherwise.
 
     Masked neurons get score -1, below any ``|grad|`` or uniform draw, so with
-    ``k <= active width`` they are never chosen, ties included.
+    ``k <= active width`` they are never chosen, ties included. ``"heap"`` is the C#
+    reference's per-example top-k (``mesimp.nn.heap_select``): masked neurons score 0
+    and may fill slots.
     """
+    if selection in ("heap", "heap_nonzero"):
+        score = u.abs()
+        return heap_topk(score * mask if mask is not None else score, k)
     if selection == "unified":
         score = u.abs().sum(0)
     elif selection == "topk":
@@ -169,7 +187,10 @@ class MePropLinearFunction(torch.autograd.Function):
             flat = idx.reshape(-1)
             counts = torch.bincount(flat, minlength=n)
             sel = counts.nonzero().squeeze(1)  # union over the batch, sorted
-            if state.count:
+            if state.count and selection == "heap_nonzero":  # only units with a gradient
+                nonzero = vals.reshape(-1) != 0
+                state.hits.add_(torch.bincount(flat[nonzero], minlength=n))
+            elif state.count:
                 state.hits.add_(counts)
             if alpha > 0:
                 state.memory = u.scatter(1, idx, 0.0).mul_(alpha)

@@ -73,6 +73,9 @@ class TrainConfig:
     # The C# reference's semantics (mesimp.training.reference): summed loss, element-wise
     # clip to 5, dense bias gradient, its dense Adam, its init, 8-chunk epochs
     reference: bool = False
+    # reference mode: count the C# heap's zero-gradient fills as meSimp hits, as it did
+    # (False: the ablation that counts only units that got a gradient; Python API only)
+    reference_zero_fills: bool = True
 
     def __post_init__(self) -> None:
         widths = self.hidden if isinstance(self.hidden, list) else [self.hidden]
@@ -112,11 +115,20 @@ class TrainConfig:
             raise BadInputError(f"--reference reproduces the C# MLP; --model is {self.model}")
         if self.optimizer != "adam":
             raise BadInputError("--reference trains with the reference's Adam: drop --optimizer")
-        if self.simplify is not None:
-            raise BadInputError(
-                "--reference --simplify: the reference's meSimp schedule is not built yet "
-                "(use meSimp with mesimp's own semantics, without --reference)"
-            )
+        if self.simplify is not None:  # the C# MLPVar (mesimp.simplify.reference_schedule)
+            s = self.simplify
+            if self.selection != "topk" or self.msbp or isinstance(self.k, float):
+                raise BadInputError(
+                    "--reference --simplify is the C# meSimp: per-example top-k with an int "
+                    "--k (e.g. --k 160 --selection topk), no --msbp"
+                )
+            if s.cycle_epochs < 1:
+                raise BadInputError("--reference --simplify needs --cycle-epochs >= 1")
+            if s.points_per_epoch != self.evals_per_epoch:
+                raise BadInputError(
+                    "--reference --simplify prunes after every dev check: --simplify-per-epoch "
+                    f"({s.points_per_epoch}) must equal --evals-per-epoch ({self.evals_per_epoch})"
+                )
         self.sparse_update = False  # the reference's Adam is dense
 
     def hidden_sizes(self) -> list[int]:
@@ -131,6 +143,8 @@ class TrainConfig:
             msbp_alpha=self.msbp,
             sparse_grad=self.sparse_update,
             dense_bias=self.reference,
+            heap_select=self.reference and self.selection == "topk" and isinstance(self.k, int),
+            count_zero_fills=self.reference_zero_fills,
         )
 
     def to_dict(self) -> dict[str, Any]:

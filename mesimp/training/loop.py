@@ -55,6 +55,7 @@ from mesimp.models import count_macs, count_params, hidden_sizes
 from mesimp.nn.linear import MePropCounters
 from mesimp.nn.swap import meprop_
 from mesimp.progress import bar as progress_bar
+from mesimp.simplify.reference_schedule import ReferenceSimplifier
 from mesimp.simplify.rule import active_widths
 from mesimp.simplify.simplifier import Simplifier
 from mesimp.training.build import build, load_task, rebuild, restore_meprop
@@ -256,8 +257,10 @@ class _Run:
             spe = len(self.bounds)
             self.evals = {math.ceil((i + 1) * spe / evals) for i in range(min(evals, spe))}
         self.steps_per_epoch = spe = len(self.bounds)
-        self.simplifier = (
-            Simplifier(
+        self.simplifier: Simplifier | ReferenceSimplifier | None = (
+            ReferenceSimplifier(self.model, config.simplify, self.optimizer)
+            if config.simplify is not None and config.reference
+            else Simplifier(
                 self.model,
                 config.simplify,
                 self.optimizer,
@@ -446,6 +449,10 @@ class _Run:
         try:
             if is_eval:
                 self._evaluate(epoch, step)
+                if isinstance(self.simplifier, ReferenceSimplifier):
+                    # the C# order: the chunk's dev check, then its Adam reset and prune
+                    self.records.extend(self.simplifier.after_check(epoch))
+                    self._write_log()
             if not final or self.config.keep_last:
                 # the end of a run needs no resume state: the file is removed after it
                 self._save_resume(epoch, step, complete=final)

@@ -26,11 +26,12 @@ everything the faithful mode changes, point by point (file:line in ``nnmnist/``)
 What is the same in both: top-k per example on the gradient of the pre-activation
 (after the ReLU's derivative) of every hidden layer, the output layer dense
 (``MLPTop.cs:28-41``, ``Flow.cs:694-697``); dev = the first 5,000 training images;
-pixels / 255. What the faithful mode does not reproduce: the C# ``TopNHeap``'s choice of
-*which* zero-gradient units fill a row's k slots when fewer than k are nonzero (it keeps
-some of columns 0..k-1, depending on the heap's layout, ``TopNHeap.cs:26-52``); it
-changes no gradient, only meSimp's counts. Run-to-run randomness differs too: the C#
-code seeds from the clock and shuffles with .NET's ``System.Random``.
+pixels / 255. The per-example top-k is the C# ``TopNHeap`` itself (``TopNHeap.cs:26-52``,
+``mesimp.nn.heap_select``), down to *which* zero-gradient units fill a row's k slots
+when fewer than k are nonzero; that changes no gradient, only meSimp's counts, whose
+schedule is ``mesimp.simplify.reference_schedule``. What the faithful mode does not
+reproduce: run-to-run randomness (the C# code seeds from the clock and shuffles with
+.NET's ``System.Random``) and float32 summation order.
 """
 
 from __future__ import annotations
