@@ -71,6 +71,8 @@ def test_round_trip_with_plain_torch_load(tmp_path):
         "msbp_alpha": 0.0,
         "sparse_grad": False,  # the default: dense gradients
         "dense_bias": False,  # the reference mode sets it
+        "heap_select": False,  # and this (the C# TopNHeap's per-example top-k)
+        "count_zero_fills": True,
     }
     layers = raw["meprop"]["layers"]
     assert set(layers) == {"0", "2"}
