@@ -50,6 +50,13 @@ ROWS: dict[str, dict[str, Any]] = {
     "ref meSimp topk160 r0.1 no-fill": dict(
         reference=True, k=160, selection="topk", simplify="ref", reference_zero_fills=False
     ),
+    # the same, with Adam's resets changed: never reset, or a fresh Adam (t = 0 as well)
+    "ref meSimp topk160 r0.1 no-reset": dict(
+        reference=True, k=160, selection="topk", simplify="ref", extra={"reference_reset": "none"}
+    ),
+    "ref meSimp topk160 r0.1 fresh-adam": dict(
+        reference=True, k=160, selection="topk", simplify="ref", extra={"reference_reset": "fresh"}
+    ),
     "mesimp dense": dict(k=0),
     "mesimp topk20": dict(k=20, selection="topk"),
     "mesimp topk80": dict(k=80, selection="topk"),
@@ -158,6 +165,10 @@ def run(name: str, seed: int, epochs: int, data: str) -> dict[str, Any]:
         "epoch_widths": [e["widths"] for e in evals[7::8]] if simp else None,
         "final_test": r["final"]["test_accuracy"],
         "diagnosis": diag,
+        # meSimp: every dev check, [epoch, dev, test, widths...] (the widths it saw)
+        "evals": [[e["epoch"], e["dev_accuracy"], e["test_accuracy"], *e["widths"]] for e in evals]
+        if simp
+        else None,
     }
 
 

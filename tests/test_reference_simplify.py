@@ -147,6 +147,11 @@ def test_reference_rule_masks_below_the_truncated_threshold_and_never_revives():
     for state in opt.state.values():
         assert float(state["step"]) == 3 and not state["exp_avg"].any()
     assert simp.after_check(2) == []  # epoch 2: a plain cycle's first epoch
+    fresh = ReferenceSimplifier(model, simp.config, opt, reset="fresh")
+    fresh.after_check(3)  # the ablation: a fresh Adam, step counter included
+    assert all(float(state["step"]) == 0 for state in opt.state.values())
+    with pytest.raises(BadInputError, match="reference_reset"):
+        ReferenceSimplifier(model, simp.config, opt, reset="t")
     assert reference_keep(torch.tensor([68, 69]), 690, 0.1).tolist() == [False, True]
 
 

@@ -27,7 +27,10 @@ lancopku/meSimp ``src/nnmnist`` (the MNIST MLP, ``NetType.mlpvar``), point by po
   reported is the one at the best dev check over the whole run (it never restarts when
   a width changes, unlike mesimp's own loop).
 
-``ReferenceSimplifier`` does the per-chunk part; counting lives in the layers.
+``ReferenceSimplifier`` does the per-chunk part; counting lives in the layers. Its
+``reset`` argument (``TrainConfig.extra["reference_reset"]``, Python API only) is an
+ablation of the one point above that is easy to doubt: ``"moments"`` is the C# code,
+``"fresh"`` zeroes Adam's step counter too, ``"none"`` never resets.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ from mesimp.simplify.rule import SimplifyConfig, prunable_layers
 
 __all__ = ["ReferenceSimplifier", "reference_keep"]
 
+RESETS = ("moments", "fresh", "none")  # the C# code: "moments"
+
 
 def reference_keep(hits: torch.Tensor, ref: int, prune_rate: float) -> torch.Tensor:
     """``Record.Update``: keep ``hits >= (int)(ref * (double)(float)prune_rate)``."""
@@ -58,12 +63,19 @@ class ReferenceSimplifier:
     only at chunk ends) and ``after_check(epoch)`` after each chunk's dev check.
     """
 
-    def __init__(self, model: nn.Module, config: SimplifyConfig, optimizer: Any) -> None:
+    def __init__(
+        self, model: nn.Module, config: SimplifyConfig, optimizer: Any, reset: str = "moments"
+    ) -> None:
+        if reset not in RESETS:
+            raise BadInputError(
+                f"reference_reset must be one of {', '.join(RESETS)}, got {reset!r}"
+            )
         if config.cycle_epochs < 1:
             raise BadInputError("--reference --simplify needs --cycle-epochs >= 1")
         if not hasattr(optimizer, "reset_moments"):
             raise BadInputError("--reference --simplify needs the reference's Adam")
         self.model = model
+        self.reset = reset
         self.config = config
         self.optimizer = optimizer
         self.layers = dict(prunable_layers(model))
@@ -84,8 +96,8 @@ class ReferenceSimplifier:
         """One chunk end of 0-based ``epoch``: maybe zero Adam's moments, maybe prune."""
         cycle = self.config.cycle_epochs
         events: list[dict[str, Any]] = []
-        if (epoch + 1) % cycle == 0:
-            self.optimizer.reset_moments()
+        if (epoch + 1) % cycle == 0 and self.reset != "none":
+            self.optimizer.reset_moments(keep_step=self.reset == "moments")
             self.resets += 1
             events.append({"event": "optimizer_reset", "epoch": epoch, "step": self.steps})
         if (epoch // cycle) % 2 == 0:

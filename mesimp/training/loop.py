@@ -258,7 +258,12 @@ class _Run:
             self.evals = {math.ceil((i + 1) * spe / evals) for i in range(min(evals, spe))}
         self.steps_per_epoch = spe = len(self.bounds)
         self.simplifier: Simplifier | ReferenceSimplifier | None = (
-            ReferenceSimplifier(self.model, config.simplify, self.optimizer)
+            ReferenceSimplifier(
+                self.model,
+                config.simplify,
+                self.optimizer,
+                reset=config.extra.get("reference_reset", "moments"),
+            )
             if config.simplify is not None and config.reference
             else Simplifier(
                 self.model,

@@ -87,11 +87,14 @@ class ReferenceAdam(torch.optim.Optimizer):
                 p.addcdiv_(m, v.sqrt().add_(group["eps"]), value=-lr_t)
         return loss
 
-    def reset_moments(self) -> None:
-        """Zero m and v, keep t (C# ``Adam.Prepare``)."""
+    def reset_moments(self, keep_step: bool = True) -> None:
+        """Zero m and v, keep t (C# ``Adam.Prepare``); ``keep_step=False`` zeroes t too
+        (a fresh Adam, for ablations)."""
         for state in self.state.values():
             state["exp_avg"].zero_()
             state["exp_avg_sq"].zero_()
+            if not keep_step:
+                state["step"].zero_()
 
 
 @torch.no_grad()
