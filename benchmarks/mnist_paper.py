@@ -57,6 +57,8 @@ ROWS: dict[str, dict[str, Any]] = {
     "ref meSimp topk160 r0.1 fresh-adam": dict(
         reference=True, k=160, selection="topk", simplify="ref", extra={"reference_reset": "fresh"}
     ),
+    # dense from scratch at the C# meSimp's final widths (seed 1's 149-124)
+    "ref dense 149-124": dict(reference=True, k=0, hidden=[149, 124]),
     "mesimp dense": dict(k=0),
     "mesimp topk20": dict(k=20, selection="topk"),
     "mesimp topk80": dict(k=80, selection="topk"),
@@ -133,7 +135,7 @@ def run(name: str, seed: int, epochs: int, data: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(
             data=data,
-            hidden=500,
+            hidden=kw.pop("hidden", 500),
             layers=2,
             epochs=epochs,
             batch_size=100,
