@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 
 import pytest
 import torch
 from conftest import read_jsonl
-from test_resume import DEV, quiet_train
+from test_resume import DEV, Fault, assert_runs_identical, quiet_train
 
 from mesimp.errors import BadInputError
 from mesimp.files.checkpoint import load_checkpoint
@@ -30,6 +31,8 @@ from mesimp.simplify.reference_schedule import ReferenceSimplifier, reference_ke
 from mesimp.simplify.rule import SimplifyConfig
 from mesimp.training.config import TrainConfig
 from mesimp.training.reference import ReferenceAdam
+from mesimp.training.resume import resume_path
+from mesimp.training.runsafety import TrainingInterrupted
 
 
 def _shift_down(v: list[float], ix: list[int], cur: int, top: int) -> None:
@@ -155,23 +158,26 @@ def test_reference_rule_masks_below_the_truncated_threshold_and_never_revives():
     assert reference_keep(torch.tensor([68, 69]), 690, 0.1).tolist() == [False, True]
 
 
-def test_train_reference_simplify_follows_the_csharp_schedule(tmp_path, tiny_npz):
+def test_train_reference_simplify_follows_the_csharp_schedule(tmp_path, tiny_npz, monkeypatch):
+    def config(out):
+        return TrainConfig(
+            data=str(tiny_npz),
+            dev_size=DEV,
+            hidden=16,
+            k=6,
+            selection="topk",
+            epochs=6,
+            batch_size=100,
+            evals_per_epoch=4,
+            simplify=SimplifyConfig(prune_rate=0.1, points_per_epoch=4, cycle_epochs=2),
+            reference=True,
+            output=str(out),
+            keep_last=True,
+            save_every=0,
+        )
+
     out = tmp_path / "m.pt"
-    cfg = TrainConfig(
-        data=str(tiny_npz),
-        dev_size=DEV,
-        hidden=16,
-        k=6,
-        selection="topk",
-        epochs=6,
-        batch_size=100,
-        evals_per_epoch=4,
-        simplify=SimplifyConfig(prune_rate=0.1, points_per_epoch=4, cycle_epochs=2),
-        reference=True,
-        output=str(out),
-        keep_last=True,
-        save_every=0,
-    )
+    cfg = config(out)
     assert cfg.meprop_config().heap_select
     quiet_train(cfg)
     recs = [r for r in read_jsonl(out.with_name("m.metrics.jsonl")) if r["event"] != "start"]
@@ -208,6 +214,14 @@ def test_train_reference_simplify_follows_the_csharp_schedule(tmp_path, tiny_npz
     assert all(float(s["step"]) == 48 for s in state.values())  # t is never reset...
     assert all(not s["exp_avg"].any() for s in state.values())  # ...the moments were
     assert json.dumps(last["meprop"]["config"]["heap_select"]) == "true"
+    # interrupted in a reset epoch (step 13 of 48) and resumed: the same run, bit for bit
+    again = tmp_path / "again" / "m.pt"
+    fault = Fault(monkeypatch, 13, signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted):
+        quiet_train(config(again))
+    fault.undo()
+    quiet_train(resume=resume_path(again))
+    assert_runs_identical(out, again)
 
 
 def test_cli_reference_simplify_takes_the_csharp_settings(tmp_path, tiny_npz, capsys):
