@@ -19,7 +19,7 @@ import random
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
@@ -546,3 +546,25 @@ def split_dev(
     train = [s for i, s in enumerate(sentences) if i not in held]
     heldout = [s for i, s in enumerate(sentences) if i in held]
     return train, heldout
+
+
+# the held-out split is fixed, so runs with different seeds see the same data
+SPLIT_SEED = 0
+
+
+def read_splits(
+    read: Callable[[str | os.PathLike[str], int | None], list[Sentence]],
+    train: str | os.PathLike[str],
+    test: str | os.PathLike[str],
+    dev: str | os.PathLike[str] | None,
+    heldout: float,
+    max_len: int | None,
+) -> tuple[list[Sentence], list[Sentence], list[Sentence]]:
+    """``(train, dev, test)`` sentences read with ``read``; without a ``dev`` file a fixed
+    ``heldout`` fraction of ``train`` (``SPLIT_SEED``) is the dev split."""
+    train_all = read(train, max_len)
+    test_sents = read(test, max_len)
+    if dev is not None:
+        return train_all, read(dev, max_len), test_sents
+    train_sents, dev_sents = split_dev(train_all, heldout, seed=SPLIT_SEED)
+    return train_sents, dev_sents, test_sents

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from mesimp.data.arcstandard import Configuration, check_tree, is_projective, n_transitions, oracle
-from mesimp.data.conllu import Sentence, read_conllu, split_dev
+from mesimp.data.conllu import Sentence, read_conllu, read_splits
 from mesimp.data.parse_decode import attachment_scores, parse, torch_scorer
 from mesimp.data.parse_features import N_FEATURES, ParserVocabs, features, table_size
 from mesimp.data.tasks import Task
@@ -44,7 +44,6 @@ __all__ = [
     "read_trees",
 ]
 
-SPLIT_SEED = 0
 DECODE_BATCH = 1024  # sentences advanced together when evaluating
 
 
@@ -132,12 +131,7 @@ def parsing_data(
 ) -> Task:
     """The ``parsing`` Task of CoNLL-U files (module docstring). Without ``dev`` a fixed
     ``heldout`` fraction of ``train`` picks the model."""
-    train_all = read_trees(train, max_len)
-    test_sents = read_trees(test, max_len)
-    if dev is not None:
-        train_sents, dev_sents = train_all, read_trees(dev, max_len)
-    else:
-        train_sents, dev_sents = split_dev(train_all, heldout, seed=SPLIT_SEED)
+    train_sents, dev_sents, test_sents = read_splits(read_trees, train, test, dev, heldout, max_len)
     vocabs = ParserVocabs.build(train_sents, min_count)
     if not vocabs.label_names:
         raise DataError(f"{train}: no dependency relations in the training sentences")

@@ -28,7 +28,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mesimp.data.conllu import Sentence, build_vocabs, read_conllu, split_dev, tagging_tensors
+from mesimp.data.conllu import (
+    SPLIT_SEED,
+    Sentence,
+    build_vocabs,
+    read_conllu,
+    read_splits,
+    tagging_tensors,
+)
 from mesimp.data.images import load_image_dataset
 from mesimp.data.word_features import FEATURES, build_feature_vocabs, tagger_input
 from mesimp.errors import BadInputError
@@ -44,7 +51,6 @@ __all__ = [
     "tagging_data",
 ]
 
-SPLIT_SEED = 0  # the held-out split is fixed, so runs with different seeds see the same data
 DEFAULT_MAX_LEN = 250  # words; UD English EWT's longest sentence has 159
 # Evaluation batch: the MLP loop always evaluated 2,000 images at a time, the LSTM
 # tasks 256 sequences (an LSTM batch holds T steps of activations).
@@ -226,12 +232,9 @@ def tagging_data(
     suffix and shape, vocabularies from the training part, same ``min_count``); inputs
     are then ``[N, T, 3]``. ``bucket``: see ``Task.order``.
     """
-    train_all = read_conllu(train, max_len)
-    test_sents = read_conllu(test, max_len)
-    if dev is not None:
-        train_sents, held_sents = train_all, read_conllu(dev, max_len)
-    else:
-        train_sents, held_sents = split_dev(train_all, heldout, seed=SPLIT_SEED)
+    train_sents, held_sents, test_sents = read_splits(
+        read_conllu, train, test, dev, heldout, max_len
+    )
     word_vocab, tag_vocab = build_vocabs(train_sents, min_count=min_count)
     x_train, y_train, _ = tagging_tensors(train_sents, word_vocab, tag_vocab)
     x_held, y_held, _ = tagging_tensors(held_sents, word_vocab, tag_vocab)

@@ -29,8 +29,6 @@ from mesimp.nn import kernels
 from mesimp.nn.linear import MePropLinear
 from mesimp.training.optim import RowSparseAdam
 
-_SELECTION = {"unified": 1, "topk": 2}
-
 
 @dataclass
 class _Layer:
@@ -61,9 +59,10 @@ def plan(seq: nn.Module) -> list[_Layer] | None:
             if k == 0 or (k >= m.out_features and not masked):
                 layers.append(_Layer(m, 0, 0, masked))
                 continue
-            if cfg.selection not in _SELECTION or cfg.heap_select:  # the heap: Python only
+            code = kernels.SELECTION_CODE.get(cfg.backward_selection)
+            if code is None:  # random, the reference's heap: the Python path
                 return None
-            layers.append(_Layer(m, _SELECTION[cfg.selection], k, masked))
+            layers.append(_Layer(m, code, k, masked))
             meprop = True
         elif type(m) is nn.Linear:
             layers.append(_Layer(m, 0, 0, False))
@@ -196,11 +195,7 @@ def _adam_state(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) ->
         return None
     ms, vs, steps = [], [], []
     for p in params:
-        st = optimizer.state[p]
-        if not st:
-            st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        st = optimizer.param_state(p)
         ms.append(st["exp_avg"])
         vs.append(st["exp_avg_sq"])
         steps.append(st["step"])

@@ -27,6 +27,8 @@ import torch
 from mesimp.errors import BadInputError
 
 MODES = ("auto", "cpp", "python")
+# the selections kernels.cpp implements (its enum); the others run on the Python path
+SELECTION_CODE = {"unified": 1, "topk": 2}
 
 _mode: str | None = None
 _loaded: bool | None = None

@@ -182,11 +182,8 @@ class MePropLinear(MePropCounters, nn.Linear):
             if dtype is not None:
                 x2, weight = x2.to(dtype), weight.to(dtype)
                 bias = bias.to(dtype) if bias is not None else None
-            selection = cfg.selection
-            if cfg.heap_select:  # the C# TopNHeap (mesimp.nn.heap_select)
-                selection = "heap" if cfg.count_zero_fills else "heap_nonzero"
             out = MePropLinearFunction.apply(
-                x2, weight, bias, k, selection, cfg.msbp_alpha, cfg.sparse_grad,
+                x2, weight, bias, k, cfg.backward_selection, cfg.msbp_alpha, cfg.sparse_grad,
                 self._state, masked, cfg.dense_bias,
             )  # fmt: skip
         return out.reshape(*lead, self.out_features)

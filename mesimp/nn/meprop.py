@@ -93,6 +93,13 @@ class MePropConfig:
         if self.heap_select and (self.selection != "topk" or isinstance(self.k, float)):
             raise BadInputError("heap_select is the reference's per-example top-k: an int k, topk")
 
+    @property
+    def backward_selection(self) -> str:
+        """The selection the backward runs: ``selection``, or the reference's heap."""
+        if self.heap_select:
+            return "heap" if self.count_zero_fills else "heap_nonzero"
+        return self.selection
+
     def resolve_k(self, active_width: int, width: int | None = None) -> int:
         """The k used now. Int k is capped at the active width; a fraction scales with it.
 
@@ -171,7 +178,7 @@ class MePropLinearFunction(torch.autograd.Function):
         k, selection, alpha, sparse_grad, state, masked, has_bias, dense_bias = ctx.meprop
         # the kernels do unified and plain per-example top-k (not random, not the reference's
         # heap); torch.compile traces with fake tensors, which the kernels have no rule for
-        compiled = selection in _SELECTION_CODE and not torch.compiler.is_compiling()
+        compiled = selection in kernels.SELECTION_CODE and not torch.compiler.is_compiling()
         if compiled and kernels.usable(dy, x, weight):
             return _compiled_backward(ctx, dy, x, weight)
         n = weight.shape[0]
@@ -247,9 +254,6 @@ class MePropLinearFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
-_SELECTION_CODE = {"unified": 1, "topk": 2}  # mesimp/csrc/kernels.cpp's enum
-
-
 def _compiled_backward(ctx, dy, x, weight):
     """The same backward in one call of ``torch.ops.mesimp.linear_backward``."""
     k, selection, alpha, sparse_grad, state, masked, has_bias, dense_bias = ctx.meprop
@@ -257,7 +261,7 @@ def _compiled_backward(ctx, dy, x, weight):
     need = ctx.needs_input_grad
     dx, dw, db, memory = torch.ops.mesimp.linear_backward(
         dy, x, weight, state.mask if masked else None, memory, state.hits, state.ref,
-        k, _SELECTION_CODE[selection], float(alpha), state.count, has_bias, dense_bias,
+        k, kernels.SELECTION_CODE[selection], float(alpha), state.count, has_bias, dense_bias,
         need[0], need[1], has_bias and need[2], sparse_grad,
     )  # fmt: skip
     if alpha > 0:

@@ -254,12 +254,10 @@ class _Run:
         # Linear-ReLU stack, in one process (each step re-checks that it applies)
         self.one_call = not config.reference and ranks.world == 1 and not self.task.tagging
         self.path = "python"  # which path the last step took (train --json reports it)
-        self.sparse_layers = any(  # Linear layers the kernels serve (LSTM, Conv, random
-            # selection and the reference's heap: Python)
+        self.sparse_layers = any(  # Linear layers the kernels serve (LSTM, Conv: Python)
             isinstance(m, MePropLinear)
             and m.k > 0
-            and m.meprop_config.selection in ("unified", "topk")
-            and not m.meprop_config.heap_select
+            and m.meprop_config.backward_selection in kernels.SELECTION_CODE
             for m in self.model.modules()
         )
         self.named_params = list(self.model.named_parameters())
@@ -443,46 +441,49 @@ class _Run:
             "compiled" if self.sparse_layers and kernels.kernel_name() == "cpp" else "python"
         )
         loss = self.task.loss(self.forward(x), y, self.reduction)
-        loss_value = loss.item()
-        # every rank must take the same branch: DDP's backward all-reduces
-        self.stopping, nonfinite = self.ranks.agree(
-            self.stop.signum is not None, not math.isfinite(loss_value)
-        )
-        if nonfinite:
-            raise self._diverged(f"loss is {loss_value}", epoch, step, self.global_step + 1)
+        loss_value = self._checked_loss(loss, epoch, step)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if (self.global_step + 1) % GRAD_CHECK_EVERY == 0:
-            bad = nonfinite_grad(self.named_params)
-            if bad is not None:
-                raise self._diverged(
-                    f"the gradient of {bad} holds NaN/Inf", epoch, step, self.global_step + 1
-                )
+        if self._grad_check_due():
+            self._check_grad(nonfinite_grad(self.named_params), epoch, step)
         self.optimizer.step()
         self._after_update(loss_value)
 
     def _compiled_step(self, epoch: int, step: int, x: torch.Tensor, y: torch.Tensor) -> bool:
         """The whole step in one compiled call (``mesimp.nn.fused``) where it applies: the
         same update as the steps in ``_step``, the same guards. False: not taken."""
-        check = (self.global_step + 1) % GRAD_CHECK_EVERY == 0
+        check = self._grad_check_due()
         done = fused_train_step(self.model, x, y, self.optimizer, check_grads=check)
         if done is None:
             return False
         self.path = "train_step"
         loss, bad = done
+        loss_value = self._checked_loss(loss, epoch, step)
+        if bad is not None:
+            self._check_grad(next(n for n, p in self.named_params if p is bad), epoch, step)
+        self._after_update(loss_value)
+        return True
+
+    def _grad_check_due(self) -> bool:
+        return (self.global_step + 1) % GRAD_CHECK_EVERY == 0
+
+    def _checked_loss(self, loss: torch.Tensor, epoch: int, step: int) -> float:
+        """The loss value; a non-finite one stops the run. Every rank must take the same
+        branch (DDP's backward all-reduces), so they agree on it and on a stop signal."""
         loss_value = loss.item()
         self.stopping, nonfinite = self.ranks.agree(
             self.stop.signum is not None, not math.isfinite(loss_value)
         )
         if nonfinite:
             raise self._diverged(f"loss is {loss_value}", epoch, step, self.global_step + 1)
+        return loss_value
+
+    def _check_grad(self, bad: str | None, epoch: int, step: int) -> None:
+        """``bad``: the parameter whose gradient holds NaN/Inf, if any."""
         if bad is not None:
-            name = next(n for n, p in self.named_params if p is bad)
             raise self._diverged(
-                f"the gradient of {name} holds NaN/Inf", epoch, step, self.global_step + 1
+                f"the gradient of {bad} holds NaN/Inf", epoch, step, self.global_step + 1
             )
-        self._after_update(loss_value)
-        return True
 
     def _after_update(self, loss_value: float) -> None:
         self.global_step += 1

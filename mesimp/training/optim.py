@@ -35,6 +35,16 @@ class RowSparseAdam(torch.optim.Adam):
     ) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, fused=True)
 
+    def param_state(self, p: torch.Tensor) -> dict:
+        """``p``'s state, created on first use with the keys and types of torch's Adam
+        (so the state_dict stays compatible); the compiled one-call step uses it too."""
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D401 - same contract as Adam.step
         """One fused Adam kernel over all dense params *and* the gathered sparse rows.
@@ -55,11 +65,7 @@ class RowSparseAdam(torch.optim.Adam):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p]
-                if not state:  # same keys and types as torch's Adam (state_dict compatible)
-                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state = self.param_state(p)
                 ps.append(p)
                 gs.append(p.grad)
                 ms.append(state["exp_avg"])
