@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mesimp.nn import kernels
+from benchmarks.meprop_speed import kernel_mode
 from mesimp.simplify.rule import SimplifyConfig
 from mesimp.training.config import TrainConfig
 from mesimp.training.loop import train
@@ -44,13 +44,13 @@ def variants() -> dict[str, tuple[str, dict]]:
 
 
 def run_one(data: str, out: Path, epochs: int, mode: str, overrides: dict) -> dict:
-    kernels.set_kernels(mode)
     cfg = TrainConfig(
         data=data, epochs=epochs, output=str(out), threads=1, seed=1, evals_per_epoch=1
     )
     for key, value in overrides.items():
         setattr(cfg, key, value)
-    summary = train(cfg, progress=False, log=lambda _msg: None)
+    with kernel_mode(mode):
+        summary = train(cfg, progress=False, log=lambda _msg: None)
     return {
         "train_time_s": summary["train_time_s"],
         "per_epoch_s": summary["train_time_s"] / epochs,
@@ -78,7 +78,6 @@ def main(argv: list[str] | None = None) -> int:
                 out = Path(tmp) / f"{r}-{len(runs[name])}.pt"
                 runs[name].append(run_one(args.data, out, args.epochs, mode, overrides))
                 print(f"  round {r + 1} {name}: {runs[name][-1]}", file=sys.stderr, flush=True)
-    kernels.set_kernels("auto")
     best = {name: min(x["per_epoch_s"] for x in rs) for name, rs in runs.items()}
     dense = best["dense"]
     print("| variant | kernel / step path | s per epoch (best round) | speed-up vs dense |")

@@ -35,6 +35,7 @@ in the JSON too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -42,7 +43,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -104,21 +105,33 @@ class _Batches:
         return self.data[self.i]
 
 
+@contextlib.contextmanager
+def kernel_mode(path: str) -> Iterator[None]:
+    """Run under kernel mode ``path``, then restore the caller's (a runner must not move
+    whoever imported it onto another path)."""
+    before = kernels.mode()
+    kernels.set_kernels(path)
+    try:
+        yield
+    finally:
+        kernels.set_kernels(before)
+
+
 def backward_runner(model: nn.Module, batches: _Batches, path: str = "python") -> Runner:
     """Times ``loss.backward()`` only; ``path`` is the kernel mode it runs under."""
     params = list(model.parameters())
 
     def run(n: int) -> float:
-        kernels.set_kernels(path)
         total = 0.0
-        for _ in range(n):
-            for p in params:
-                p.grad = None
-            x, y = batches.next()
-            loss = F.cross_entropy(model(x), y)
-            t0 = time.perf_counter()
-            loss.backward()
-            total += time.perf_counter() - t0
+        with kernel_mode(path):
+            for _ in range(n):
+                for p in params:
+                    p.grad = None
+                x, y = batches.next()
+                loss = F.cross_entropy(model(x), y)
+                t0 = time.perf_counter()
+                loss.backward()
+                total += time.perf_counter() - t0
         return total
 
     return run
@@ -130,15 +143,15 @@ def step_runner(
     """Times a whole training step: forward, backward, step, zero_grad."""
 
     def run(n: int) -> float:
-        kernels.set_kernels(path)
-        t0 = time.perf_counter()
-        for _ in range(n):
-            x, y = batches.next()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0
+        with kernel_mode(path):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                x, y = batches.next()
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            return time.perf_counter() - t0
 
     return run
 
@@ -147,12 +160,12 @@ def train_step_runner(model: nn.Module, opt: torch.optim.Optimizer, batches: _Ba
     """Times ``mesimp.nn.fused.train_step`` (the whole step in one compiled call)."""
 
     def run(n: int) -> float:
-        kernels.set_kernels("cpp")
-        t0 = time.perf_counter()
-        for _ in range(n):
-            x, y = batches.next()
-            train_step(model, x, y, opt)
-        return time.perf_counter() - t0
+        with kernel_mode("cpp"):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                x, y = batches.next()
+                train_step(model, x, y, opt)
+            return time.perf_counter() - t0
 
     return run
 

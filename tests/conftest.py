@@ -46,18 +46,20 @@ def pytest_generate_tests(metafunc):
 
 @pytest.fixture(autouse=True)
 def kernel_path(request):
-    """The kernel mode a test runs under (``cpp`` skips where the kernels are not built)."""
+    """The kernel mode a test runs under (``cpp`` skips where the kernels are not built).
+    Every test leaves the mode as it found it: a test that switches it (a benchmark's
+    runners do) must not move the rest of the suite onto the other path."""
     from mesimp.nn import kernels
 
+    before = kernels.mode()
     mode = getattr(request, "param", None)
     if mode is None:
-        yield kernels.mode()
-        return
-    if mode == "cpp" and not kernels.available():
-        pytest.skip("mesimp._C is not built")
-    before = kernels.mode()
-    kernels.set_kernels(mode)
-    yield mode
+        yield before
+    else:
+        if mode == "cpp" and not kernels.available():
+            pytest.skip("mesimp._C is not built")
+        kernels.set_kernels(mode)
+        yield mode
     kernels.set_kernels(before)
 
 

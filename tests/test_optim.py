@@ -12,7 +12,7 @@ from mesimp.errors import BadInputError
 from mesimp.nn.linear import MePropLinear
 from mesimp.nn.meprop import MePropConfig
 from mesimp.nn.swap import meprop_
-from mesimp.training.optim import RowSparseAdam, build_optimizer
+from mesimp.training.optim import RowSparseAdagrad, RowSparseAdam, RowSparseSGD, build_optimizer
 
 DT = torch.float64
 B1, B2 = 0.9, 0.999
@@ -68,12 +68,21 @@ def _close(a, b, tol=1e-12):
 # --------------------------------------------------------------------------------------
 # 1. lazy sparse Adam vs a hand-written reference
 # --------------------------------------------------------------------------------------
-def test_row_sparse_adam_matches_lazy_reference():
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+@pytest.mark.parametrize("dtype", [DT, torch.float32])
+def test_row_sparse_adam_matches_lazy_reference(dtype, kernel_path):
+    """float64 (torch's fused Adam on the gathered rows) to 1e-12; float32 (the compiled
+    step on the cpp path) to float32 rounding, against the float64 reference."""
     g = torch.Generator().manual_seed(0)
-    w = nn.Parameter(torch.randn(8, 3, dtype=DT, generator=g))
-    b = nn.Parameter(torch.randn(8, dtype=DT, generator=g))
-    ref = LazyAdamRef([w, b], lr=0.05)
+    w = nn.Parameter(torch.randn(8, 3, dtype=DT, generator=g).to(dtype))
+    b = nn.Parameter(torch.randn(8, dtype=DT, generator=g).to(dtype))
+    ref = LazyAdamRef([w.double(), b.double()], lr=0.05)
     opt = RowSparseAdam([w, b], lr=0.05)
+    tol = 1e-12 if dtype == DT else 2e-5
+
+    def _close(a, b):
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
+
     schedule = [
         [1, 4, 6],
         [4, 0],
@@ -84,9 +93,13 @@ def test_row_sparse_adam_matches_lazy_reference():
     for step, rows in enumerate(schedule):
         gw = sparse_rows(rows, torch.randn(len(rows), 3, dtype=DT, generator=g), w.shape)
         gb = torch.randn(8, dtype=DT, generator=g) if step != 3 else None  # b skips a step
-        w.grad, b.grad = gw, gb
+        w.grad = gw.to(dtype)
+        b.grad = gb.to(dtype) if gb is not None else None
+        assert (opt.compiled_plan() is not None) == (kernel_path == "cpp" and dtype != DT)
+        handed = w.grad
         opt.step()
-        ref.step([gw, gb])
+        assert w.grad is handed  # the sparse grad is handed back after the step
+        ref.step([w.grad.double(), b.grad.double() if gb is not None else None])
         _close(w.detach(), ref.params[0])
         _close(b.detach(), ref.params[1])
     # the per-param step counts are the number of steps each param took part in
@@ -94,8 +107,6 @@ def test_row_sparse_adam_matches_lazy_reference():
     assert float(opt.state[b]["step"]) == 4.0
     _close(opt.state[w]["exp_avg"], ref.m[0])
     _close(opt.state[w]["exp_avg_sq"], ref.v[0])
-    # the sparse grad is handed back after the step
-    assert w.grad is gw
 
 
 # --------------------------------------------------------------------------------------
@@ -200,15 +211,17 @@ def _params():
     [
         ("adam", True, RowSparseAdam),
         ("adam", False, torch.optim.Adam),
-        ("adagrad", True, torch.optim.Adagrad),
-        ("adagrad", False, torch.optim.Adagrad),
-        ("sgd", True, torch.optim.SGD),
-        ("sgd", False, torch.optim.SGD),
+        ("adagrad", True, RowSparseAdagrad),
+        ("adagrad", False, RowSparseAdagrad),
+        ("sgd", True, RowSparseSGD),
+        ("sgd", False, RowSparseSGD),
     ],
 )
 def test_build_optimizer_types(name, sparse, cls):
     opt = build_optimizer(name, _params(), 0.1, sparse_update=sparse)
     assert type(opt) is cls
+    assert isinstance(opt, {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad,
+                            "sgd": torch.optim.SGD}[name])  # fmt: skip
     assert opt.param_groups[0]["lr"] == 0.1
 
 
@@ -253,6 +266,95 @@ def test_sparse_meprop_grads_step(name):
     assert not torch.equal(after[touched], before[touched])
     if name == "sgd":
         torch.testing.assert_close(after, expected_sgd)
+
+
+class LazyAdagradRef:
+    """Plain float64 Adagrad / SGD, per row: ``sum += g^2; p -= clr g / (sqrt(sum) + eps)``
+    with ``clr = lr / (1 + (step - 1) lr_decay)`` (SGD: ``p -= lr g``); a row-sparse grad
+    touches only its rows (duplicates summed first), a dense one every row."""
+
+    def __init__(self, params, lr, lr_decay, eps, sgd):
+        self.p = [q.detach().double().clone() for q in params]
+        self.s = [torch.zeros_like(q) for q in self.p]
+        self.n = [0] * len(self.p)
+        self.lr, self.lr_decay, self.eps, self.sgd = lr, lr_decay, eps, sgd
+
+    def step(self, grads):
+        for i, g in enumerate(grads):
+            self.n[i] += 1
+            g = g.coalesce().to_dense().double() if g.is_sparse else g.double()
+            rows = g.reshape(g.shape[0], -1).abs().sum(1) > 0
+            if self.sgd:
+                self.p[i][rows] -= self.lr * g[rows]
+                continue
+            clr = self.lr / (1 + (self.n[i] - 1) * self.lr_decay)
+            self.s[i][rows] += g[rows] * g[rows]
+            self.p[i][rows] -= clr * g[rows] / (self.s[i][rows].sqrt() + self.eps)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+@pytest.mark.parametrize("name", ["adagrad", "sgd"])
+def test_adagrad_sgd_against_float64(name, kernel_path):
+    """RowSparseAdagrad / RowSparseSGD (compiled or torch's step, per the kernel path) on
+    uncoalesced row-sparse and dense float32 gradients, against float64 by hand."""
+    g = torch.Generator().manual_seed(0)
+    params = [nn.Parameter(torch.randn(7, 5, generator=g)), nn.Parameter(torch.randn(7))]
+    if name == "adagrad":
+        opt = RowSparseAdagrad(params, lr=0.1, lr_decay=0.05, eps=1e-6)
+    else:
+        opt = RowSparseSGD(params, lr=0.1)
+    ref = LazyAdagradRef(params, 0.1, 0.05, 1e-6, sgd=name == "sgd")
+    for step in range(5):
+        rows = [[1, 4, 1], [6, 0], [3]][step % 3]
+        gw = sparse_rows(rows, torch.randn(len(rows), 5, generator=g), (7, 5))
+        if step == 3:
+            gw = torch.randn(7, 5, generator=g)  # a dense step between the sparse ones
+        grads = [gw, torch.randn(7, generator=g)]
+        for p, gr in zip(params, grads, strict=True):
+            p.grad = gr
+        assert (opt.compiled_plan() is not None) == (kernel_path == "cpp")
+        opt.step()
+        ref.step(grads)
+    for got, want in zip(params, ref.p, strict=True):
+        torch.testing.assert_close(got.detach().double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["adam", "adagrad", "sgd"])
+def test_options_the_kernels_lack_take_torchs_step(name, kernel_path):
+    """Weight decay (Adagrad) and momentum (SGD) are not compiled: torch's own step runs,
+    once, matching torch. Every optimizer runs its step hooks once (torch's inner step
+    is not re-hooked) and returns the closure's loss."""
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 3), nn.Linear(4, 3)
+    b.load_state_dict(a.state_dict())
+    opts = {
+        "adam": (RowSparseAdam(a.parameters(), lr=0.1),
+                 torch.optim.Adam(b.parameters(), lr=0.1)),
+        "adagrad": (RowSparseAdagrad(a.parameters(), lr=0.1, weight_decay=0.1),
+                    torch.optim.Adagrad(b.parameters(), lr=0.1, weight_decay=0.1)),
+        "sgd": (RowSparseSGD(a.parameters(), lr=0.1, momentum=0.9),
+                torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9)),
+    }  # fmt: skip
+    mine, theirs = opts[name]
+    calls = []
+    mine.register_step_pre_hook(lambda *_: calls.append(1))
+    x = torch.randn(5, 4)
+    for _ in range(3):
+        for m, o in ((a, mine), (b, theirs)):
+            o.zero_grad()
+
+            def closure(m=m):
+                loss = m(x).square().sum()
+                loss.backward()
+                return loss
+
+            loss = o.step(closure)
+            assert torch.isfinite(loss)
+    assert len(calls) == 3
+    if name != "adam":
+        assert mine.compiled_plan() is None
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------

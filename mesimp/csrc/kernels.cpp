@@ -4,22 +4,25 @@
 // thing with less dispatch and bookkeeping:
 //   linear_backward   one meProp Linear backward: selection, counters, MSBP memory,
 //                     gathered GEMMs (ATen's BLAS), bias gradient, dense or COO dW
-//   mlp_backward      the whole Linear-ReLU stack's backward in one call (one autograd
-//                     node in Python, behind loss.backward())
-//   lazy_adam_step    RowSparseAdam.step: gather the rows of row-sparse gradients, one
-//                     torch._fused_adam_ over everything, scatter back (bit-identical)
-//   mlp_train_step    forward, cross-entropy, backward and the lazy Adam step in one call
+//   mlp_forward       a whole Linear-ReLU stack as one C++ autograd node (StackFunction):
+//                     its backward is the stack's meProp backward, behind loss.backward()
+//                     with no Python in between
+//   optimizer_step    the step of RowSparseAdam / RowSparseAdagrad / RowSparseSGD: each
+//                     row a gradient names is updated in one pass (lazy, row-sparse)
+//   mlp_train_step    forward, cross-entropy, backward and the optimizer step in one call
 //
 // Selection order: the k largest scores, ties broken by the lower index (a strict total
 // order, so the selected set is unique), NaN counts as +inf (as torch.topk does); masked
 // units score -1. Hot loops use GCC's target_clones (runtime dispatch AVX2/baseline) and
 // -ffp-contract=off, so every ISA gives the same bits.
 #include <ATen/ATen.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <functional>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <vector>
@@ -210,14 +213,38 @@ Tensor index_tensor(const std::vector<int64_t>& v) {
   return t;
 }
 
-Tensor make_weight_grad(const Tensor& rows_w, const Tensor& sel, at::IntArrayRef shape,
-                        bool sparse_grad) {
-  if (sparse_grad) {
-    Tensor g = at::_sparse_coo_tensor_unsafe(sel.unsqueeze(0), rows_w, shape, rows_w.options());
-    g._coalesced_(true);
-    return g;
-  }
-  return at::zeros(shape, rows_w.options()).index_copy_(0, sel, rows_w);
+// Rows sel of a contiguous w [n, d], as a new [|sel|, d]: index_select's bits, without
+// its dispatch (a tenth of the time at meProp's sizes).
+Tensor gather_rows(const Tensor& w, const std::vector<int64_t>& sel) {
+  const int64_t d = w.size(1);
+  Tensor out = at::empty({(int64_t)sel.size(), d}, w.options());
+  const float* src = w.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  for (size_t t = 0; t < sel.size(); ++t)
+    std::memcpy(dst + t * d, src + sel[t] * d, d * sizeof(float));
+  return out;
+}
+
+// A layer's gradients. dw is dense [n, d], or, when rows is defined, the rows' gradients
+// [|rows|, d] (rows ascending, every other row zero): the trainer's optimizer step takes
+// them as they are; the autograd path turns them into a COO or a dense tensor.
+struct LayerGrads {
+  Tensor dx, dw, rows, db, memory;
+};
+
+Tensor weight_grad(const LayerGrads& g, at::IntArrayRef shape, bool sparse_grad) {
+  if (!g.rows.defined()) return g.dw;
+  if (sparse_grad)
+    return at::_sparse_coo_tensor_with_dims_and_tensors(
+        1, 1, shape, g.rows.view({1, -1}), g.dw, g.dw.options().layout(at::kSparse), true);
+  Tensor dense = at::zeros(shape, g.dw.options());
+  const int64_t d = shape[1];
+  const int64_t* rp = g.rows.data_ptr<int64_t>();
+  const float* src = g.dw.data_ptr<float>();
+  float* dst = dense.data_ptr<float>();
+  for (int64_t t = 0; t < g.rows.numel(); ++t)
+    std::memcpy(dst + rp[t] * d, src + t * d, d * sizeof(float));
+  return dense;
 }
 
 // The per-example top-k backward's working arrays, kept between calls.
@@ -226,10 +253,6 @@ struct TopkScratch {
   std::vector<float> vals, key, ev;
   std::vector<const float*> rows;
   RowScratch row;
-};
-
-struct LayerGrads {
-  Tensor dx, dw, db, memory;
 };
 
 struct LayerArgs {
@@ -243,6 +266,7 @@ struct LayerArgs {
 };
 
 // One layer's meProp backward; dy [N, n] float32 contiguous, x [N, d], weight [n, d].
+// Row-sparse dw (rows defined) when the layer selects; db dense.
 LayerGrads layer_backward(const Tensor& dy, const Tensor& x, const Tensor& weight,
                           const std::optional<Tensor>& mask, const std::optional<Tensor>& memory,
                           const Tensor& hits, const Tensor& ref, const LayerArgs& a,
@@ -289,10 +313,18 @@ LayerGrads layer_backward(const Tensor& dy, const Tensor& x, const Tensor& weigh
       for (int64_t i = 0; i < N; ++i)
         for (int64_t j : sel_v) mo[i * n + j] = 0.f;
     }
-    if (need_dx) out.dx = u_sel.mm(weight.index_select(0, sel));
-    if (need_dw) out.dw = make_weight_grad(u_sel.t().mm(xc), sel, weight.sizes(), a.sparse_grad);
-    if (need_db && a.has_bias && !a.dense_bias)
-      out.db = at::zeros({n}, u.options()).index_copy_(0, sel, u_sel.sum(0));
+    if (need_dx) out.dx = u_sel.mm(gather_rows(weight.contiguous(), sel_v));
+    if (need_dw) {
+      out.dw = u_sel.t().mm(xc);
+      out.rows = sel;
+    }
+    if (need_db && a.has_bias && !a.dense_bias) {  // u_sel.sum(0): the Python path's bits
+      const Tensor s = u_sel.sum(0);
+      const float* ssp = s.data_ptr<float>();
+      out.db = at::zeros({n}, u.options());
+      float* bp = out.db.data_ptr<float>();
+      for (int64_t t = 0; t < k; ++t) bp[sel_v[t]] = ssp[t];
+    }
   } else {  // per-example top-k: b*k*d work for dx and dW
     const int64_t k = a.k;
     TORCH_CHECK(n <= std::numeric_limits<int32_t>::max(), "mesimp kernels: layer too wide");
@@ -353,34 +385,31 @@ LayerGrads layer_backward(const Tensor& dy, const Tensor& x, const Tensor& weigh
         ex[e] = i;
         ev[e] = vals[i * k + t];
       }
-    Tensor dx, dwt;
     std::vector<const float*>& rows = sc.rows;
     rows.resize(std::max<int64_t>(N, k));
     if (need_dx) {  // dx[i] = sum_t vals[i, t] W[idx[i, t]], one example at a time
-      dx = at::empty({N, d}, u.options());  // every row written whole
-      float* dxp = dx.data_ptr<float>();
+      out.dx = at::empty({N, d}, u.options());  // every row written whole
+      float* dxp = out.dx.data_ptr<float>();
       for (int64_t i = 0; i < N; ++i) {
         for (int64_t t = 0; t < k; ++t) rows[t] = wp + idx[i * k + t] * d;
         weighted_rows_sum(d, k, rows.data(), &vals[i * k], dxp + i * d);
       }
     }
-    const bool sparse_rows = a.sparse_grad;
     if (need_dw) {  // dW[j] = sum over the entries that selected j of val * x[example]
       // row-sparse: [|U|, d], every row written whole; dense: zero only the rows not in U
-      dwt = at::empty({sparse_rows ? (int64_t)uni.size() : n, d}, u.options());
-      float* dwp = dwt.data_ptr<float>();
-      if (!sparse_rows)
+      const bool compact = a.sparse_grad;
+      out.dw = at::empty({compact ? (int64_t)uni.size() : n, d}, u.options());
+      float* dwp = out.dw.data_ptr<float>();
+      if (!compact)
         for (int64_t j = 0; j < n; ++j)
           if (counts[j] == 0) std::fill(dwp + j * d, dwp + (j + 1) * d, 0.f);
       for (int64_t j : uni) {
         const int64_t m = start[j + 1] - start[j];
         for (int64_t e = 0; e < m; ++e) rows[e] = xp + ex[start[j] + e] * d;
-        weighted_rows_sum(d, m, rows.data(), &ev[start[j]], dwp + (sparse_rows ? pos[j] : j) * d);
+        weighted_rows_sum(d, m, rows.data(), &ev[start[j]], dwp + (compact ? pos[j] : j) * d);
       }
+      if (compact) out.rows = index_tensor(uni);
     }
-    if (need_dx) out.dx = dx;
-    if (need_dw)
-      out.dw = sparse_rows ? make_weight_grad(dwt, index_tensor(uni), weight.sizes(), true) : dwt;
     if (need_db && a.has_bias && !a.dense_bias) {
       out.db = at::zeros({n}, u.options());
       float* bp = out.db.data_ptr<float>();
@@ -409,20 +438,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_backward(
   LayerArgs a{k, selection, alpha, count, has_bias, dense_bias, sparse_grad};
   LayerGrads g = layer_backward(dy.contiguous(), x, weight, mask, memory, hits, ref, a, need_dx,
                                 need_dw, need_db);
-  return {g.dx, g.dw, g.db, g.memory};
+  Tensor dw = need_dw ? weight_grad(g, weight.sizes(), sparse_grad) : Tensor();
+  return {g.dx, dw, g.db, g.memory};
 }
 
+// -- the Linear-ReLU stack ----------------------------------------------------------------
+// Per-layer arguments, and the tensors the backward updates in place: the hit counters
+// and, for MSBP layers, the memory tensor, which the backward points at its new memory
+// (Tensor::set_), so the module's MePropState sees it without a round trip.
 struct Stack {
   std::vector<LayerArgs> args;
   std::vector<std::optional<Tensor>> masks, memories;
+  std::vector<Tensor> hits, refs;
 };
 
 Stack make_stack(const c10::List<std::optional<Tensor>>& masks,
-                 const c10::List<std::optional<Tensor>>& memories, at::IntArrayRef ks,
-                 at::IntArrayRef selections, at::ArrayRef<double> alphas, at::IntArrayRef flags,
-                 size_t L) {
-  TORCH_CHECK(masks.size() == L && memories.size() == L && ks.size() == L &&
-                  selections.size() == L && alphas.size() == L && flags.size() == L,
+                 const c10::List<std::optional<Tensor>>& memories, at::TensorList hits,
+                 at::TensorList refs, at::IntArrayRef ks, at::IntArrayRef selections,
+                 at::ArrayRef<double> alphas, at::IntArrayRef flags, size_t L) {
+  TORCH_CHECK(masks.size() == L && memories.size() == L && hits.size() == L &&
+                  refs.size() == L && ks.size() == L && selections.size() == L &&
+                  alphas.size() == L && flags.size() == L,
               "mesimp kernels: per-layer lists of different lengths");
   Stack s;
   for (size_t l = 0; l < L; ++l) {
@@ -435,146 +471,46 @@ Stack make_stack(const c10::List<std::optional<Tensor>>& masks,
     a.has_bias = flags[l] & 2;
     a.dense_bias = flags[l] & 4;
     a.sparse_grad = flags[l] & 8;
+    TORCH_CHECK(a.selection == kDense || (a.k >= 1 && a.selection <= kTopk),
+                "mesimp kernels: bad selection or k");
+    TORCH_CHECK(a.alpha <= 0 || memories.get(l).has_value(),
+                "mesimp kernels: an MSBP layer needs its memory tensor");
     s.args.push_back(a);
     s.masks.push_back(masks.get(l));
     s.memories.push_back(memories.get(l));
+    s.hits.push_back(hits[l]);
+    s.refs.push_back(refs[l]);
   }
   return s;
 }
 
-// Backward of h_{l+1} = relu((h_l W_l^T + b_l) * mask_l) (no ReLU after the last layer).
-// xs[l] is layer l's input (xs[l+1] its ReLU output). Returns [dx0, (dW, db, memory) * L].
-std::vector<Tensor> stack_backward(Tensor dout, at::TensorList xs, at::TensorList weights,
-                                   const Stack& s, at::TensorList hits, at::TensorList refs,
-                                   bool need_dx0) {
-  const size_t L = weights.size();
-  std::vector<Tensor> out(1 + 3 * L);
-  Tensor dy = dout.contiguous();
-  for (size_t li = L; li-- > 0;) {
-    const bool need_dx = li > 0 || need_dx0;
-    LayerGrads g = layer_backward(dy, xs[li], weights[li], s.masks[li], s.memories[li], hits[li],
-                                  refs[li], s.args[li], need_dx, true, true);
-    out[1 + 3 * li] = g.dw;
-    out[2 + 3 * li] = g.db;
-    out[3 + 3 * li] = g.memory;
-    if (li > 0) {
-      dy = g.dx.contiguous();
-      const Tensor h = xs[li].contiguous();
-      relu_mask(dy.numel(), h.data_ptr<float>(), dy.data_ptr<float>());
-    } else {
-      out[0] = g.dx;
-    }
-  }
-  return out;
-}
-
-std::vector<Tensor> mlp_backward(const Tensor& dout, at::TensorList xs, at::TensorList weights,
-                                 const c10::List<std::optional<Tensor>>& masks,
-                                 const c10::List<std::optional<Tensor>>& memories,
-                                 at::TensorList hits, at::TensorList refs, at::IntArrayRef ks,
-                                 at::IntArrayRef selections, at::ArrayRef<double> alphas,
-                                 at::IntArrayRef flags, bool need_dx0) {
-  const size_t L = weights.size();
-  TORCH_CHECK(xs.size() == L && hits.size() == L && refs.size() == L,
-              "mesimp kernels: per-layer lists of different lengths");
-  check_cpu_float(dout, "dout");
-  for (size_t l = 0; l < L; ++l) {
-    check_cpu_float(xs[l], "layer input");
-    check_cpu_float(weights[l], "weight");
-  }
-  Stack s = make_stack(masks, memories, ks, selections, alphas, flags, L);
-  return stack_backward(dout, xs, weights, s, hits, refs, need_dx0);
-}
-
-// RowSparseAdam.step for one param group: dense gradients step whole; row-sparse (COO,
-// coalesced) ones gather their rows from the param and both moments, step together with
-// the dense ones in one _fused_adam_, and scatter back.
-void adam_update(std::vector<Tensor> params, std::vector<Tensor> grads, std::vector<Tensor> ms,
-                 std::vector<Tensor> vs, at::TensorList steps, double lr, double beta1,
-                 double beta2, double eps) {
-  struct Scatter {
-    Tensor p, m, v, rows, pr, mr, vr;
-  };
-  std::vector<Scatter> scatter;
-  for (size_t i = 0; i < params.size(); ++i) {
-    Tensor& g = grads[i];
-    if (!g.is_sparse()) continue;
-    Tensor rows = g._indices().select(0, 0);
-    if (!g.is_coalesced()) {  // autograd drops the flag: re-sort only if really unsorted
-      Tensor r = rows.contiguous();
-      const int64_t* rp = r.data_ptr<int64_t>();
-      bool sorted = true;
-      for (int64_t i = 1; i < r.numel() && sorted; ++i) sorted = rp[i - 1] < rp[i];
-      if (!sorted) {
-        g = g.coalesce();
-        rows = g._indices().select(0, 0);
-      }
-    }
-    Scatter s{params[i], ms[i], vs[i], rows, params[i].index_select(0, rows),
-              ms[i].index_select(0, rows), vs[i].index_select(0, rows)};
-    params[i] = s.pr;
-    ms[i] = s.mr;
-    vs[i] = s.vr;
-    g = g._values();
-    scatter.push_back(std::move(s));
-  }
-  at::_foreach_add_(steps, 1);
-  at::_fused_adam_(params, grads, ms, vs, {}, steps, lr, beta1, beta2, 0.0, eps, false, false);
-  for (auto& s : scatter) {
-    s.p.index_copy_(0, s.rows, s.pr);
-    s.m.index_copy_(0, s.rows, s.mr);
-    s.v.index_copy_(0, s.rows, s.vr);
-  }
-}
-
-void lazy_adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                    at::TensorList exp_avg_sqs, at::TensorList steps, double lr, double beta1,
-                    double beta2, double eps) {
-  TORCH_CHECK(params.size() == grads.size() && params.size() == exp_avgs.size() &&
-                  params.size() == exp_avg_sqs.size() && params.size() == steps.size(),
-              "mesimp kernels: lazy_adam_step lists of different lengths");
-  if (params.empty()) return;
-  at::NoGradGuard no_grad;
-  adam_update(params.vec(), grads.vec(), exp_avgs.vec(), exp_avg_sqs.vec(), steps, lr, beta1,
-              beta2, eps);
-}
-
-// One training step of the Linear-ReLU stack with mean cross-entropy and the lazy Adam:
-// the same ops as forward + F.cross_entropy + loss.backward() + RowSparseAdam.step().
-// params = [W0, b0, W1, b1, ...] (biases present per flags bit 1). Returns
-// [loss, bad, memory_0, ..., memory_{L-1}]: bad = -1, or the index in params of a
-// non-finite gradient (checked when check_grads); a non-finite loss or gradient leaves
-// the parameters and the optimizer state untouched.
-std::vector<Tensor> mlp_train_step(const Tensor& x, const Tensor& y, at::TensorList params,
-                                   const c10::List<std::optional<Tensor>>& masks,
-                                   const c10::List<std::optional<Tensor>>& memories,
-                                   at::TensorList hits, at::TensorList refs, at::IntArrayRef ks,
-                                   at::IntArrayRef selections, at::ArrayRef<double> alphas,
-                                   at::IntArrayRef flags, at::TensorList exp_avgs,
-                                   at::TensorList exp_avg_sqs, at::TensorList steps, double lr,
-                                   double beta1, double beta2, double eps, bool check_grads) {
-  at::NoGradGuard no_grad;
-  const size_t L = hits.size();
-  Stack s = make_stack(masks, memories, ks, selections, alphas, flags, L);
-  std::vector<Tensor> weights, biases;
+// params = [W0, (b0), W1, (b1), ...]: biases where flags bit 1 says so.
+void split_params(at::TensorList params, const Stack& s, std::vector<Tensor>& weights,
+                  std::vector<Tensor>& biases) {
   size_t pi = 0;
-  for (size_t l = 0; l < L; ++l) {
+  for (const LayerArgs& a : s.args) {
     TORCH_CHECK(pi < params.size(), "mesimp kernels: too few params");
+    check_cpu_float(params[pi], "weight");
     weights.push_back(params[pi++]);
-    if (s.args[l].has_bias) {
+    if (a.has_bias) {
       TORCH_CHECK(pi < params.size(), "mesimp kernels: too few params");
       biases.push_back(params[pi++]);
     } else {
       biases.emplace_back();
     }
   }
-  TORCH_CHECK(pi == params.size() && exp_avgs.size() == pi && exp_avg_sqs.size() == pi &&
-                  steps.size() == pi,
-              "mesimp kernels: params and optimizer state do not match the layers");
+  TORCH_CHECK(pi == params.size(), "mesimp kernels: params do not match the layers");
+}
+
+// relu(...relu(x W0^T + b0) * mask0 ...) W_L^T + b_L: what MePropLinear / nn.Linear /
+// nn.ReLU compute. Fills xs with each layer's input (x, then the ReLU outputs).
+Tensor stack_forward(const Tensor& x, const std::vector<Tensor>& weights,
+                     const std::vector<Tensor>& biases, const Stack& s,
+                     std::vector<Tensor>& xs) {
   check_cpu_float(x, "x");
-  // forward: what MePropLinear / nn.Linear / nn.ReLU compute
-  std::vector<Tensor> xs{x};
+  xs.assign(1, x);
   Tensor h = x;
+  const size_t L = weights.size();
   for (size_t l = 0; l < L; ++l) {
     const Tensor& W = weights[l];
     Tensor o = biases[l].defined() ? at::addmm(biases[l], h, W.t()) : h.mm(W.t());
@@ -585,34 +521,335 @@ std::vector<Tensor> mlp_train_step(const Tensor& x, const Tensor& y, at::TensorL
     }
     h = o;
   }
-  // F.cross_entropy(logits, y) and its backward, as autograd runs them
-  Tensor logp = at::_log_softmax(h, 1, false);
-  auto [loss, total_weight] = at::nll_loss_forward(logp, y, {}, at::Reduction::Mean, -100);
-  std::vector<Tensor> out{loss, at::full({}, -1, at::kLong)};
-  if (!std::isfinite(loss.item<float>())) {
-    for (size_t l = 0; l < L; ++l) out.push_back(s.memories[l].value_or(Tensor()));
+  return h;
+}
+
+// Backward of stack_forward from the logits' gradient; per layer its LayerGrads. The
+// MSBP memories are updated (set_) here.
+std::vector<LayerGrads> stack_backward(const Tensor& dout, const std::vector<Tensor>& xs,
+                                       const std::vector<Tensor>& weights, const Stack& s,
+                                       bool need_dx0) {
+  const size_t L = weights.size();
+  std::vector<LayerGrads> out(L);
+  Tensor dy = dout.contiguous();
+  for (size_t li = L; li-- > 0;) {
+    const bool need_dx = li > 0 || need_dx0;
+    LayerGrads g = layer_backward(dy, xs[li], weights[li], s.masks[li], s.memories[li],
+                                  s.hits[li], s.refs[li], s.args[li], need_dx, true, true);
+    if (s.args[li].alpha > 0 && g.memory.defined()) s.memories[li]->set_(g.memory);
+    if (li > 0) {
+      dy = g.dx.contiguous();
+      const Tensor h = xs[li].contiguous();
+      relu_mask(dy.numel(), h.data_ptr<float>(), dy.data_ptr<float>());
+      g.dx = Tensor();
+    }
+    out[li] = std::move(g);
+  }
+  return out;
+}
+
+// -- optimizers ---------------------------------------------------------------------------
+// One step over parameters whose gradients are dense or row-sparse (the rows ascending and
+// unique): only those rows are read and written, the lazy update meProp needs (a dense
+// optimizer would sweep all of W), in one pass over each row. Step counters are float32 or
+// float64 scalars.
+enum Optim : int64_t { kAdam = 0, kAdagrad = 1, kSgd = 2 };
+
+struct Grad {
+  Tensor values;  // dense [same shape as the param], or [|rows|, d]
+  Tensor rows;    // int64 [|rows|], or undefined (dense)
+};
+
+double bump_step(const Tensor& step) {
+  TORCH_CHECK(step.numel() == 1 && step.device().is_cpu(), "mesimp kernels: bad step counter");
+  if (step.scalar_type() == at::kFloat) return ++step.data_ptr<float>()[0];
+  if (step.scalar_type() == at::kDouble) return ++step.data_ptr<double>()[0];
+  step.add_(1);
+  return step.item<double>();
+}
+
+// Adagrad and SGD as torch computes them (lr_decay and eps as in torch.optim.Adagrad; no
+// weight decay, momentum or maximize: the Python side sends those to torch's own step).
+MESIMP_CLONES void adagrad_span(float* __restrict p, float* __restrict s,
+                                const float* __restrict g, int64_t n, float neg_clr, float eps) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float si = s[i] + g[i] * g[i];
+    s[i] = si;
+    p[i] = p[i] + neg_clr * (g[i] / (std::sqrt(si) + eps));
+  }
+}
+
+MESIMP_CLONES void sgd_span(float* __restrict p, const float* __restrict g, int64_t n,
+                            float neg_lr) {
+  for (int64_t i = 0; i < n; ++i) p[i] = p[i] + neg_lr * g[i];
+}
+
+// The (param, state...) spans a gradient names: the whole tensor, or each of its rows.
+template <typename F>
+void for_spans(const Tensor& p, const Grad& g, F&& f) {
+  const float* gv = g.values.data_ptr<float>();
+  if (!g.rows.defined()) {
+    f(0, gv, p.numel());
+    return;
+  }
+  const int64_t d = p.numel() / std::max<int64_t>(p.size(0), 1);
+  const int64_t* rp = g.rows.data_ptr<int64_t>();
+  for (int64_t t = 0; t < g.rows.numel(); ++t) f(rp[t] * d, gv + t * d, d);
+}
+
+// Adam as torch.optim.Adam computes it (eps after the bias-corrected square root; the
+// moment update as torch's lerp), in float32 without fused multiply-adds: the same bits
+// on every CPU, within float32 rounding of torch's fused Adam (whose kernels fuse the
+// moment update where the CPU has FMA). Replaces a gather, one torch._fused_adam_ over
+// the gathered rows and a scatter back: a third of the step at meProp's sizes.
+struct AdamConsts {
+  float c1, one_minus_c1, beta2, c2, bc2_sqrt, eps, neg_step_size;
+  bool lerp_small;
+};
+
+AdamConsts adam_consts(double step, double lr, double beta1, double beta2, double eps) {
+  const double bc1 = 1 - std::pow(beta1, step), bc2 = 1 - std::pow(beta2, step);
+  const float c1 = static_cast<float>(1 - beta1);
+  return {c1,
+          1.f - c1,
+          static_cast<float>(beta2),
+          static_cast<float>(1 - beta2),
+          static_cast<float>(std::sqrt(bc2)),
+          static_cast<float>(eps),
+          static_cast<float>(-(lr / bc1)),
+          std::fabs(c1) < 0.5f};
+}
+
+MESIMP_CLONES void adam_span(float* __restrict p, float* __restrict m, float* __restrict v,
+                             const float* __restrict g, int64_t n, const AdamConsts c) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float gi = g[i];
+    const float mi = c.lerp_small ? m[i] + c.c1 * (gi - m[i]) : gi - (gi - m[i]) * c.one_minus_c1;
+    const float vi = v[i] * c.beta2 + c.c2 * gi * gi;
+    m[i] = mi;
+    v[i] = vi;
+    p[i] = p[i] + c.neg_step_size * mi / (std::sqrt(vi) / c.bc2_sqrt + c.eps);
+  }
+}
+
+// hyper: adam [lr, beta1, beta2, eps]; adagrad [lr, lr_decay, eps]; sgd [lr].
+void optimizer_update(int64_t kind, const std::vector<Tensor>& params,
+                      const std::vector<Grad>& grads, at::TensorList state1,
+                      at::TensorList state2, at::TensorList steps, at::ArrayRef<double> hyper) {
+  const size_t P = params.size();
+  for (size_t i = 0; i < P; ++i) {
+    const Tensor& p = params[i];
+    TORCH_CHECK(p.device().is_cpu() && p.scalar_type() == at::kFloat && p.is_contiguous(),
+                "mesimp kernels: parameters must be contiguous float32 CPU tensors");
+    const Grad& g = grads[i];
+    TORCH_CHECK(g.values.scalar_type() == at::kFloat && g.values.is_contiguous() &&
+                    (g.rows.defined() ? p.dim() == 2 && g.values.size(1) == p.size(1)
+                                      : g.values.numel() == p.numel()),
+                "mesimp kernels: a gradient does not match its parameter");
+  }
+  for (at::TensorList st : {state1, state2})
+    for (size_t i = 0; i < st.size(); ++i)
+      TORCH_CHECK(st[i].scalar_type() == at::kFloat && st[i].is_contiguous() &&
+                      st[i].numel() == params[i].numel(),
+                  "mesimp kernels: optimizer state must match its parameter (contiguous float32)");
+  if (kind == kAdam) {
+    TORCH_CHECK(hyper.size() == 4 && state1.size() == P && state2.size() == P && steps.size() == P,
+                "mesimp kernels: Adam needs lr, betas, eps and its state per parameter");
+    for (size_t i = 0; i < P; ++i) {
+      const AdamConsts c = adam_consts(bump_step(steps[i]), hyper[0], hyper[1], hyper[2], hyper[3]);
+      float* p = params[i].data_ptr<float>();
+      float* m = state1[i].data_ptr<float>();
+      float* v = state2[i].data_ptr<float>();
+      for_spans(params[i], grads[i], [&](int64_t off, const float* g, int64_t n) {
+        adam_span(p + off, m + off, v + off, g, n, c);
+      });
+    }
+  } else if (kind == kAdagrad) {
+    TORCH_CHECK(hyper.size() == 3 && state1.size() == P && steps.size() == P,
+                "mesimp kernels: Adagrad needs lr, lr_decay, eps and its state per parameter");
+    for (size_t i = 0; i < P; ++i) {
+      const double step = bump_step(steps[i]);
+      const float neg_clr = static_cast<float>(-(hyper[0] / (1 + (step - 1) * hyper[1])));
+      const float eps = static_cast<float>(hyper[2]);
+      float* p = params[i].data_ptr<float>();
+      float* s = state1[i].data_ptr<float>();
+      for_spans(params[i], grads[i], [&](int64_t off, const float* g, int64_t n) {
+        adagrad_span(p + off, s + off, g, n, neg_clr, eps);
+      });
+    }
+  } else {
+    TORCH_CHECK(kind == kSgd && hyper.size() == 1, "mesimp kernels: bad optimizer");
+    const float neg_lr = static_cast<float>(-hyper[0]);
+    for (size_t i = 0; i < P; ++i) {
+      float* p = params[i].data_ptr<float>();
+      for_spans(params[i], grads[i], [&](int64_t off, const float* g, int64_t n) {
+        sgd_span(p + off, g, n, neg_lr);
+      });
+    }
+  }
+}
+
+// A gradient as the optimizer kernels take it: COO (1 sparse dim; coalesced or at least
+// with strictly ascending rows, else coalesced here) or dense.
+Grad as_grad(const Tensor& g) {
+  if (!g.is_sparse()) return {g.contiguous(), Tensor()};
+  TORCH_CHECK(g.sparse_dim() == 1, "mesimp kernels: sparse gradients must be row-sparse");
+  Tensor c = g;
+  if (!c.is_coalesced()) {  // autograd drops the flag: re-sort only if really unsorted
+    Tensor r = c._indices().select(0, 0).contiguous();
+    const int64_t* rp = r.data_ptr<int64_t>();
+    for (int64_t i = 1; i < r.numel(); ++i)
+      if (rp[i - 1] >= rp[i]) {
+        c = c.coalesce();
+        break;
+      }
+  }
+  return {c._values().contiguous(), c._indices().select(0, 0).contiguous()};
+}
+
+void optimizer_step(int64_t kind, at::TensorList params, at::TensorList grads,
+                    at::TensorList state1, at::TensorList state2, at::TensorList steps,
+                    at::ArrayRef<double> hyper) {
+  TORCH_CHECK(params.size() == grads.size(), "mesimp kernels: params and grads differ in length");
+  at::NoGradGuard no_grad;
+  std::vector<Grad> gs;
+  for (const Tensor& g : grads) gs.push_back(as_grad(g));
+  optimizer_update(kind, params.vec(), gs, state1, state2, steps, hyper);
+}
+
+}  // namespace
+
+// -- the stack as one autograd node --------------------------------------------------------
+// Named (not anonymous): the node's name, torch::autograd::CppNode<mesimp::StackFunction>,
+// is how Python recognises it.
+namespace mesimp {
+
+// What the node keeps between forward and backward (a capsule in saved_data).
+struct StackHolder : torch::CustomClassHolder {
+  Stack s;
+  std::vector<Tensor> relu_outs;  // the layers' inputs after x (intermediates, not saved vars)
+};
+
+class StackFunction : public torch::autograd::Function<StackFunction> {
+ public:
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x,
+                        at::TensorList params, c10::intrusive_ptr<StackHolder> holder) {
+    std::vector<Tensor> weights, biases, xs;
+    split_params(params, holder->s, weights, biases);
+    Tensor out = stack_forward(x, weights, biases, holder->s, xs);
+    holder->relu_outs.assign(xs.begin() + 1, xs.end());
+    std::vector<Tensor> saved{x};
+    saved.insert(saved.end(), weights.begin(), weights.end());
+    ctx->save_for_backward(saved);
+    ctx->saved_data["stack"] = c10::IValue::make_capsule(holder);
     return out;
   }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_out) {
+    auto holder = c10::static_intrusive_pointer_cast<StackHolder>(
+        ctx->saved_data["stack"].toCapsule());
+    const Stack& s = holder->s;
+    auto saved = ctx->get_saved_variables();
+    std::vector<Tensor> xs{saved[0]};
+    xs.insert(xs.end(), holder->relu_outs.begin(), holder->relu_outs.end());
+    std::vector<Tensor> weights(saved.begin() + 1, saved.end());
+    std::vector<LayerGrads> g = stack_backward(grad_out[0], xs, weights, s,
+                                               ctx->needs_input_grad(0));
+    torch::autograd::variable_list out{g[0].dx};
+    for (size_t l = 0; l < weights.size(); ++l) {
+      out.push_back(weight_grad(g[l], weights[l].sizes(), s.args[l].sparse_grad));
+      if (s.args[l].has_bias) out.push_back(g[l].db);
+    }
+    out.emplace_back();  // the holder: not a tensor
+    return out;
+  }
+};
+
+}  // namespace mesimp
+
+namespace {
+
+using mesimp::StackFunction;
+using mesimp::StackHolder;
+
+c10::intrusive_ptr<StackHolder> make_holder(
+    const c10::List<std::optional<Tensor>>& masks, const c10::List<std::optional<Tensor>>& memories,
+    at::TensorList hits, at::TensorList refs, at::IntArrayRef ks, at::IntArrayRef selections,
+    at::ArrayRef<double> alphas, at::IntArrayRef flags) {
+  auto holder = c10::make_intrusive<StackHolder>();
+  holder->s = make_stack(masks, memories, hits, refs, ks, selections, alphas, flags, ks.size());
+  return holder;
+}
+
+// Autograd kernel: the whole stack as one node, whose backward is stack_backward.
+Tensor mlp_forward_autograd(const Tensor& x, at::TensorList params,
+                            const c10::List<std::optional<Tensor>>& masks,
+                            const c10::List<std::optional<Tensor>>& memories, at::TensorList hits,
+                            at::TensorList refs, at::IntArrayRef ks, at::IntArrayRef selections,
+                            at::ArrayRef<double> alphas, at::IntArrayRef flags) {
+  return StackFunction::apply(
+      x, params, make_holder(masks, memories, hits, refs, ks, selections, alphas, flags));
+}
+
+// Below autograd (inference_mode, no gradient): the forward alone.
+Tensor mlp_forward(const Tensor& x, at::TensorList params,
+                   const c10::List<std::optional<Tensor>>& masks,
+                   const c10::List<std::optional<Tensor>>& memories, at::TensorList hits,
+                   at::TensorList refs, at::IntArrayRef ks, at::IntArrayRef selections,
+                   at::ArrayRef<double> alphas, at::IntArrayRef flags) {
+  Stack s = make_stack(masks, memories, hits, refs, ks, selections, alphas, flags, ks.size());
+  std::vector<Tensor> weights, biases, xs;
+  split_params(params, s, weights, biases);
+  return stack_forward(x, weights, biases, s, xs);
+}
+
+// One training step of the stack with mean cross-entropy and an optimizer (kind, hyper,
+// state as optimizer_update): the same ops as forward + F.cross_entropy + loss.backward()
+// + the optimizer's step. Returns [loss, bad]: bad = -1, or the index in params of a
+// non-finite gradient (checked when check_grads); a non-finite loss or gradient leaves
+// the parameters and the optimizer state untouched.
+std::vector<Tensor> mlp_train_step(const Tensor& x, const Tensor& y, at::TensorList params,
+                                   const c10::List<std::optional<Tensor>>& masks,
+                                   const c10::List<std::optional<Tensor>>& memories,
+                                   at::TensorList hits, at::TensorList refs, at::IntArrayRef ks,
+                                   at::IntArrayRef selections, at::ArrayRef<double> alphas,
+                                   at::IntArrayRef flags, int64_t optimizer,
+                                   at::TensorList state1, at::TensorList state2,
+                                   at::TensorList steps, at::ArrayRef<double> hyper,
+                                   bool check_grads) {
+  at::NoGradGuard no_grad;
+  Stack s = make_stack(masks, memories, hits, refs, ks, selections, alphas, flags, ks.size());
+  std::vector<Tensor> weights, biases, xs;
+  split_params(params, s, weights, biases);
+  Tensor logits = stack_forward(x, weights, biases, s, xs);
+  // F.cross_entropy(logits, y) and its backward, as autograd runs them: the same bits as
+  // the loss.backward() path, so the trainer may take either path at any step
+  Tensor logp = at::_log_softmax(logits, 1, false);
+  auto [loss, total_weight] = at::nll_loss_forward(logp, y, {}, at::Reduction::Mean, -100);
+  std::vector<Tensor> out{loss, at::scalar_tensor(-1, at::kLong)};
+  if (!std::isfinite(loss.item<float>())) return out;
   Tensor gl = at::nll_loss_backward(at::ones_like(loss), logp, y, {}, at::Reduction::Mean, -100,
                                     total_weight);
   Tensor dlogits = at::_log_softmax_backward_data(gl, logp, 1, at::kFloat);
-  std::vector<Tensor> g = stack_backward(dlogits, xs, weights, s, hits, refs, false);
-  std::vector<Tensor> grads;
-  for (size_t l = 0; l < L; ++l) {
-    grads.push_back(g[1 + 3 * l]);
-    if (s.args[l].has_bias) grads.push_back(g[2 + 3 * l]);
+  std::vector<LayerGrads> g = stack_backward(dlogits, xs, weights, s, false);
+  std::vector<Grad> grads;
+  for (size_t l = 0; l < weights.size(); ++l) {
+    if (g[l].rows.defined() && !s.args[l].sparse_grad)  // dense-exact: a dense step
+      grads.push_back({weight_grad(g[l], weights[l].sizes(), false), Tensor()});
+    else
+      grads.push_back({g[l].dw, g[l].rows});
+    if (s.args[l].has_bias) grads.push_back({g[l].db, Tensor()});
   }
-  for (size_t l = 0; l < L; ++l) out.push_back(g[3 + 3 * l]);
   if (check_grads) {
     for (size_t i = 0; i < grads.size(); ++i) {
-      Tensor v = grads[i].is_sparse() ? grads[i]._values() : grads[i];
-      if (!at::isfinite(v).all().item<bool>()) {
+      if (!at::isfinite(grads[i].values).all().item<bool>()) {
         out[1].fill_(static_cast<int64_t>(i));
         return out;
       }
     }
   }
-  adam_update(params.vec(), grads, exp_avgs.vec(), exp_avg_sqs.vec(), steps, lr, beta1, beta2, eps);
+  optimizer_update(optimizer, params.vec(), grads, state1, state2, steps, hyper);
   return out;
 }
 
@@ -625,26 +862,26 @@ TORCH_LIBRARY(mesimp, m) {
       "bool has_bias, bool dense_bias, bool need_dx, bool need_dw, bool need_db, "
       "bool sparse_grad) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "mlp_backward(Tensor dout, Tensor[] xs, Tensor[] weights, Tensor?[] masks, "
-      "Tensor?[] memories, Tensor(a!)[] hits, Tensor(b!)[] refs, int[] ks, int[] selections, "
-      "float[] alphas, int[] flags, bool need_dx0) -> Tensor[]");
+      "mlp_forward(Tensor x, Tensor[] params, Tensor?[] masks, Tensor(a!)?[] memories, "
+      "Tensor(b!)[] hits, Tensor(c!)[] refs, int[] ks, int[] selections, float[] alphas, "
+      "int[] flags) -> Tensor");
   m.def(
-      "lazy_adam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, float lr, float beta1, float beta2, "
-      "float eps) -> ()");
+      "optimizer_step(int optimizer, Tensor(a!)[] params, Tensor[] grads, "
+      "Tensor(b!)[] state1, Tensor(c!)[] state2, Tensor(d!)[] steps, float[] hyper) -> ()");
   m.def(
       "mlp_train_step(Tensor x, Tensor y, Tensor(a!)[] params, Tensor?[] masks, "
-      "Tensor?[] memories, Tensor(b!)[] hits, Tensor(c!)[] refs, int[] ks, int[] selections, "
-      "float[] alphas, int[] flags, Tensor(d!)[] exp_avgs, Tensor(e!)[] exp_avg_sqs, "
-      "Tensor(f!)[] steps, float lr, float beta1, float beta2, float eps, bool check_grads) "
-      "-> Tensor[]");
+      "Tensor(b!)?[] memories, Tensor(c!)[] hits, Tensor(d!)[] refs, int[] ks, "
+      "int[] selections, float[] alphas, int[] flags, int optimizer, Tensor(e!)[] state1, "
+      "Tensor(f!)[] state2, Tensor(g!)[] steps, float[] hyper, bool check_grads) -> Tensor[]");
 }
 
 // CompositeExplicitAutograd: one kernel for dense and sparse (COO gradient) inputs; the
 // Python callers run these under no_grad or inside an autograd Function's backward.
 TORCH_LIBRARY_IMPL(mesimp, CompositeExplicitAutograd, m) {
   m.impl("linear_backward", &linear_backward);
-  m.impl("mlp_backward", &mlp_backward);
-  m.impl("lazy_adam_step", &lazy_adam_step);
+  m.impl("mlp_forward", &mlp_forward);
+  m.impl("optimizer_step", &optimizer_step);
   m.impl("mlp_train_step", &mlp_train_step);
 }
+
+TORCH_LIBRARY_IMPL(mesimp, Autograd, m) { m.impl("mlp_forward", &mlp_forward_autograd); }

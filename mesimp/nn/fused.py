@@ -1,15 +1,17 @@
 """The fused path for a Linear-ReLU stack: one autograd node, and one call per step.
 
 ``fused_forward(seq, x)`` runs an ``nn.Sequential`` of ``[Linear, ReLU, ..., Linear]``
-(each Linear plain or ``MePropLinear``) as *one* autograd Function whose backward is one
-call of the compiled ``torch.ops.mesimp.mlp_backward``: the whole stack's meProp
-backward behind ``loss.backward()``, nothing changes for the user. Why: at meProp's sizes
-the backward's own work is a few small GEMMs, and the autograd engine's per-node cost
-(~40 % of ``loss.backward()`` with one node per op) is what is left to remove.
+(each Linear plain or ``MePropLinear``) as *one* autograd node, ``torch.ops.mesimp.
+mlp_forward``: a C++ autograd Function whose backward is the whole stack's meProp
+backward, behind ``loss.backward()``; nothing changes for the user. Why: at meProp's
+sizes the backward's own work is a few small GEMMs, and the autograd engine's per-node
+cost (~40 % of ``loss.backward()`` with one node per op, and ~0.1 ms for one Python
+node) is what is left to remove.
 
 ``train_step(model, x, y, optimizer)`` goes further: forward, mean cross-entropy,
-backward and the ``RowSparseAdam`` update in one call (``torch.ops.mesimp.mlp_train_step``),
-the fastest path for mesimp's trainer. Both compute what the per-layer path computes
+backward and the optimizer's update (``RowSparseAdam``, ``RowSparseAdagrad`` or
+``RowSparseSGD``) in one call (``torch.ops.mesimp.mlp_train_step``), the fastest path
+for mesimp's trainer. Both compute what the per-layer path computes
 (same selections, counters, MSBP memories, masks, gradients within float tolerance;
 unified selection: the same bits) and fall back to it whenever they do not apply
 (kernels off or missing, not float32 CPU, ``selection="random"``, autocast, dropout,
@@ -27,7 +29,7 @@ from torch import nn
 
 from mesimp.nn import kernels
 from mesimp.nn.linear import MePropLinear
-from mesimp.training.optim import RowSparseAdam
+from mesimp.training.optim import CompiledOptimizer
 
 
 @dataclass
@@ -36,6 +38,12 @@ class _Layer:
     selection: int  # 0 dense (plain Linear, or meProp off), 1 unified, 2 per-example top-k
     k: int
     masked: bool
+    params: tuple[nn.Parameter, ...] = ()  # weight, then the bias if any
+
+
+def _layer(m: nn.Linear, selection: int, k: int, masked: bool) -> _Layer:
+    w, b = m._parameters["weight"], m._parameters["bias"]
+    return _Layer(m, selection, k, masked, (w,) if b is None else (w, b))
 
 
 def plan(seq: nn.Module) -> list[_Layer] | None:
@@ -57,15 +65,15 @@ def plan(seq: nn.Module) -> list[_Layer] | None:
             masked = m.active_width < m.out_features
             k = m.k
             if k == 0 or (k >= m.out_features and not masked):
-                layers.append(_Layer(m, 0, 0, masked))
+                layers.append(_layer(m, 0, 0, masked))
                 continue
             code = kernels.SELECTION_CODE.get(cfg.backward_selection)
             if code is None:  # random, the reference's heap: the Python path
                 return None
-            layers.append(_Layer(m, code, k, masked))
+            layers.append(_layer(m, code, k, masked))
             meprop = True
         elif type(m) is nn.Linear:
-            layers.append(_Layer(m, 0, 0, False))
+            layers.append(_layer(m, 0, 0, False))
         else:
             return None
     return layers if meprop else None
@@ -85,13 +93,17 @@ def _flags(layer: _Layer) -> int:
 
 
 def _lists(layers: list[_Layer]) -> tuple:
-    """The per-layer arguments of the kernels, read now (counting, memories, masks)."""
+    """The per-layer arguments of the kernels, read now (counting, memories, masks). An
+    MSBP layer's memory is a tensor the backward repoints (``Tensor.set_``) at its new
+    memory, so ``MePropState.memory`` is up to date after every backward."""
     masks, memories, hits, refs, ks, sels, alphas, flags = [], [], [], [], [], [], [], []
     for lay in layers:
         m = lay.linear
         mp = isinstance(m, MePropLinear)
         masks.append(m.mask if lay.masked else None)
         alpha = m.meprop_config.msbp_alpha if mp and lay.selection else 0.0
+        if alpha > 0 and m._state.memory is None:  # the kernels point it at the new memory
+            m._state.memory = torch.empty(0)
         memories.append(m._state.memory if alpha > 0 else None)
         hits.append(m.hits if mp else _NO_COUNT)
         refs.append(m.ref if mp else _NO_COUNT)
@@ -105,57 +117,8 @@ def _lists(layers: list[_Layer]) -> tuple:
 _NO_COUNT = torch.zeros((), dtype=torch.long)  # a dense layer's unused counter slot
 
 
-def _store_memories(layers: list[_Layer], alphas: list[float], memories: list) -> None:
-    for lay, alpha, mem in zip(layers, alphas, memories, strict=True):
-        if alpha > 0:
-            lay.linear._state.memory = mem
-
-
-class FusedStackFunction(torch.autograd.Function):
-    """``relu(...relu(x W0^T + b0)...) W_L^T + b_L`` (masks applied) as one node."""
-
-    @staticmethod
-    def forward(ctx, layers, x, *params):
-        xs, h = [x], x
-        last = len(layers) - 1
-        for i, lay in enumerate(layers):
-            m = lay.linear
-            o = torch.addmm(m.bias, h, m.weight.t()) if m.bias is not None else h @ m.weight.t()
-            if lay.masked:
-                o.mul_(m.mask)
-            if i < last:
-                o.relu_()
-                xs.append(o)
-            h = o
-        ctx.layers = layers
-        ctx.save_for_backward(*xs)
-        return h
-
-    @staticmethod
-    def backward(ctx, dout):
-        layers = ctx.layers
-        xs = ctx.saved_tensors
-        masks, memories, hits, refs, ks, sels, alphas, flags = _lists(layers)
-        out = torch.ops.mesimp.mlp_backward(
-            dout, list(xs), [lay.linear.weight for lay in layers], masks, memories,
-            hits, refs, ks, sels, alphas, flags, ctx.needs_input_grad[1],
-        )  # fmt: skip
-        grads: list[torch.Tensor | None] = [None, out[0]]
-        for i, lay in enumerate(layers):
-            grads.append(out[1 + 3 * i])
-            if lay.linear.bias is not None:
-                grads.append(out[2 + 3 * i])
-        _store_memories(layers, alphas, [out[3 + 3 * i] for i in range(len(layers))])
-        return tuple(grads)
-
-
 def _params(layers: list[_Layer]) -> list[nn.Parameter]:
-    ps = []
-    for lay in layers:
-        ps.append(lay.linear.weight)
-        if lay.linear.bias is not None:
-            ps.append(lay.linear.bias)
-    return ps
+    return [p for lay in layers for p in lay.params]
 
 
 def _applies(x: torch.Tensor) -> bool:
@@ -181,25 +144,31 @@ def fused_forward(seq: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     params = _params(layers)
     if not kernels.usable(*params):
         return None
-    return FusedStackFunction.apply(layers, x, *params)
+    return torch.ops.mesimp.mlp_forward(x, params, *_lists(layers))
 
 
-def _adam_state(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> tuple | None:
-    """The RowSparseAdam state lists for ``params`` (created as its ``step`` would)."""
-    if type(optimizer) is not RowSparseAdam or len(optimizer.param_groups) != 1:
+FUSED_NODE = "torch::autograd::CppNode<mesimp::StackFunction>"
+
+
+def is_fused_node(grad_fn: object) -> bool:
+    """Whether ``grad_fn`` is the fused stack's autograd node (the C++ ``StackFunction``)."""
+    return grad_fn is not None and grad_fn.name() == FUSED_NODE
+
+
+def _optimizer_args(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> tuple | None:
+    """``(kind, state1, state2, steps, hyper)`` of the compiled optimizer step for exactly
+    ``params`` (one param group holding them, in order), or None."""
+    if not isinstance(optimizer, CompiledOptimizer) or len(optimizer.param_groups) != 1:
         return None
     group = optimizer.param_groups[0]
     if len(group["params"]) != len(params) or any(
         a is not b for a, b in zip(group["params"], params, strict=True)
     ):
         return None
-    ms, vs, steps = [], [], []
-    for p in params:
-        st = optimizer.param_state(p)
-        ms.append(st["exp_avg"])
-        vs.append(st["exp_avg_sq"])
-        steps.append(st["step"])
-    return group, ms, vs, steps
+    if not all(p.is_contiguous() for p in params):
+        return None
+    args = optimizer.compiled_args(group, params)
+    return None if args is None else (optimizer.KIND, *args)
 
 
 def fused_train_step(
@@ -220,20 +189,13 @@ def fused_train_step(
     params = _params(layers)
     if not kernels.usable(*params):
         return None
-    state = _adam_state(optimizer, params)
-    if state is None:
+    opt_args = _optimizer_args(optimizer, params)
+    if opt_args is None:
         return None
-    group, ms, vs, steps = state
-    beta1, beta2 = group["betas"]
-    masks, memories, hits, refs, ks, sels, alphas, flags = _lists(layers)
     for p in params:
         p.grad = None
     with torch.no_grad():
-        out = torch.ops.mesimp.mlp_train_step(
-            x, y, params, masks, memories, hits, refs, ks, sels, alphas, flags,
-            ms, vs, steps, float(group["lr"]), beta1, beta2, group["eps"], check_grads,
-        )  # fmt: skip
-    _store_memories(layers, alphas, out[2:])
+        out = torch.ops.mesimp.mlp_train_step(x, y, params, *_lists(layers), *opt_args, check_grads)
     bad = int(out[1])
     return out[0], (params[bad] if bad >= 0 else None)
 
@@ -243,8 +205,9 @@ def train_step(
 ) -> torch.Tensor:
     """Forward, mean cross-entropy, backward and ``optimizer.step()``; returns the loss.
 
-    One compiled call for a fusable Linear-ReLU stack with ``RowSparseAdam`` (its one
-    param group holding exactly the stack's parameters); otherwise the ordinary
+    One compiled call for a fusable Linear-ReLU stack with ``RowSparseAdam``,
+    ``RowSparseAdagrad`` or ``RowSparseSGD`` (one param group holding exactly the stack's
+    parameters, options the kernels take); otherwise the ordinary
     ``zero_grad / loss.backward() / step``, with the same result.
     """
     done = fused_train_step(model, x, y, optimizer)

@@ -1,10 +1,11 @@
 """Which meProp path runs: the compiled kernels (``mesimp._C``) or the pure-Python one.
 
 The kernels (``mesimp/csrc/kernels.cpp``, registered as ``torch.ops.mesimp.*``) do the
-meProp backward, a whole Linear-ReLU stack's backward, the lazy row-sparse Adam step and
-a whole training step with less dispatch and bookkeeping than the Python path. The Python
-path stays: it is the fallback (no compiler, GPU tensors, dtypes other than float32,
-``selection="random"``) and the reference the kernels are tested against.
+meProp backward, a whole Linear-ReLU stack as one C++ autograd node, the lazy row-sparse
+Adam / Adagrad / SGD step and a whole training step with less dispatch and bookkeeping
+than the Python path. The Python path stays: it is the fallback (no compiler, GPU
+tensors, dtypes other than float32, ``selection="random"``) and the reference the
+kernels are tested against.
 
 Choosing: ``MESIMP_KERNELS=auto|cpp|python`` in the environment (read once, at the first
 question), or :func:`set_kernels` from Python. ``auto`` (the default) uses the kernels when
@@ -30,6 +31,9 @@ MODES = ("auto", "cpp", "python")
 # the selections kernels.cpp implements (its enum); the others run on the Python path
 SELECTION_CODE = {"unified": 1, "topk": 2}
 
+# the ops this package calls: an older build without one of them counts as not built
+_OPS = ("linear_backward", "mlp_forward", "optimizer_step", "mlp_train_step")
+
 _mode: str | None = None
 _loaded: bool | None = None
 _load_error: str = ""
@@ -45,7 +49,7 @@ def _load() -> bool:
         else:
             try:
                 torch.ops.load_library(spec.origin)
-                _loaded = hasattr(torch.ops.mesimp, "mlp_train_step")
+                _loaded = all(hasattr(torch.ops.mesimp, op) for op in _OPS)
             except (OSError, RuntimeError) as e:
                 _loaded, _load_error = False, f"mesimp._C does not load: {e}"
     return _loaded
@@ -87,4 +91,4 @@ def usable(*tensors: torch.Tensor) -> bool:
     """Whether these tensors can take the kernels: on, CPU, float32."""
     if not enabled():
         return False
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+    return all(t.is_cpu and t.dtype is torch.float32 for t in tensors)

@@ -7,7 +7,8 @@ for dense gradients and a *lazy* row update for row-sparse ones: only the rows
 present in the gradient have their moments and weights updated (the semantics of
 ``torch.optim.SparseAdam``, and the paper's "only k rows are modified").
 Adagrad and plain SGD in torch already accept sparse gradients, and for them the
-lazy update is exact.
+lazy update is exact; ``RowSparseAdagrad`` and ``RowSparseSGD`` are torch's, with the
+compiled one-call step of ``mesimp.nn.kernels`` where it applies.
 """
 
 from __future__ import annotations
@@ -22,13 +23,60 @@ from mesimp.nn import kernels
 OPTIMIZERS = ("adam", "adagrad", "sgd")
 
 
-class RowSparseAdam(torch.optim.Adam):
+class CompiledOptimizer:
+    """The compiled one-call step (``torch.ops.mesimp.optimizer_step``), shared by the
+    optimizers below. Each says through ``compiled_args`` whether a param group can take
+    it (plain options, float32 contiguous CPU params, kernels on) and with what state;
+    otherwise the optimizer's own Python step runs. ``mesimp.nn.fused.train_step`` calls
+    the same kernels with the same arguments."""
+
+    KIND: int  # kernels.cpp's Optim enum
+
+    def compiled_args(self, group: dict, params: list[torch.Tensor]) -> tuple | None:
+        """``(state1, state2, steps, hyper)`` for the kernels, or None."""
+        raise NotImplementedError
+
+    def compiled_plan(self) -> list[tuple] | None:
+        """Per param group ``(params, grads, state1, state2, steps, hyper)`` for the
+        kernels, or None unless every group can take them (no half-compiled step)."""
+        plans = []
+        for group in self.param_groups:
+            ps = [p for p in group["params"] if p.grad is not None]
+            if not ps:
+                continue
+            if not (kernels.usable(*ps) and all(p.is_contiguous() for p in ps)):
+                return None
+            args = self.compiled_args(group, ps)
+            if args is None:
+                return None
+            plans.append((ps, [p.grad for p in ps], *args))
+        return plans
+
+    def compiled_step(self) -> bool:
+        """The whole step in compiled calls; False (nothing done) where they do not apply."""
+        plans = self.compiled_plan()
+        if plans is None:
+            return False
+        for plan in plans:
+            torch.ops.mesimp.optimizer_step(self.KIND, *plan)
+        return True
+
+
+def _unhooked(step):
+    """torch wraps an optimizer class's ``step`` with its hook runner once an instance
+    exists; a subclass's ``step`` already runs the hooks, so it calls the inner one."""
+    return step.__wrapped__ if getattr(step, "hooked", False) else step
+
+
+class RowSparseAdam(CompiledOptimizer, torch.optim.Adam):
     """Adam with a lazy row-sparse path for sparse COO gradients.
 
     Dense gradients take the parent's (fused) Adam step unchanged. Sparse gradients
     (from ``MePropLinear`` with ``sparse_grad=True``) update only their rows. Its
     ``state_dict`` is the same as ``torch.optim.Adam``'s.
     """
+
+    KIND = 0
 
     def __init__(
         self, params: Iterable, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8
@@ -45,6 +93,18 @@ class RowSparseAdam(torch.optim.Adam):
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
+    def compiled_args(self, group: dict, params: list[torch.Tensor]) -> tuple | None:
+        if group["amsgrad"] or group["weight_decay"] or group["maximize"]:
+            return None
+        states = [self.param_state(p) for p in params]
+        beta1, beta2 = group["betas"]
+        return (
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [s["step"] for s in states],
+            [float(group["lr"]), float(beta1), float(beta2), float(group["eps"])],
+        )
+
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D401 - same contract as Adam.step
         """One fused Adam kernel over all dense params *and* the gathered sparse rows.
@@ -52,13 +112,12 @@ class RowSparseAdam(torch.optim.Adam):
         For a row-sparse gradient, the rows it names are gathered from the weight and
         both moments, stepped together with the dense params by ``torch._fused_adam_``
         (what ``Adam(fused=True)`` runs), and scattered back. Measured: 0.31 -> 0.19 ms
-        per step against a loop of ~10 element-wise ops per sparse param.
+        per step against a loop of ~10 element-wise ops per sparse param. The compiled
+        kernels do the same in one call (the same bits).
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        compiled = kernels.enabled()
+        loss = closure_loss(closure)
+        if self.compiled_step():
+            return loss
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             ps, gs, ms, vs, steps = [], [], [], [], []
@@ -72,11 +131,6 @@ class RowSparseAdam(torch.optim.Adam):
                 vs.append(state["exp_avg_sq"])
                 steps.append(state["step"])
             if not ps:
-                continue
-            if compiled and kernels.usable(*ps):  # the same ops below, in one compiled call
-                torch.ops.mesimp.lazy_adam_step(
-                    ps, gs, ms, vs, steps, group["lr"], beta1, beta2, group["eps"]
-                )
                 continue
             scatter = []
             for i, g in enumerate(gs):
@@ -118,6 +172,64 @@ class RowSparseAdam(torch.optim.Adam):
         return loss
 
 
+class RowSparseAdagrad(CompiledOptimizer, torch.optim.Adagrad):
+    """``torch.optim.Adagrad`` (same options, state and results within float32 rounding),
+    whose step runs in one compiled call where it can: row-sparse gradients touch only
+    their rows, as torch's sparse Adagrad does, without its coalesce/sparse_mask
+    round trips. Weight decay or ``maximize`` take torch's own step."""
+
+    KIND = 1
+
+    def compiled_args(self, group: dict, params: list[torch.Tensor]) -> tuple | None:
+        if group["weight_decay"] or group["maximize"]:
+            return None
+        states = [self.state[p] for p in params]
+        if not all("sum" in s and "step" in s for s in states):
+            return None
+        return (
+            [s["sum"] for s in states],
+            [],
+            [s["step"] for s in states],
+            [float(group["lr"]), float(group["lr_decay"]), float(group["eps"])],
+        )
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D401 - same contract as Adagrad.step
+        """The compiled step for the groups that take it, torch's for the others."""
+        loss = closure_loss(closure)
+        if not self.compiled_step():
+            _unhooked(torch.optim.Adagrad.step)(self)
+        return loss
+
+
+class RowSparseSGD(CompiledOptimizer, torch.optim.SGD):
+    """``torch.optim.SGD`` whose plain step (no momentum, weight decay or ``maximize``)
+    runs in one compiled call; row-sparse gradients touch only their rows."""
+
+    KIND = 2
+
+    def compiled_args(self, group: dict, params: list[torch.Tensor]) -> tuple | None:
+        if group["momentum"] or group["weight_decay"] or group["maximize"]:
+            return None
+        return [], [], [], [float(group["lr"])]
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D401 - same contract as SGD.step
+        """The compiled step for the groups that take it, torch's for the others."""
+        loss = closure_loss(closure)
+        if not self.compiled_step():
+            _unhooked(torch.optim.SGD.step)(self)
+        return loss
+
+
+def closure_loss(closure) -> object:
+    """What ``step(closure)`` returns: the closure's loss, computed with gradients on."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def build_optimizer(
     name: str, params: Iterable, lr: float, sparse_update: bool = True
 ) -> torch.optim.Optimizer:
@@ -125,7 +237,7 @@ def build_optimizer(
 
     ``sparse_update=True`` (meProp's fast path) picks ``RowSparseAdam`` for Adam;
     ``False`` picks torch's fused dense Adam, the exact dense reference. Adagrad and
-    SGD accept both gradient layouts.
+    SGD accept both gradient layouts (torch's, with a compiled step where it applies).
     """
     params = list(params)
     if not lr > 0:
@@ -135,9 +247,9 @@ def build_optimizer(
             return RowSparseAdam(params, lr=lr)
         return torch.optim.Adam(params, lr=lr, fused=True)
     if name == "adagrad":
-        return torch.optim.Adagrad(params, lr=lr)
+        return RowSparseAdagrad(params, lr=lr)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr)
+        return RowSparseSGD(params, lr=lr)
     raise BadInputError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
 
 
