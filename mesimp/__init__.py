@@ -22,7 +22,12 @@ from mesimp.simplify.rule import SimplifyConfig
 from mesimp.simplify.simplifier import Simplifier
 from mesimp.training.config import TrainConfig
 from mesimp.training.loop import train
-from mesimp.training.optim import RowSparseAdam, build_optimizer
+from mesimp.training.optim import (
+    RowSparseAdagrad,
+    RowSparseAdam,
+    RowSparseSGD,
+    build_optimizer,
+)
 from mesimp.training.resume import resume_config
 from mesimp.training.runsafety import TrainingDiverged, TrainingInterrupted
 from mesimp.training.sequence import train_lstm, train_tagger
@@ -43,7 +48,9 @@ __all__ = [
     "MePropLSTM",
     "MePropLinear",
     "MesimpError",
+    "RowSparseAdagrad",
     "RowSparseAdam",
+    "RowSparseSGD",
     "Simplifier",
     "SimplifyConfig",
     "Task",
