@@ -61,6 +61,14 @@ class CompiledOptimizer:
             torch.ops.mesimp.optimizer_step(self.KIND, *plan)
         return True
 
+    def _step_or(self, torch_step, closure) -> object:
+        """The closure's loss, then the compiled step, or ``torch_step`` where it does not
+        apply (called unhooked: the subclass's own ``step`` already runs the hooks)."""
+        loss = closure_loss(closure)
+        if not self.compiled_step():
+            _unhooked(torch_step)(self)
+        return loss
+
 
 def _unhooked(step):
     """torch wraps an optimizer class's ``step`` with its hook runner once an instance
@@ -195,11 +203,8 @@ class RowSparseAdagrad(CompiledOptimizer, torch.optim.Adagrad):
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D401 - same contract as Adagrad.step
-        """The compiled step for the groups that take it, torch's for the others."""
-        loss = closure_loss(closure)
-        if not self.compiled_step():
-            _unhooked(torch.optim.Adagrad.step)(self)
-        return loss
+        """The compiled step where every param group takes it, else torch's own."""
+        return self._step_or(torch.optim.Adagrad.step, closure)
 
 
 class RowSparseSGD(CompiledOptimizer, torch.optim.SGD):
@@ -215,11 +220,8 @@ class RowSparseSGD(CompiledOptimizer, torch.optim.SGD):
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D401 - same contract as SGD.step
-        """The compiled step for the groups that take it, torch's for the others."""
-        loss = closure_loss(closure)
-        if not self.compiled_step():
-            _unhooked(torch.optim.SGD.step)(self)
-        return loss
+        """The compiled step where every param group takes it, else torch's own."""
+        return self._step_or(torch.optim.SGD.step, closure)
 
 
 def closure_loss(closure) -> object:
