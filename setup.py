@@ -36,7 +36,7 @@ def _ext_modules() -> tuple[list, dict]:
     # (AVX2 picked at run time); -ffp-contract=off keeps every ISA's results bit-equal.
     ext = CppExtension(
         "mesimp._C",
-        ["mesimp/csrc/kernels.cpp"],
+        ["mesimp/csrc/kernels.cpp", "mesimp/csrc/lstm_kernels.cpp"],
         extra_compile_args=["-O3", "-ffp-contract=off"],
     )
     return [ext], {"build_ext": OptionalBuild.with_options(use_ninja=False)}

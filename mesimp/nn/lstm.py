@@ -74,6 +74,7 @@ import torch.nn.functional as F
 from torch import _VF, nn
 
 from mesimp.errors import BadInputError
+from mesimp.nn import kernels
 from mesimp.nn.linear import MePropCounters
 from mesimp.nn.meprop import MePropConfig, MePropState, select
 
@@ -186,6 +187,8 @@ class _MePropLSTMFunction(torch.autograd.Function):
     def backward(ctx, dout, dh_n, dc_n):
         x, h_init, w_ih, w_hh, acts, cs, tcs, out = ctx.saved_tensors
         k, selection, dense, alpha, state, m = ctx.meprop
+        if selection == "unified" and not dense and _compiled_ok(dout, x, w_hh):
+            return _compiled_backward(ctx, dout, dh_n, dc_n)
         need = ctx.needs_input_grad
         steps, b, n_in = x.shape
         hs = w_hh.shape[1]
@@ -293,6 +296,45 @@ class _MePropLSTMFunction(torch.autograd.Function):
         db_ih = db if need[5] else None
         db_hh = (db.clone() if need[5] else db) if need[6] else None
         return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, None, None, None, None, None, None
+
+
+def _compiled_ok(dout: torch.Tensor, x: torch.Tensor, w_hh: torch.Tensor) -> bool:
+    """Whether this unified backward takes ``torch.ops.mesimp.lstm_backward``.
+
+    float32 CPU with the kernels on, and a ``mesimp._C`` that has the op (an older build
+    has only the MLP kernels); torch.compile traces with fake tensors, which the op has no
+    rule for.
+    """
+    return (
+        kernels.usable(dout, x, w_hh)
+        and hasattr(torch.ops.mesimp, "lstm_backward")
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _compiled_backward(
+    ctx: torch.autograd.function.FunctionCtx,
+    dout: torch.Tensor,
+    dh_n: torch.Tensor,
+    dc_n: torch.Tensor,
+) -> tuple[torch.Tensor | None, ...]:
+    """The unified BPTT in one call of ``torch.ops.mesimp.lstm_backward`` (same results as
+    the Python loop up to float32 rounding; the same selections and counters)."""
+    x, h_init, w_ih, w_hh, acts, cs, tcs, out = ctx.saved_tensors
+    k, _selection, _dense, alpha, state, m = ctx.meprop
+    need = ctx.needs_input_grad
+    h4 = 4 * w_hh.shape[1]
+    mem = _msbp_memory(state, h4, m, x) if alpha > 0 else None
+    dx, dh0, dc0, dw_ih, dw_hh, db, new_mem = torch.ops.mesimp.lstm_backward(
+        dout, dh_n, dc_n, x, h_init, w_ih, w_hh, acts, cs, tcs, out, m, mem, state.hits,
+        state.ref, k, float(alpha), state.count, need[0], need[1], need[2], need[3], need[4],
+        need[5] or need[6],
+    )  # fmt: skip
+    if alpha > 0:
+        state.memory = new_mem
+    db_ih = db if need[5] else None
+    db_hh = (db.clone() if need[5] else db) if need[6] else None
+    return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, None, None, None, None, None, None
 
 
 def _msbp_memory(
