@@ -29,8 +29,7 @@ from mesimp.nn.lstm import MePropLSTM
 from mesimp.nn.meprop import MePropConfig
 
 pytestmark = pytest.mark.skipif(
-    not (kernels.available() and hasattr(torch.ops.mesimp, "lstm_backward")),
-    reason="mesimp._C with lstm_backward is not built",
+    not mlstm.lstm_op_built(), reason="mesimp._C with lstm_backward is not built"
 )
 
 RTOL = 1e-5
@@ -265,3 +264,17 @@ def test_a_build_without_the_op_falls_back_to_python(monkeypatch):
     want = _run("python", copy.deepcopy(layer), batches)
     monkeypatch.undo()
     _compare(got, want)
+
+
+@pytest.mark.parametrize(("selection", "want"), [("unified", "compiled"), ("topk", "python")])
+def test_train_json_reports_the_compiled_lstm_path(tiny_npz, tmp_path, selection, want):
+    """``train --json``'s step_path: "compiled" for a unified LSTM (its backward runs the
+    op behind loss.backward()), "python" for a per-example one."""
+    from conftest import train_tiny
+
+    kernels.set_kernels("cpp")
+    s = train_tiny(
+        tiny_npz, tmp_path / "m.pt", model="lstm-rows", hidden=8, layers=1, k=3,
+        selection=selection,
+    )  # fmt: skip
+    assert (s["kernel"], s["step_path"]) == ("cpp", want)
