@@ -120,14 +120,19 @@ def runner(
 def interleaved(
     runners: dict[str, Runner], rounds: int, iters: int, warmup: int
 ) -> dict[str, list[float]]:
-    """Per-iteration seconds of each runner in each round, runners interleaved."""
+    """Per-iteration seconds of each runner in each round, runners interleaved (the
+    runners switch the kernel mode; the caller's is restored at the end)."""
     names = list(runners)
-    for name in names:
-        runners[name](warmup)
-    out: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            out[name].append(runners[name](iters) / iters)
+    before = kernels.mode()
+    try:
+        for name in names:
+            runners[name](warmup)
+        out: dict[str, list[float]] = {name: [] for name in names}
+        for r in range(rounds):
+            for name in names if r % 2 == 0 else names[::-1]:
+                out[name].append(runners[name](iters) / iters)
+    finally:
+        kernels.set_kernels(before)
     return out
 
 

@@ -160,15 +160,23 @@ def train_step_runner(model: nn.Module, opt: torch.optim.Optimizer, batches: _Ba
 def interleaved(
     runners: dict[str, Runner], rounds: int, iters: int, warmup: int
 ) -> dict[str, list[float]]:
-    """Per-iteration seconds of each runner in each round, runners interleaved."""
+    """Per-iteration seconds of each runner in each round, runners interleaved.
+
+    The runners switch the kernel mode; the caller's mode is restored at the end, since
+    the benchmark suite calls this inside a process that trains afterwards.
+    """
     names = list(runners)
-    for name in names:
-        runners[name](warmup)
-    out: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds):
-        order = names if r % 2 == 0 else names[::-1]
-        for name in order:
-            out[name].append(runners[name](iters) / iters)
+    before = kernels.mode()
+    try:
+        for name in names:
+            runners[name](warmup)
+        out: dict[str, list[float]] = {name: [] for name in names}
+        for r in range(rounds):
+            order = names if r % 2 == 0 else names[::-1]
+            for name in order:
+                out[name].append(runners[name](iters) / iters)
+    finally:
+        kernels.set_kernels(before)
     return out
 
 

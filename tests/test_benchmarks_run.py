@@ -277,3 +277,24 @@ def test_paper_tasks_section_names_the_command_of_a_task_not_run(tmp_path):
 def test_render_needs_results_json(tmp_path, capsys):
     assert bench_run.main(["--render", "--out", str(tmp_path)]) == 2
     assert "--render needs" in capsys.readouterr().err
+
+
+def test_interleaved_timing_restores_the_kernel_mode():
+    """The timing runners switch the kernel mode (compiled vs Python variants); the suite
+    trains in the same process afterwards, which must run in the caller's mode."""
+    from benchmarks import lstm_speed, meprop_speed
+    from mesimp.nn import kernels
+
+    before = kernels.mode()
+    try:
+        kernels.set_kernels("auto")
+        for mod in (meprop_speed, lstm_speed):
+
+            def run(n: int) -> float:
+                kernels.set_kernels("python")
+                return float(n)
+
+            assert mod.interleaved({"a": run}, rounds=2, iters=1, warmup=1) == {"a": [1.0, 1.0]}
+            assert kernels.mode() == "auto", mod.__name__
+    finally:
+        kernels.set_kernels(before)
