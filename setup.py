@@ -37,7 +37,7 @@ def _ext_modules() -> tuple[list, dict]:
     # -fno-math-errno lets sqrt vectorize (nothing reads errno).
     ext = CppExtension(
         "mesimp._C",
-        ["mesimp/csrc/kernels.cpp"],
+        ["mesimp/csrc/kernels.cpp", "mesimp/csrc/lstm_kernels.cpp"],
         extra_compile_args=["-O3", "-ffp-contract=off", "-fno-math-errno"],
     )
     return [ext], {"build_ext": OptionalBuild.with_options(use_ninja=False)}

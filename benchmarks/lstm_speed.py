@@ -3,6 +3,7 @@
 Run::
 
     python -m benchmarks.lstm_speed [--quick] [--json FILE] [--threads N] [--no-onednn]
+                                    [--ks 10,20,50]
 
 One single-layer LSTM, input 100 (word embeddings), hidden 500, batch 32, 25 steps,
 the upstream gradient a fixed random tensor (the loss head is left out so the ratios
@@ -13,7 +14,11 @@ are the LSTM's own). The input requires grad, as an embedding's output does. Var
 * ``manual dense``: ``MePropLSTM`` forced through its whole-sequence autograd Function
   with ``k = hidden`` (every unit selected, so no selection): the cost of the manual
   BPTT itself, the fair base for the meProp variants' k/h saving;
-* ``unified k``: one unit set per step for the batch (GEMMs on 4k gate rows);
+* ``unified k``: one unit set per step for the batch (GEMMs on 4k gate rows), the
+  Python BPTT loop (``MESIMP_KERNELS=python``);
+* ``unified k (compiled)``: the same through the compiled op
+  (``torch.ops.mesimp.lstm_backward``: the whole BPTT in one call), where the kernels
+  are built;
 * ``topk k``: per-example unit sets (dense GEMMs on a zeroed gradient; no GEMM saving).
 
 Two timings per variant: **fwd+bwd** (forward, then ``backward``) and **bwd**
@@ -41,7 +46,8 @@ from torch import nn
 
 import mesimp.nn.lstm as mlstm
 from mesimp.files.atomic import atomic_write_text
-from mesimp.nn.lstm import MePropLSTM
+from mesimp.nn import kernels
+from mesimp.nn.lstm import MePropLSTM, lstm_op_built
 from mesimp.nn.meprop import MePropConfig
 
 EMB, HID, BATCH, STEPS = 100, 500, 32, 25
@@ -57,14 +63,18 @@ class ManualDense(MePropLSTM):
         return torch.is_grad_enabled()
 
 
-def make_variants(seed: int) -> dict[str, nn.Module]:
+def make_variants(seed: int, unified_ks: tuple[int, ...] = UNIFIED_KS) -> dict[str, nn.Module]:
+    """The models by variant name; a name ending in ``(compiled)`` runs on the kernels."""
     torch.manual_seed(seed)
     base = nn.LSTM(EMB, HID, batch_first=True)
     out: dict[str, nn.Module] = {"nn.LSTM": base}
     out["fused k=0"] = MePropLSTM.from_lstm(base, MePropConfig(k=0))
     out["manual dense"] = ManualDense.from_lstm(base, MePropConfig(k=HID))
-    for k in UNIFIED_KS:
-        out[f"unified k={k}"] = MePropLSTM.from_lstm(base, MePropConfig(k=k, selection="unified"))
+    for k in unified_ks:
+        cfg = MePropConfig(k=k, selection="unified")
+        out[f"unified k={k}"] = MePropLSTM.from_lstm(base, cfg)
+        if lstm_op_built():
+            out[f"unified k={k} (compiled)"] = MePropLSTM.from_lstm(base, cfg)
     for k in TOPK_KS:
         out[f"topk k={k}"] = MePropLSTM.from_lstm(base, MePropConfig(k=k, selection="topk"))
     for m in out.values():
@@ -77,12 +87,18 @@ Runner = Callable[[int], float]  # runs n iterations, returns the seconds to cou
 
 
 def runner(
-    model: nn.Module, data: list[tuple[torch.Tensor, torch.Tensor]], bwd_only: bool
+    model: nn.Module,
+    data: list[tuple[torch.Tensor, torch.Tensor]],
+    bwd_only: bool,
+    path: str = "python",
 ) -> Runner:
+    """Runs ``n`` iterations under the kernel mode ``path`` (set at each call, since the
+    variants interleave)."""
     params = list(model.parameters())
     state = {"i": 0}
 
     def run(n: int) -> float:
+        kernels.set_kernels(path)
         total = 0.0
         for _ in range(n):
             state["i"] = (state["i"] + 1) % len(data)
@@ -104,14 +120,19 @@ def runner(
 def interleaved(
     runners: dict[str, Runner], rounds: int, iters: int, warmup: int
 ) -> dict[str, list[float]]:
-    """Per-iteration seconds of each runner in each round, runners interleaved."""
+    """Per-iteration seconds of each runner in each round, runners interleaved (the
+    runners switch the kernel mode; the caller's is restored at the end)."""
     names = list(runners)
-    for name in names:
-        runners[name](warmup)
-    out: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            out[name].append(runners[name](iters) / iters)
+    before = kernels.mode()
+    try:
+        for name in names:
+            runners[name](warmup)
+        out: dict[str, list[float]] = {name: [] for name in names}
+        for r in range(rounds):
+            for name in names if r % 2 == 0 else names[::-1]:
+                out[name].append(runners[name](iters) / iters)
+    finally:
+        kernels.set_kernels(before)
     return out
 
 
@@ -174,6 +195,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="MePropLSTM's GEMMs through torch (MKL) instead of oneDNN",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--ks",
+        type=lambda v: [int(k) for k in v.split(",")],
+        default=list(UNIFIED_KS),
+        help="unified k values, comma-separated (default %(default)s)",
+    )
     args = p.parse_args(argv)
     rounds, iters, warmup = (3, 2, 2) if args.quick else (25, 4, 5)
     args.rounds = args.rounds or rounds
@@ -186,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     mlstm._USE_ONEDNN = args.onednn
-    models = make_variants(args.seed)
+    models = make_variants(args.seed, tuple(args.ks))
     g = torch.Generator().manual_seed(args.seed + 1)
     data = [
         (torch.randn(BATCH, STEPS, EMB, generator=g), torch.randn(BATCH, STEPS, HID, generator=g))
@@ -196,7 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     times = {}
     for mode, bwd_only in (("fwd_bwd", False), ("bwd", True)):
-        runners = {name: runner(m, data, bwd_only) for name, m in models.items()}
+        runners = {
+            name: runner(m, data, bwd_only, "cpp" if name.endswith("(compiled)") else "python")
+            for name, m in models.items()
+        }
         times[mode] = interleaved(runners, args.rounds, args.iters, args.warmup)
         print(f"  done {mode} ({time.perf_counter() - t_start:.0f} s)", file=sys.stderr, flush=True)
     args.loadavg = (load_start[0], os.getloadavg()[0])
@@ -214,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             "processor": platform.processor(),
             "shape": {"input": EMB, "hidden": HID, "batch": BATCH, "steps": STEPS},
             "rounds": args.rounds,
+            "compiled_lstm": lstm_op_built(),
             "iters": args.iters,
             "warmup": args.warmup,
             "elapsed_s": elapsed,

@@ -34,9 +34,10 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
-# meProp's own tests run on both paths: the compiled kernels (where built) and the
-# pure-Python fallback (mesimp.nn.kernels); the rest of the suite runs the default (auto).
-BOTH_KERNEL_PATHS = {"test_meprop", "test_optim"}
+# meProp's own tests (Linear layers, the optimizer, the LSTM) run on both paths: the
+# compiled kernels (where built) and the pure-Python fallback (mesimp.nn.kernels); the rest
+# of the suite runs the default (auto).
+BOTH_KERNEL_PATHS = {"test_meprop", "test_optim", "test_lstm"}
 
 
 def pytest_generate_tests(metafunc):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 # benchmarks/ is a folder of the repository, not an installed package; pytest puts only
 # tests/ on sys.path (a `pythonpath = ["."]` in the pytest config would make this moot).
@@ -277,3 +278,31 @@ def test_paper_tasks_section_names_the_command_of_a_task_not_run(tmp_path):
 def test_render_needs_results_json(tmp_path, capsys):
     assert bench_run.main(["--render", "--out", str(tmp_path)]) == 2
     assert "--render needs" in capsys.readouterr().err
+
+
+def test_timing_restores_the_kernel_mode():
+    """The timing runners switch the kernel mode (compiled vs Python variants); the suite
+    trains in the same process afterwards, which must run in the caller's mode."""
+    from benchmarks import lstm_speed, meprop_speed
+    from mesimp.nn import kernels
+
+    before = kernels.mode()
+    try:
+        kernels.set_kernels("auto")
+
+        def run(n: int) -> float:
+            kernels.set_kernels("python")
+            return float(n)
+
+        assert lstm_speed.interleaved({"a": run}, rounds=2, iters=1, warmup=1) == {"a": [1.0, 1.0]}
+        assert kernels.mode() == "auto"
+        model, batches = meprop_speed.make_mlp(), meprop_speed._Batches(2, 0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for runner in (
+            meprop_speed.backward_runner(model, batches, "python"),
+            meprop_speed.step_runner(model, opt, batches, "python"),
+        ):
+            runner(1)
+            assert kernels.mode() == "auto"
+    finally:
+        kernels.set_kernels(before)

@@ -55,6 +55,7 @@ from mesimp.models import count_macs, count_params, hidden_sizes
 from mesimp.nn import kernels
 from mesimp.nn.fused import fused_train_step
 from mesimp.nn.linear import MePropCounters, MePropLinear
+from mesimp.nn.lstm import MePropLSTM, lstm_op_built
 from mesimp.nn.swap import meprop_
 from mesimp.progress import bar as progress_bar
 from mesimp.simplify.reference_schedule import ReferenceSimplifier
@@ -254,12 +255,7 @@ class _Run:
         # Linear-ReLU stack, in one process (each step re-checks that it applies)
         self.one_call = not config.reference and ranks.world == 1 and not self.task.tagging
         self.path = "python"  # which path the last step took (train --json reports it)
-        self.sparse_layers = any(  # Linear layers the kernels serve (LSTM, Conv: Python)
-            isinstance(m, MePropLinear)
-            and m.k > 0
-            and m.meprop_config.backward_selection in kernels.SELECTION_CODE
-            for m in self.model.modules()
-        )
+        self.sparse_layers = any(_kernels_serve(m) for m in self.model.modules())
         self.named_params = list(self.model.named_parameters())
         self.n = len(self.task.y_train)
         per_rank = math.ceil(self.n / ranks.world)  # DistributedSampler pads by wrapping
@@ -675,6 +671,18 @@ class _Run:
 
 def _where(epoch: int, step: int) -> str:
     return f"epoch {epoch + 1} step {step}"
+
+
+def _kernels_serve(m: nn.Module) -> bool:
+    """Whether the compiled kernels run this layer's backward (on float32 CPU, kernels on):
+    a ``MePropLinear`` with unified or per-example top-k, a ``MePropLSTM`` with unified
+    selection; Conv2d, random selection, the reference heap and a per-example LSTM run
+    the Python path."""
+    if isinstance(m, MePropLinear):
+        return m.k > 0 and m.meprop_config.backward_selection in kernels.SELECTION_CODE
+    if isinstance(m, MePropLSTM):
+        return m.k > 0 and m.meprop_config.selection == "unified" and lstm_op_built()
+    return False
 
 
 def _meprop_config(model: nn.Module) -> Any:
