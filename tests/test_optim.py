@@ -268,6 +268,32 @@ def test_sparse_meprop_grads_step(name):
         torch.testing.assert_close(after, expected_sgd)
 
 
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+def test_row_sparse_grads_of_any_rank(kernel_path):
+    """A 3-D parameter with a row-sparse (one sparse dimension) gradient steps its rows
+    (compiled on the cpp path), and so does a COO with two sparse dimensions (the rows it
+    touches, whole); both against the float64 reference."""
+    g = torch.Generator().manual_seed(2)
+    w = nn.Parameter(torch.randn(6, 3, 2, generator=g))
+    opt = RowSparseAdam([w], lr=0.05)
+    ref = LazyAdamRef([w.double()], lr=0.05)
+    for rows in ([4, 1, 4], [0, 5]):
+        w.grad = torch.sparse_coo_tensor(
+            torch.tensor([rows]), torch.randn(len(rows), 3, 2, generator=g), w.shape
+        )
+        assert (opt.compiled_plan() is not None) == (kernel_path == "cpp")
+        grad = w.grad.double()
+        opt.step()
+        ref.step([grad])
+    hybrid = torch.sparse_coo_tensor(torch.tensor([[2, 3], [0, 2]]), torch.randn(2, 2), w.shape)
+    w.grad = hybrid
+    assert (opt.compiled_plan() is not None) == (kernel_path == "cpp")
+    opt.step()
+    as_rows = sparse_rows([2, 3], hybrid.to_dense()[[2, 3]].double(), w.shape)  # by hand
+    ref.step([as_rows])
+    torch.testing.assert_close(w.detach().double(), ref.params[0], rtol=2e-5, atol=2e-5)
+
+
 class LazyAdagradRef:
     """Plain float64 Adagrad / SGD, per row: ``sum += g^2; p -= clr g / (sqrt(sum) + eps)``
     with ``clr = lr / (1 + (step - 1) lr_decay)`` (SGD: ``p -= lr g``); a row-sparse grad

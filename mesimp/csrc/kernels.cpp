@@ -594,7 +594,10 @@ void for_spans(const Tensor& p, const Grad& g, F&& f) {
   }
   const int64_t d = p.numel() / std::max<int64_t>(p.size(0), 1);
   const int64_t* rp = g.rows.data_ptr<int64_t>();
-  for (int64_t t = 0; t < g.rows.numel(); ++t) f(rp[t] * d, gv + t * d, d);
+  for (int64_t t = 0; t < g.rows.numel(); ++t) {
+    TORCH_CHECK(rp[t] >= 0 && rp[t] < p.size(0), "mesimp kernels: gradient row out of range");
+    f(rp[t] * d, gv + t * d, d);
+  }
 }
 
 // Adam as torch.optim.Adam computes it (eps after the bias-corrected square root; the
@@ -642,8 +645,9 @@ void optimizer_update(int64_t kind, const std::vector<Tensor>& params,
     TORCH_CHECK(p.device().is_cpu() && p.scalar_type() == at::kFloat && p.is_contiguous(),
                 "mesimp kernels: parameters must be contiguous float32 CPU tensors");
     const Grad& g = grads[i];
+    const int64_t row = p.dim() ? p.numel() / std::max<int64_t>(p.size(0), 1) : 1;
     TORCH_CHECK(g.values.scalar_type() == at::kFloat && g.values.is_contiguous() &&
-                    (g.rows.defined() ? p.dim() == 2 && g.values.size(1) == p.size(1)
+                    (g.rows.defined() ? p.dim() >= 1 && g.values.numel() == g.rows.numel() * row
                                       : g.values.numel() == p.numel()),
                 "mesimp kernels: a gradient does not match its parameter");
   }

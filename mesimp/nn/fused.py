@@ -11,9 +11,10 @@ node) is what is left to remove.
 ``train_step(model, x, y, optimizer)`` goes further: forward, mean cross-entropy,
 backward and the optimizer's update (``RowSparseAdam``, ``RowSparseAdagrad`` or
 ``RowSparseSGD``) in one call (``torch.ops.mesimp.mlp_train_step``), the fastest path
-for mesimp's trainer. Both compute what the per-layer path computes
-(same selections, counters, MSBP memories, masks, gradients within float tolerance;
-unified selection: the same bits) and fall back to it whenever they do not apply
+for mesimp's trainer. Both compute what the per-layer path computes (same selections,
+counters, MSBP memories, masks; gradients within float tolerance, unified selection:
+the same bits; the optimizer step within float32 rounding of torch's, and the same bits
+on both fused paths) and fall back to it whenever they do not apply
 (kernels off or missing, not float32 CPU, ``selection="random"``, autocast, dropout,
 other layer types): ``fused_forward`` then returns None and ``train_step`` runs the
 ordinary step.

@@ -49,7 +49,7 @@ class CompiledOptimizer:
             args = self.compiled_args(group, ps)
             if args is None:
                 return None
-            plans.append((ps, [p.grad for p in ps], *args))
+            plans.append((ps, [row_sparse(p.grad) for p in ps], *args))
         return plans
 
     def compiled_step(self) -> bool:
@@ -68,6 +68,17 @@ class CompiledOptimizer:
         if not self.compiled_step():
             _unhooked(torch_step)(self)
         return loss
+
+
+def row_sparse(grad: torch.Tensor) -> torch.Tensor:
+    """``grad`` as the optimizers here take it: dense, or COO with one sparse dimension
+    (rows). A COO with more sparse dimensions becomes the rows it touches, whole (zeros
+    where it has no entry), so the lazy update is per row, as for MePropLinear's."""
+    if not grad.is_sparse or grad.sparse_dim() == 1:
+        return grad
+    rows = grad.coalesce().indices()[0].unique()
+    dense = grad.to_dense().index_select(0, rows)
+    return torch.sparse_coo_tensor(rows.unsqueeze(0), dense, grad.shape, is_coalesced=True)
 
 
 def _unhooked(step):
@@ -134,7 +145,7 @@ class RowSparseAdam(CompiledOptimizer, torch.optim.Adam):
                     continue
                 state = self.param_state(p)
                 ps.append(p)
-                gs.append(p.grad)
+                gs.append(row_sparse(p.grad))
                 ms.append(state["exp_avg"])
                 vs.append(state["exp_avg_sq"])
                 steps.append(state["step"])
