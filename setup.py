@@ -38,6 +38,7 @@ def _ext_modules() -> tuple[list, dict]:
     ext = CppExtension(
         "mesimp._C",
         ["mesimp/csrc/kernels.cpp", "mesimp/csrc/lstm_kernels.cpp"],
+        depends=["mesimp/csrc/select.h"],
         extra_compile_args=["-O3", "-ffp-contract=off", "-fno-math-errno"],
     )
     return [ext], {"build_ext": OptionalBuild.with_options(use_ninja=False)}

@@ -19,6 +19,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "select.h"
+
 #include <algorithm>
 #include <functional>
 #include <cmath>
@@ -30,14 +32,10 @@
 namespace {
 
 using at::Tensor;
+using mesimp_select::key_of;
+using mesimp_select::top_indices;
 
 enum Selection : int64_t { kDense = 0, kUnified = 1, kTopk = 2 };
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define MESIMP_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define MESIMP_CLONES
-#endif
 
 // score[j] = sum_i |u[i, j]|, rows accumulated in order
 MESIMP_CLONES void abs_colsum(int64_t rows, int64_t n, const float* __restrict u,
@@ -52,47 +50,6 @@ MESIMP_CLONES void abs_colsum(int64_t rows, int64_t n, const float* __restrict u
 // dy[i] = 0 where the ReLU output h[i] <= 0 (threshold_backward)
 MESIMP_CLONES void relu_mask(int64_t n, const float* __restrict h, float* __restrict g) {
   for (int64_t i = 0; i < n; ++i) g[i] = h[i] <= 0.f ? 0.f : g[i];
-}
-
-inline float key_of(float s) { return std::isnan(s) ? std::numeric_limits<float>::infinity() : s; }
-
-// the k largest of key[0..n) (ties: lower index first), returned sorted ascending.
-// A bound first: the k-th largest of B >= k block maxima is <= the k-th largest key (the
-// top k maxima are k distinct keys), so only keys >= it can be selected; the exact order
-// runs on those few candidates. ~4x faster than nth_element over all n at n=500, k=20.
-void top_indices(const float* key, int64_t n, int64_t k, std::vector<int64_t>& idx,
-                 std::vector<float>& bmax) {
-  auto better = [key](int64_t a, int64_t b) {
-    return key[a] > key[b] || (key[a] == key[b] && a < b);
-  };
-  if (k >= n) {
-    idx.resize(n);
-    std::iota(idx.begin(), idx.end(), 0);
-    return;
-  }
-  const int64_t B = std::min(n, 2 * k);
-  idx.clear();
-  if (B * 2 > n) {  // blocks too small to help
-    idx.resize(n);
-    std::iota(idx.begin(), idx.end(), 0);
-  } else {
-    bmax.resize(B);
-    for (int64_t b = 0; b < B; ++b) {
-      const int64_t lo = b * n / B, hi = (b + 1) * n / B;
-      float m = key[lo];
-      for (int64_t j = lo + 1; j < hi; ++j) m = key[j] > m ? key[j] : m;
-      bmax[b] = m;
-    }
-    std::nth_element(bmax.begin(), bmax.begin() + (k - 1), bmax.end(), std::greater<float>());
-    const float t = bmax[k - 1];
-    for (int64_t j = 0; j < n; ++j)
-      if (key[j] >= t) idx.push_back(j);
-  }
-  if ((int64_t)idx.size() > k) {
-    std::nth_element(idx.begin(), idx.begin() + k, idx.end(), better);
-    idx.resize(k);
-  }
-  std::sort(idx.begin(), idx.end());
 }
 
 // 8 floats as one value (GCC vector extension; unaligned): explicit vectors, because GCC

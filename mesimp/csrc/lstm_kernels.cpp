@@ -17,6 +17,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "select.h"
+
 #include <algorithm>
 #include <cmath>
 #include <functional>
@@ -27,51 +29,8 @@
 namespace {
 
 using at::Tensor;
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define MESIMP_LSTM_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define MESIMP_LSTM_CLONES
-#endif
-
-inline float key_of(float s) { return std::isnan(s) ? std::numeric_limits<float>::infinity() : s; }
-
-// The k largest of key[0..n) (ties: lower index first), sorted ascending; kernels.cpp's
-// top_indices (a bound from the maxima of 2k blocks, then nth_element on the candidates).
-void top_indices(const float* key, int64_t n, int64_t k, std::vector<int64_t>& idx,
-                 std::vector<float>& bmax) {
-  auto better = [key](int64_t a, int64_t b) {
-    return key[a] > key[b] || (key[a] == key[b] && a < b);
-  };
-  if (k >= n) {
-    idx.resize(n);
-    std::iota(idx.begin(), idx.end(), 0);
-    return;
-  }
-  const int64_t B = std::min(n, 2 * k);
-  idx.clear();
-  if (B * 2 > n) {  // blocks too small to help
-    idx.resize(n);
-    std::iota(idx.begin(), idx.end(), 0);
-  } else {
-    bmax.resize(B);
-    for (int64_t b = 0; b < B; ++b) {
-      const int64_t lo = b * n / B, hi = (b + 1) * n / B;
-      float m = key[lo];
-      for (int64_t j = lo + 1; j < hi; ++j) m = key[j] > m ? key[j] : m;
-      bmax[b] = m;
-    }
-    std::nth_element(bmax.begin(), bmax.begin() + (k - 1), bmax.end(), std::greater<float>());
-    const float t = bmax[k - 1];
-    for (int64_t j = 0; j < n; ++j)
-      if (key[j] >= t) idx.push_back(j);
-  }
-  if ((int64_t)idx.size() > k) {
-    std::nth_element(idx.begin(), idx.begin() + k, idx.end(), better);
-    idx.resize(k);
-  }
-  std::sort(idx.begin(), idx.end());
-}
+using mesimp_select::key_of;
+using mesimp_select::top_indices;
 
 // One step's gate gradients for one batch row, in the Python path's op order:
 //   dh = (dh + dout) * m;  do = dh * tanh(c);  dc = (dc + (dh * o) * (1 - tanh(c)^2)) * m
@@ -81,7 +40,7 @@ void top_indices(const float* key, int64_t n, int64_t k, std::vector<int64_t>& i
 // gate blocks of dg and colsum are disjoint (GCC otherwise gives up on the alias checks
 // between them and leaves the loop scalar).
 template <bool kMask, bool kMem>
-MESIMP_LSTM_CLONES void gates_row(int64_t h, const float* __restrict dh_in,
+MESIMP_CLONES void gates_row(int64_t h, const float* __restrict dh_in,
                                   const float* __restrict dout, const float* __restrict m,
                                   const float* __restrict a, const float* __restrict tc,
                                   const float* __restrict c_prev, const float* __restrict mem,
@@ -123,12 +82,12 @@ using GatesRowFn = void (*)(int64_t, const float*, const float*, const float*, c
                             const float*, const float*, const float*, float*, float*, float*);
 
 // dst[j] += src[j]
-MESIMP_LSTM_CLONES void add_row(int64_t n, const float* __restrict src, float* __restrict dst) {
+MESIMP_CLONES void add_row(int64_t n, const float* __restrict src, float* __restrict dst) {
   for (int64_t j = 0; j < n; ++j) dst[j] += src[j];
 }
 
 // dst[j] = src[j] * s
-MESIMP_LSTM_CLONES void scale_row(int64_t n, const float* __restrict src, float s,
+MESIMP_CLONES void scale_row(int64_t n, const float* __restrict src, float s,
                                   float* __restrict dst) {
   for (int64_t j = 0; j < n; ++j) dst[j] = src[j] * s;
 }
