@@ -7,6 +7,10 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 
 from mesimp.errors import BadInputError
 from mesimp.nn.linear import MePropLinear
@@ -381,6 +385,43 @@ def test_options_the_kernels_lack_take_torchs_step(name, kernel_path):
         assert mine.compiled_plan() is None
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [RowSparseAdam, RowSparseAdagrad, RowSparseSGD])
+def test_step_hooks_profiler_labels_and_zero_grad(cls):
+    """The lean step wrapper keeps torch's contract: global and per-optimizer pre-hooks
+    (a pre-hook may replace the arguments) and post-hooks run once per step, in torch's
+    order; under a profiler the step and zero_grad carry torch's labels; zero_grad sets
+    gradients to None, or zeroes them (dense and sparse) with ``set_to_none=False``."""
+    lin = nn.Linear(4, 3)
+    opt = cls(lin.parameters(), lr=0.1)
+    order = []
+    handles = [
+        register_optimizer_step_pre_hook(lambda *_: order.append("global pre")),
+        opt.register_step_pre_hook(lambda o, a, k: order.append("pre") or (a[:1], {})),
+        opt.register_step_post_hook(lambda *_: order.append("post")),
+        register_optimizer_step_post_hook(lambda *_: order.append("global post")),
+    ]
+    try:
+        lin(torch.randn(2, 4)).sum().backward()
+        assert opt.step(lambda: 1 / 0) is None  # the pre-hook replaced the closure
+        assert order == ["global pre", "pre", "post", "global post"]
+    finally:
+        for h in handles:
+            h.remove()
+    lin(torch.randn(2, 4)).sum().backward()
+    with torch.profiler.profile() as prof:
+        opt.step()
+        opt.zero_grad()
+    names = {e.key for e in prof.key_averages()}
+    assert f"Optimizer.step#{cls.__name__}.step" in names
+    assert f"Optimizer.zero_grad#{cls.__name__}.zero_grad" in names
+    assert all(p.grad is None for p in lin.parameters())
+    lin.weight.grad = sparse_rows([1], torch.ones(1, 4), (3, 4))
+    lin.bias.grad = torch.ones(3)
+    opt.zero_grad(set_to_none=False)
+    assert lin.weight.grad.is_sparse and not lin.weight.grad.to_dense().any()
+    assert torch.equal(lin.bias.grad, torch.zeros(3))
 
 
 # --------------------------------------------------------------------------------------

@@ -13,9 +13,12 @@ compiled one-call step of ``mesimp.nn.kernels`` where it applies.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable
+from itertools import chain
 
 import torch
+from torch.optim import optimizer as _torch_optimizer
 
 from mesimp.errors import BadInputError
 from mesimp.nn import kernels
@@ -61,6 +64,35 @@ class CompiledOptimizer:
             torch.ops.mesimp.optimizer_step(self.KIND, *plan)
         return True
 
+    @staticmethod
+    def profile_hook_step(func: Callable) -> Callable:
+        """torch's wrapper around ``step`` (step pre-hooks, the step, the profiler's entry
+        point, post-hooks; ``Optimizer`` installs it through this name), with its
+        ``record_function`` label entered only while a profiler runs: entering it costs
+        ~15 µs with no profiler at all, a fifth of the compiled step at meProp's sizes."""
+
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            self = args[0]
+            if not torch.autograd._profiler_enabled():
+                return _run_step_hooks(self, func, args, kwargs)
+            name = f"Optimizer.step#{self.__class__.__name__}.step"
+            with torch.autograd.profiler.record_function(name):
+                return _run_step_hooks(self, func, args, kwargs)
+
+        return wrapper
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's ``zero_grad``; setting gradients to None with no profiler running skips
+        its ``record_function`` label (~30 µs a call with the loop around it, against
+        ~5 µs: a tenth of what a compiled meProp step spends outside the forward)."""
+        if not set_to_none or torch.autograd._profiler_enabled():
+            super().zero_grad(set_to_none)  # type: ignore[misc]
+            return
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
     def _step_or(self, torch_step, closure) -> object:
         """The closure's loss, then the compiled step, or ``torch_step`` where it does not
         apply (called unhooked: the subclass's own ``step`` already runs the hooks)."""
@@ -79,6 +111,32 @@ def row_sparse(grad: torch.Tensor) -> torch.Tensor:
     rows = grad.coalesce().indices()[0].unique()
     dense = grad.to_dense().index_select(0, rows)
     return torch.sparse_coo_tensor(rows.unsqueeze(0), dense, grad.shape, is_coalesced=True)
+
+
+def _run_step_hooks(opt: torch.optim.Optimizer, func: Callable, args: tuple, kwargs: dict):
+    """What torch's step wrapper runs inside its profiler label: the global and the
+    optimizer's step pre-hooks (which may replace the arguments), the step, the
+    profiler's ``_optimizer_step_code`` entry point, then the post-hooks."""
+    for pre_hook in chain(
+        _torch_optimizer._global_optimizer_pre_hooks.values(),
+        opt._optimizer_step_pre_hooks.values(),
+    ):
+        result = pre_hook(opt, args, kwargs)
+        if result is not None:
+            if not (isinstance(result, tuple) and len(result) == 2):
+                raise RuntimeError(
+                    f"{func} must return None or a tuple of (new_args, new_kwargs), "
+                    f"but got {result}."
+                )
+            args, kwargs = result
+    out = func(*args, **kwargs)
+    opt._optimizer_step_code()
+    for post_hook in chain(
+        opt._optimizer_step_post_hooks.values(),
+        _torch_optimizer._global_optimizer_post_hooks.values(),
+    ):
+        post_hook(opt, args, kwargs)
+    return out
 
 
 def _unhooked(step):
