@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.meprop_speed import kernel_mode
+from mesimp.files.atomic import atomic_write_text
 from mesimp.simplify.rule import SimplifyConfig
 from mesimp.training.config import TrainConfig
 from mesimp.training.loop import train
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.cpu_count()} CPUs"
     )
     if args.json:
-        Path(args.json).write_text(json.dumps({"runs": runs, "best_per_epoch_s": best}, indent=1))
+        atomic_write_text(args.json, json.dumps({"runs": runs, "best_per_epoch_s": best}, indent=1))
     return 0
 
 

@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mesimp.files.atomic import atomic_write_text
 from mesimp.models import MLP, MLPConfig
 from mesimp.nn import kernels
 from mesimp.nn.fused import train_step
@@ -479,8 +480,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(),
             "kernels": kernels.available(),
         }
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=1)
+        atomic_write_text(args.json, json.dumps({"meta": meta, "results": results}, indent=1))
     return 0
 
 

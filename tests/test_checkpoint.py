@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import stat
 from pathlib import Path
 
 import pytest
@@ -288,3 +289,19 @@ def test_atomic_write_replaces_content(tmp_path):
     atomic_write_text(path, "two")
     assert path.read_text() == "two"
     assert os.listdir(tmp_path) == ["a.txt"]
+
+
+def test_atomic_write_gives_open_s_file_mode(tmp_path):
+    """A new file gets 0o666 less the umask, as ``open(path, "w")`` would (mkstemp's
+    0o600 must not leak out); a replaced file keeps its own mode."""
+    old = os.umask(0o027)
+    try:
+        new = atomic_write_text(tmp_path / "new.json", "{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(new.stat().st_mode) == 0o640
+    kept = tmp_path / "kept.json"
+    kept.write_text("one")
+    kept.chmod(0o604)
+    atomic_write_text(kept, "two")
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o604 and kept.read_text() == "two"

@@ -31,12 +31,14 @@ from benchmarks.meprop_speed import _Batches, _ratios, backward_runner, interlea
 from mesimp.deploy.bench import bench
 from mesimp.deploy.export import export_onnx
 from mesimp.models import MLPConfig, build_model
+from mesimp.nn import kernels
 from mesimp.nn.meprop import MePropConfig
 from mesimp.nn.swap import meprop_
 
 BACKWARD_METHOD = (
     "dense backward time / the row's backward time, timed as benchmarks/meprop_speed.py "
-    "does (loss.backward() alone, variants interleaved in the same rounds, each "
+    "does (loss.backward() alone, on the kernel path training takes: compiled where "
+    "built; variants interleaved in the same rounds, each "
     "variant's fastest round), once per comparison on models built at each row's "
     "configuration (width, k, selection, MSBP), not inside training (the trainer has "
     "no per-phase timer). MLP: random batches of 50; LSTM: random batches of 32 "
@@ -63,7 +65,10 @@ def backward_ratios(
 ) -> dict[str, float]:
     """Dense backward time / each variant's, all timed interleaved (meprop_speed's
     ``interleaved`` + ``backward_runner``; ``batches`` has ``next() -> (x, y)``)."""
-    runners = {name: backward_runner(m, batches) for name, m in variants.items()}
+    # the kernel mode the trainer runs under (compiled where built), not meprop_speed's
+    # default of the Python path
+    path = kernels.mode()
+    runners = {name: backward_runner(m, batches, path) for name, m in variants.items()}
     times = interleaved(runners, rounds, iters, warmup)
     return {name: _ratios(times[reference], t)["min"] for name, t in times.items()}
 

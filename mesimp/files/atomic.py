@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,8 +44,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     dest = check_writable(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent or ".")
-    os.close(fd)
     tmp_path = Path(tmp)
+    try:
+        os.fchmod(fd, _file_mode(dest))
+    finally:
+        os.close(fd)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
@@ -54,6 +58,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def _file_mode(dest: Path) -> int:
+    """The mode a plain ``open(dest, "w")`` would leave: the replaced file's own, else
+    0o666 less the umask. ``mkstemp`` creates 0o600 files, and the rename would keep
+    that: checkpoints and ONNX files unreadable to the group that serves them."""
+    try:
+        return stat.S_IMODE(dest.stat().st_mode)
+    except FileNotFoundError:
+        mask = os.umask(0o022)  # reading the umask means setting it; put it back at once
+        os.umask(mask)
+        return 0o666 & ~mask
 
 
 def atomic_write(path: str | os.PathLike, writer: Callable[[Path], None]) -> Path:

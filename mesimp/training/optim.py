@@ -68,8 +68,9 @@ class CompiledOptimizer:
     def profile_hook_step(func: Callable) -> Callable:
         """torch's wrapper around ``step`` (step pre-hooks, the step, the profiler's entry
         point, post-hooks; ``Optimizer`` installs it through this name), with its
-        ``record_function`` label entered only while a profiler runs: entering it costs
-        ~15 µs with no profiler at all, a fifth of the compiled step at meProp's sizes."""
+        ``record_function`` label entered only while a profiler runs: it costs even with
+        no profiler, and ``opt.step()`` took 134 µs with it, 104 µs without (784-500-500-10,
+        k=20, b=50: a quarter of the step outside the forward and backward)."""
 
         @functools.wraps(func)
         def wrapper(*args, **kwargs):
@@ -84,8 +85,8 @@ class CompiledOptimizer:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch's ``zero_grad``; setting gradients to None with no profiler running skips
-        its ``record_function`` label (~30 µs a call with the loop around it, against
-        ~5 µs: a tenth of what a compiled meProp step spends outside the forward)."""
+        its ``record_function`` label and bookkeeping: 36 µs a call with them, 6 µs
+        without, at the sizes above."""
         if not set_to_none or torch.autograd._profiler_enabled():
             super().zero_grad(set_to_none)  # type: ignore[misc]
             return
