@@ -291,7 +291,7 @@ def test_atomic_write_replaces_content(tmp_path):
     assert os.listdir(tmp_path) == ["a.txt"]
 
 
-def test_atomic_write_gives_open_s_file_mode(tmp_path):
+def test_atomic_write_uses_the_mode_open_would(tmp_path):
     """A new file gets 0o666 less the umask, as ``open(path, "w")`` would (mkstemp's
     0o600 must not leak out); a replaced file keeps its own mode."""
     old = os.umask(0o027)

@@ -46,10 +46,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent or ".")
     tmp_path = Path(tmp)
     try:
-        os.fchmod(fd, _file_mode(dest))
-    finally:
-        os.close(fd)
-    try:
+        try:
+            os.fchmod(fd, _file_mode(dest))
+        finally:
+            os.close(fd)
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
