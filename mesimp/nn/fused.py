@@ -166,9 +166,7 @@ def _optimizer_args(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]
         a is not b for a, b in zip(group["params"], params, strict=True)
     ):
         return None
-    if not all(p.is_contiguous() for p in params):
-        return None
-    args = optimizer.compiled_args(group, params)
+    args = optimizer.kernel_args(group, params)
     return None if args is None else (optimizer.KIND, *args)
 
 
@@ -188,9 +186,7 @@ def fused_train_step(
     if layers is None:
         return None
     params = _params(layers)
-    if not kernels.usable(*params):
-        return None
-    opt_args = _optimizer_args(optimizer, params)
+    opt_args = _optimizer_args(optimizer, params)  # None also where params can't take them
     if opt_args is None:
         return None
     for p in params:

@@ -39,6 +39,14 @@ class CompiledOptimizer:
         """``(state1, state2, steps, hyper)`` for the kernels, or None."""
         raise NotImplementedError
 
+    def kernel_args(self, group: dict, params: list[torch.Tensor]) -> tuple | None:
+        """``compiled_args``, where ``params`` can take the kernels at all (kernels on,
+        float32 contiguous CPU tensors); else None. The one check for both callers: this
+        optimizer's own step and ``mesimp.nn.fused.train_step``."""
+        if not (kernels.usable(*params) and all(p.is_contiguous() for p in params)):
+            return None
+        return self.compiled_args(group, params)
+
     def compiled_plan(self) -> list[tuple] | None:
         """Per param group ``(params, grads, state1, state2, steps, hyper)`` for the
         kernels, or None unless every group can take them (no half-compiled step)."""
@@ -47,9 +55,7 @@ class CompiledOptimizer:
             ps = [p for p in group["params"] if p.grad is not None]
             if not ps:
                 continue
-            if not (kernels.usable(*ps) and all(p.is_contiguous() for p in ps)):
-                return None
-            args = self.compiled_args(group, ps)
+            args = self.kernel_args(group, ps)
             if args is None:
                 return None
             plans.append((ps, [row_sparse(p.grad) for p in ps], *args))
