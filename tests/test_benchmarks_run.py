@@ -27,6 +27,7 @@ if str(REPO) not in sys.path:
 from benchmarks import run as bench_run  # noqa: E402
 from benchmarks.suite import tp  # noqa: E402
 from benchmarks.suite.claims import beats, no_loss  # noqa: E402
+from benchmarks.suite.config import EWT  # noqa: E402
 from benchmarks.suite.report import PLOTS, build_report  # noqa: E402
 from benchmarks.suite.results import (  # noqa: E402
     EXPECTED,
@@ -51,6 +52,8 @@ def _strict_json(path: Path) -> Any:
 def _run_quick(out: Path) -> tuple[int, dict[str, Any]]:
     if not FMNIST.is_dir():
         pytest.skip(f"Fashion-MNIST not found under {FMNIST}")
+    if not EWT.is_dir():  # ../shared/data: a clone outside the workspace has none
+        pytest.skip(f"UD English EWT not found under {EWT}")
     rc = bench_run.main(["--quick", "--out", str(out)])
     return rc, _strict_json(out / "results.json")
 
