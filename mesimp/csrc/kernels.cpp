@@ -766,10 +766,10 @@ Tensor mlp_forward(const Tensor& x, at::TensorList params,
 }
 
 // One training step of the stack with mean cross-entropy and an optimizer (kind, hyper,
-// state as optimizer_update): the same ops as forward + F.cross_entropy + loss.backward()
-// + the optimizer's step. Returns [loss, bad]: bad = -1, or the index in params of a
-// non-finite gradient (checked when check_grads); a non-finite loss or gradient leaves
-// the parameters and the optimizer state untouched.
+// state as optimizer_update): the same ops as zero_grad + forward + F.cross_entropy +
+// loss.backward() + the optimizer's step, leaving no gradients. Returns [loss, bad]:
+// bad = -1, or the index in params of a non-finite gradient (checked when check_grads);
+// a non-finite loss or gradient leaves the parameters and the optimizer state untouched.
 std::vector<Tensor> mlp_train_step(const Tensor& x, const Tensor& y, at::TensorList params,
                                    const c10::List<std::optional<Tensor>>& masks,
                                    const c10::List<std::optional<Tensor>>& memories,
@@ -783,6 +783,8 @@ std::vector<Tensor> mlp_train_step(const Tensor& x, const Tensor& y, at::TensorL
   Stack s = make_stack(masks, memories, hits, refs, ks, selections, alphas, flags, ks.size());
   std::vector<Tensor> weights, biases, xs;
   split_params(params, s, weights, biases);
+  for (const Tensor& p : params)  // as zero_grad(set_to_none=True) before the step
+    if (p.grad().defined()) p.mutable_grad().reset();
   Tensor logits = stack_forward(x, weights, biases, s, xs);
   // F.cross_entropy(logits, y) and its backward, as autograd runs them: the same bits as
   // the loss.backward() path, so the trainer may take either path at any step

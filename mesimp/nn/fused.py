@@ -16,19 +16,22 @@ counters, MSBP memories, masks; gradients within float tolerance, unified select
 the same bits; the optimizer step within float32 rounding of torch's, and the same bits
 on both fused paths) and fall back to it whenever they do not apply
 (kernels off or missing, not float32 CPU, ``selection="random"``, autocast, dropout,
-other layer types): ``fused_forward`` then returns None and ``train_step`` runs the
-ordinary step.
+other layer types or subclasses, module hooks): ``fused_forward`` then returns None and
+``train_step`` runs the ordinary step.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module
 
 from mesimp.nn import kernels
+from mesimp.nn.arg_cache import same
 from mesimp.nn.linear import MePropLinear
 from mesimp.training.optim import CompiledOptimizer
 
@@ -47,8 +50,18 @@ def _layer(m: nn.Linear, selection: int, k: int, masked: bool) -> _Layer:
     return _Layer(m, selection, k, masked, (w,) if b is None else (w, b))
 
 
+def _hooked(m: nn.Module) -> bool:
+    """Whether ``m`` has module hooks: the fused path never calls a child's forward, so
+    it would skip them; such a stack takes the per-layer path."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks) or bool(
+        m._backward_pre_hooks
+    )
+
+
 def plan(seq: nn.Module) -> list[_Layer] | None:
-    """The stack's layers if ``seq`` is a fusable Linear-ReLU chain with meProp in it."""
+    """The stack's layers if ``seq`` is a fusable Linear-ReLU chain with meProp in it:
+    exactly ``nn.Linear`` / ``MePropLinear`` and ``nn.ReLU`` (a subclass may have its own
+    forward), none with hooks."""
     if not isinstance(seq, nn.Sequential):
         return None
     mods = list(seq)
@@ -57,11 +70,13 @@ def plan(seq: nn.Module) -> list[_Layer] | None:
     layers: list[_Layer] = []
     meprop = False
     for i, m in enumerate(mods):
+        if _hooked(m):
+            return None
         if i % 2 == 1:
             if type(m) is not nn.ReLU:
                 return None
             continue
-        if isinstance(m, MePropLinear):
+        if type(m) is MePropLinear:
             cfg = m.meprop_config
             masked = m.active_width < m.out_features
             k = m.k
@@ -122,16 +137,93 @@ def _params(layers: list[_Layer]) -> list[nn.Parameter]:
     return [p for lay in layers for p in lay.params]
 
 
+@dataclass(frozen=True)
+class _Stack:
+    """A fusable stack's kernel arguments: its parameters, then ``_lists``'."""
+
+    params: list[nn.Parameter]
+    args: tuple
+
+
+_CACHE = "_mesimp_fused_stack"  # where a Sequential keeps (key, _Stack) in its __dict__
+
+
+def _key(seq: nn.Sequential) -> tuple | None:
+    """Everything ``plan`` and ``_lists`` read from ``seq``, as a key
+    (``mesimp.nn.arg_cache``); None where a child has hooks."""
+    key: list = []
+    for m in seq._modules.values():
+        if _hooked(m):
+            return None
+        key.append(m)
+        key.extend(m._parameters.values())
+        if type(m) is MePropLinear:
+            cfg, state = m.meprop_config, m._state
+            key += (m._active, m.out_features, m.hits, m.ref, m._buffers["mask"], cfg, state)
+            key.extend(vars(cfg).values())
+            key.extend(vars(state).values())
+    return tuple(key)
+
+
+def _stack(seq: nn.Module) -> _Stack | None:
+    """``seq``'s kernel arguments, or None where it is not a fusable stack. Kept in
+    ``seq`` while its key holds: rebuilding them each call cost ~0.1 ms a step."""
+    entry = seq.__dict__.get(_CACHE)
+    if entry is not None:
+        key = _key(seq)
+        if key is not None and same(entry[0], key):
+            return entry[1]
+        del seq.__dict__[_CACHE]
+    layers = plan(seq)
+    if layers is None:
+        return None
+    stack = _Stack(_params(layers), _lists(layers))
+    key = _key(seq)  # after _lists, which may give an MSBP layer its memory tensor
+    if key is not None:
+        seq.__dict__[_CACHE] = (key, stack)
+    return stack
+
+
+@functools.cache
+def _onnx_flags() -> tuple | None:
+    """The two flags ``torch.onnx.is_in_onnx_export()`` reads; it imports their modules
+    at every call, which cost ~30 µs a step once the GEMMs have evicted the import
+    machinery from the caches. None if this torch keeps them elsewhere."""
+    try:
+        from torch.onnx._internal.exporter import _flags
+        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+    except ImportError:
+        return None
+    return GLOBALS, _flags
+
+
+def _onnx_exporting() -> bool:
+    flags = _onnx_flags()
+    if flags is None:
+        return torch.onnx.is_in_onnx_export()
+    return bool(flags[0].in_onnx_export or flags[1]._is_onnx_exporting)
+
+
+def _global_module_hooks() -> bool:
+    """Module hooks registered for every module: they would fire on each child."""
+    return bool(
+        _module._global_forward_pre_hooks
+        or _module._global_forward_hooks
+        or _module._global_backward_pre_hooks
+        or _module._global_backward_hooks
+    )
+
+
 def _applies(x: torch.Tensor) -> bool:
     return (
-        x.dim() == 2
-        and torch.is_grad_enabled()
-        and not torch.jit.is_tracing()
-        and not torch.jit.is_scripting()
-        and not torch.compiler.is_compiling()
-        and not torch.onnx.is_in_onnx_export()
-        and not torch.is_autocast_enabled(x.device.type)
+        torch.is_grad_enabled()
+        and x.dim() == 2
         and kernels.usable(x)
+        and not torch.jit.is_tracing()
+        and not torch.compiler.is_compiling()
+        and not _onnx_exporting()
+        and not torch.is_autocast_enabled("cpu")  # usable: x is on the CPU
+        and not _global_module_hooks()
     )
 
 
@@ -139,13 +231,10 @@ def fused_forward(seq: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """``seq(x)`` as one autograd node, or None where the fused path does not apply."""
     if not _applies(x):
         return None
-    layers = plan(seq)
-    if layers is None:
+    stack = _stack(seq)
+    if stack is None or not kernels.usable(*stack.params):
         return None
-    params = _params(layers)
-    if not kernels.usable(*params):
-        return None
-    return torch.ops.mesimp.mlp_forward(x, params, *_lists(layers))
+    return torch.ops.mesimp.mlp_forward(x, stack.params, *stack.args)
 
 
 FUSED_NODE = "torch::autograd::CppNode<mesimp::StackFunction>"
@@ -182,18 +271,16 @@ def fused_train_step(
     A non-finite loss or gradient leaves parameters and optimizer state untouched."""
     if not (_applies(x) and y.dtype == torch.long and y.dim() == 1):
         return None
-    layers = plan(model)
-    if layers is None:
+    stack = _stack(model)
+    if stack is None:
         return None
-    params = _params(layers)
+    params = stack.params
     opt_args = _optimizer_args(optimizer, params)  # None also where params can't take them
     if opt_args is None:
         return None
-    for p in params:
-        p.grad = None
-    with torch.no_grad():
-        out = torch.ops.mesimp.mlp_train_step(x, y, params, *_lists(layers), *opt_args, check_grads)
-    bad = int(out[1])
+    with torch.no_grad():  # the op clears the params' gradients, as zero_grad would
+        out = torch.ops.mesimp.mlp_train_step(x, y, params, *stack.args, *opt_args, check_grads)
+    bad = int(out[1]) if check_grads else -1
     return out[0], (params[bad] if bad >= 0 else None)
 
 

@@ -22,30 +22,65 @@ from torch.optim import optimizer as _torch_optimizer
 
 from mesimp.errors import BadInputError
 from mesimp.nn import kernels
+from mesimp.nn.arg_cache import same
 
 OPTIMIZERS = ("adam", "adagrad", "sgd")
 
 
 class CompiledOptimizer:
     """The compiled one-call step (``torch.ops.mesimp.optimizer_step``), shared by the
-    optimizers below. Each says through ``compiled_args`` whether a param group can take
-    it (plain options, float32 contiguous CPU params, kernels on) and with what state;
-    otherwise the optimizer's own Python step runs. ``mesimp.nn.fused.train_step`` calls
-    the same kernels with the same arguments."""
+    optimizers below. Each says through ``compiled_hyper`` and ``compiled_state`` whether
+    a param group can take it (plain options, float32 contiguous CPU params, kernels on)
+    and with what state; otherwise the optimizer's own Python step runs.
+    ``mesimp.nn.fused.train_step`` calls the same kernels with the same arguments."""
 
     KIND: int  # kernels.cpp's Optim enum
 
-    def compiled_args(self, group: dict, params: list[torch.Tensor]) -> tuple | None:
-        """``(state1, state2, steps, hyper)`` for the kernels, or None."""
+    def compiled_hyper(self, group: dict) -> list[float] | None:
+        """The group's hyperparameters for the kernels, or None where its options are ones
+        the kernels lack (read at every call: a scheduler may change them in place)."""
+        raise NotImplementedError
+
+    def compiled_state(self, params: list[torch.Tensor]) -> tuple | None:
+        """``(state1, state2, steps)``: the params' state tensors for the kernels, or None."""
         raise NotImplementedError
 
     def kernel_args(self, group: dict, params: list[torch.Tensor]) -> tuple | None:
-        """``compiled_args``, where ``params`` can take the kernels at all (kernels on,
-        float32 contiguous CPU tensors); else None. The one check for both callers: this
-        optimizer's own step and ``mesimp.nn.fused.train_step``."""
+        """``(state1, state2, steps, hyper)`` for the kernels where ``params`` can take them
+        (kernels on, float32 contiguous CPU tensors, options the kernels have); else None.
+        The one check for both callers: this optimizer's own step and
+        ``mesimp.nn.fused.train_step``. The state lists are kept while the state they
+        came from is unchanged (``mesimp.nn.arg_cache``)."""
         if not (kernels.usable(*params) and all(p.is_contiguous() for p in params)):
             return None
-        return self.compiled_args(group, params)
+        hyper = self.compiled_hyper(group)
+        if hyper is None:
+            return None
+        cache = self.__dict__.setdefault("_kernel_state", {})
+        entry = cache.get(id(group))
+        if entry is not None and same(entry[0], self._state_key(group, params)):
+            return (*entry[1], hyper)
+        state = self.compiled_state(params)
+        if state is None:
+            cache.pop(id(group), None)
+            return None
+        if entry is None:  # a new group: forget those no longer here (load_state_dict)
+            live = {id(g) for g in self.param_groups}
+            for gid in [gid for gid in cache if gid not in live]:
+                del cache[gid]
+        cache[id(group)] = (self._state_key(group, params), state)  # after: state created
+        return (*state, hyper)
+
+    def _state_key(self, group: dict, params: list[torch.Tensor]) -> tuple:
+        """What ``compiled_state`` read: the state dict, each param's state and its
+        tensors (``load_state_dict`` replaces them all); the group keeps its id."""
+        key = [group, self.state, *params]
+        for p in params:
+            s = self.state.get(p)
+            key.append(s)
+            if s is not None:
+                key.extend(s.values())
+        return tuple(key)
 
     def compiled_plan(self) -> list[tuple] | None:
         """Per param group ``(params, grads, state1, state2, steps, hyper)`` for the
@@ -177,16 +212,18 @@ class RowSparseAdam(CompiledOptimizer, torch.optim.Adam):
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
-    def compiled_args(self, group: dict, params: list[torch.Tensor]) -> tuple | None:
+    def compiled_hyper(self, group: dict) -> list[float] | None:
         if group["amsgrad"] or group["weight_decay"] or group["maximize"]:
             return None
-        states = [self.param_state(p) for p in params]
         beta1, beta2 = group["betas"]
+        return [float(group["lr"]), float(beta1), float(beta2), float(group["eps"])]
+
+    def compiled_state(self, params: list[torch.Tensor]) -> tuple | None:
+        states = [self.param_state(p) for p in params]
         return (
             [s["exp_avg"] for s in states],
             [s["exp_avg_sq"] for s in states],
             [s["step"] for s in states],
-            [float(group["lr"]), float(beta1), float(beta2), float(group["eps"])],
         )
 
     @torch.no_grad()
@@ -265,18 +302,16 @@ class RowSparseAdagrad(CompiledOptimizer, torch.optim.Adagrad):
 
     KIND = 1
 
-    def compiled_args(self, group: dict, params: list[torch.Tensor]) -> tuple | None:
+    def compiled_hyper(self, group: dict) -> list[float] | None:
         if group["weight_decay"] or group["maximize"]:
             return None
+        return [float(group["lr"]), float(group["lr_decay"]), float(group["eps"])]
+
+    def compiled_state(self, params: list[torch.Tensor]) -> tuple | None:
         states = [self.state[p] for p in params]
         if not all("sum" in s and "step" in s for s in states):
             return None
-        return (
-            [s["sum"] for s in states],
-            [],
-            [s["step"] for s in states],
-            [float(group["lr"]), float(group["lr_decay"]), float(group["eps"])],
-        )
+        return [s["sum"] for s in states], [], [s["step"] for s in states]
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D401 - same contract as Adagrad.step
@@ -290,10 +325,13 @@ class RowSparseSGD(CompiledOptimizer, torch.optim.SGD):
 
     KIND = 2
 
-    def compiled_args(self, group: dict, params: list[torch.Tensor]) -> tuple | None:
+    def compiled_hyper(self, group: dict) -> list[float] | None:
         if group["momentum"] or group["weight_decay"] or group["maximize"]:
             return None
-        return [], [], [], [float(group["lr"])]
+        return [float(group["lr"])]
+
+    def compiled_state(self, params: list[torch.Tensor]) -> tuple | None:
+        return [], [], []
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D401 - same contract as SGD.step
