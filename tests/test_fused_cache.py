@@ -80,10 +80,14 @@ def _assert_same(a: nn.Module, oa, b: nn.Module, ob) -> None:
             assert torch.equal(torch.as_tensor(sa[i][key]), torch.as_tensor(sb[i][key])), key
 
 
+def _same_kind(opt, model):
+    return type(opt)(model.parameters(), lr=LR)
+
+
 def _rebuild_with_new_weight(model, opt):
     layer = _layers(model)[0]
     layer.weight = nn.Parameter(layer.weight.detach() * 0.5)
-    return build_optimizer("adam", model.parameters(), LR)
+    return _same_kind(opt, model)
 
 
 def _swap_output_layer(model, opt):
@@ -91,11 +95,11 @@ def _swap_output_layer(model, opt):
     new = nn.Linear(old.in_features, old.out_features)
     new.load_state_dict({"weight": old.weight.detach() * 2, "bias": old.bias.detach()})
     model[4] = new
-    return build_optimizer("adam", model.parameters(), LR)
+    return _same_kind(opt, model)
 
 
 def _load_other_optimizer_state(model, opt):
-    other = build_optimizer("adam", model.parameters(), LR)
+    other = _same_kind(opt, model)
     x, y = _batch(99)
     F.cross_entropy(model(x), y).backward()
     other.step()  # Adam state with other values, in new tensors
@@ -135,14 +139,15 @@ CHANGES = {
 
 @pytest.mark.parametrize("change", list(CHANGES))
 @pytest.mark.parametrize("step", ["train_step", "loss.backward"])
-def test_a_change_after_the_cache_is_warm_is_seen(change, step):
-    model, opt = _setup()
+@pytest.mark.parametrize("optimizer", ["adam", "adagrad", "sgd"])
+def test_a_change_after_the_cache_is_warm_is_seen(change, step, optimizer):
+    model, opt = _setup(optimizer)
     for seed in range(2):  # warm every cache (the stack's, the optimizer's)
         _step(model, opt, _batch(seed), step)
     out = CHANGES[change](model, opt)
     if isinstance(out, torch.optim.Optimizer):
         opt = out
-    twin, twin_opt = _uncached_copy(model, opt, "adam")
+    twin, twin_opt = _uncached_copy(model, opt, optimizer)
     for seed in range(2, 5):
         _step(model, opt, _batch(seed), step)
         _step(twin, twin_opt, _batch(seed), step)
@@ -175,11 +180,17 @@ def test_the_msbp_memory_reset_is_seen():
 
 
 def test_a_dtype_change_in_place_leaves_the_fused_path():
-    """``model.double()`` keeps the Parameter objects (new data): the cache still
-    matches, so the per-call dtype check must send it to the Python path."""
-    model, _ = _setup()
-    x, _ = _batch(0)
+    """New data in the same Parameter (``p.data = ...``, what ``model.double()`` does to
+    a plain ``nn.Linear``) leaves the key as it was: the per-call dtype check sends the
+    stack to the per-layer path. ``model.double()`` as a whole does too."""
+    model, opt = _setup()
+    x, y = _batch(0)
     assert fused.is_fused_node(model(x).grad_fn)
+    key = model.__dict__[fused._CACHE][0]
+    model[4].weight.data = model[4].weight.data.double()
+    assert fused._key(model) == key
+    assert fused.fused_forward(model, x) is None
+    assert fused.fused_train_step(model, x, y, opt) is None
     model.double()
     out = model(x.double())
     assert out.dtype == torch.float64 and not fused.is_fused_node(out.grad_fn)
