@@ -51,11 +51,15 @@ def _batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(6, 12, generator=g), torch.randint(0, 4, (6,), generator=g)
 
 
-def _uncached_copy(model: nn.Module, opt: torch.optim.Optimizer, name: str):
+def _same_kind(opt: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
+    return type(opt)(model.parameters(), lr=LR)
+
+
+def _uncached_copy(model: nn.Module, opt: torch.optim.Optimizer):
     """``model`` and ``opt`` as they are now, with nothing cached."""
     twin = copy.deepcopy(model)
     twin.__dict__.pop(fused._CACHE, None)
-    twin_opt = build_optimizer(name, twin.parameters(), LR)
+    twin_opt = _same_kind(opt, twin)
     twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # its own tensors
     return twin, twin_opt
 
@@ -78,10 +82,6 @@ def _assert_same(a: nn.Module, oa, b: nn.Module, ob) -> None:
     for i in sa:
         for key in sa[i]:
             assert torch.equal(torch.as_tensor(sa[i][key]), torch.as_tensor(sb[i][key])), key
-
-
-def _same_kind(opt, model):
-    return type(opt)(model.parameters(), lr=LR)
 
 
 def _rebuild_with_new_weight(model, opt):
@@ -147,7 +147,7 @@ def test_a_change_after_the_cache_is_warm_is_seen(change, step, optimizer):
     out = CHANGES[change](model, opt)
     if isinstance(out, torch.optim.Optimizer):
         opt = out
-    twin, twin_opt = _uncached_copy(model, opt, optimizer)
+    twin, twin_opt = _uncached_copy(model, opt)
     for seed in range(2, 5):
         _step(model, opt, _batch(seed), step)
         _step(twin, twin_opt, _batch(seed), step)
@@ -173,7 +173,7 @@ def test_the_msbp_memory_reset_is_seen():
     assert all(ly._state.memory.numel() for ly in _layers(model))
     for ly in _layers(model):
         ly.reset_memory()
-    twin, twin_opt = _uncached_copy(model, opt, "adam")
+    twin, twin_opt = _uncached_copy(model, opt)
     fused.train_step(model, *_batch(5), opt)
     fused.train_step(twin, *_batch(5), twin_opt)
     _assert_same(model, opt, twin, twin_opt)
