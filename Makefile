@@ -13,7 +13,7 @@ DEMO_ARGS ?=
 
 setup: $(STAMP) data
 
-$(STAMP): pyproject.toml setup.py mesimp/csrc/kernels.cpp
+$(STAMP): pyproject.toml setup.py $(wildcard mesimp/csrc/*.cpp mesimp/csrc/*.h)
 	$(PYTHON) -m venv $(VENV)
 	# The pinned CPU wheel first: an unpinned torch would pull GBs of CUDA packages.
 	$(BIN)/pip install --quiet torch==2.13.0

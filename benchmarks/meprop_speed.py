@@ -418,7 +418,8 @@ def markdown(results: list[dict], best: dict[int, str], args: argparse.Namespace
         "loss.backward() and RowSparseAdam); train_step = mesimp.nn.fused.train_step, the "
         "whole step in one compiled call. Kernels: "
         + ("built" if cpp else "not built (Python path only)")
-        + ". Random selection has no compiled path (its kernel columns run the Python path)."
+        + ". Random-k draws k units per example (torch.rand scores, as on the Python path): "
+        "its cost is the draw, b x width uniforms per layer."
     )
     lines.append("")
     lines.append(

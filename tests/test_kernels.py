@@ -5,7 +5,8 @@ plain autograd on the masked gradient in test_meprop.py, and test_meprop.py / te
 run on both paths (conftest.py's ``kernel_path``). Stated tolerances:
 
 * unified selection: the same gradient bits (same selected set, same ATen GEMMs on the
-  same gathered operands); per-example top-k: the same selected sets and counters,
+  same gathered operands); per-example top-k and random-k: the same selected sets and
+  counters (random: the same draws from the default generator, in the same order),
   gradients within float32 rounding (the kernel sums the b*k selected entries in its
   own order);
 * optimizer steps (compiled Adam / Adagrad / SGD) and parameters after N steps: within
@@ -75,6 +76,7 @@ def _layer_run(layer: MePropLinear, mask: torch.Tensor | None, steps: int = 3):
     layer = copy.deepcopy(layer)
     if mask is not None:
         layer.apply_mask(mask)
+    torch.manual_seed(7)  # random selection draws from the default generator
     g = torch.Generator().manual_seed(3)
     out = []
     for _ in range(steps):
@@ -86,7 +88,7 @@ def _layer_run(layer: MePropLinear, mask: torch.Tensor | None, steps: int = 3):
     return out, layer.hits.clone(), layer.ref.clone(), layer._state.memory
 
 
-@pytest.mark.parametrize("selection", ["unified", "topk"])
+@pytest.mark.parametrize("selection", ["unified", "topk", "random"])
 @pytest.mark.parametrize("alpha", [0.0, 0.5])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("sparse_grad", [False, True])
@@ -115,17 +117,24 @@ def test_layer_backward_matches_python(path, selection, alpha, masked, sparse_gr
 
 def test_layer_counts_the_selected_units(path):
     """Independent of the Python path: unified hits are exactly the k largest column sums
-    of |dy|, each counted once per example; per-example the k largest |dy| of each row."""
+    of |dy|, each counted once per example; per-example the k largest |dy| of each row;
+    random the k largest of each row of ``torch.rand(dy.shape)`` drawn at the backward."""
     torch.manual_seed(1)
     x, dy = torch.randn(6, 8), torch.randn(6, 10)
-    for selection in ("unified", "topk"):
+    for selection in ("unified", "topk", "random"):
         layer = MePropLinear(8, 10, k=3, selection=selection)
-        path("cpp", lambda lay=layer: lay(x.requires_grad_()).backward(dy))
+        out = layer(x.requires_grad_())
+        torch.manual_seed(5)
+        path("cpp", lambda out=out: out.backward(dy))
         if selection == "unified":
             want = torch.zeros(10, dtype=torch.long)
             want[dy.abs().sum(0).topk(3).indices] = 6
         else:
-            want = torch.bincount(dy.abs().topk(3, dim=1).indices.reshape(-1), minlength=10)
+            score = dy.abs()
+            if selection == "random":
+                torch.manual_seed(5)
+                score = torch.rand(dy.shape)
+            want = torch.bincount(score.topk(3, dim=1).indices.reshape(-1), minlength=10)
         assert torch.equal(layer.hits, want), selection
         assert int(layer.ref) == 6
 
@@ -215,7 +224,7 @@ def _mlp_run(selection, alpha, masked, optimizer, one_call, steps=4, sparse=True
     return model, state
 
 
-@pytest.mark.parametrize("selection", ["unified", "topk"])
+@pytest.mark.parametrize("selection", ["unified", "topk", "random"])
 @pytest.mark.parametrize("alpha", [0.0, 0.5])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("one_call", [False, True])
@@ -263,7 +272,7 @@ def _mlp_grads(selection, alpha, masked, steps=3):
     return is_fused_node(logits.grad_fn), out
 
 
-@pytest.mark.parametrize("selection", ["unified", "topk"])
+@pytest.mark.parametrize("selection", ["unified", "topk", "random"])
 @pytest.mark.parametrize("alpha", [0.0, 0.5])
 @pytest.mark.parametrize("masked", [False, True])
 def test_fused_backward_matches_python(path, selection, alpha, masked):
@@ -328,7 +337,7 @@ def test_train_step_cross_entropy(path):
         assert torch.equal(v, before[k]), k
 
 
-@pytest.mark.parametrize("selection", ["unified", "topk"])
+@pytest.mark.parametrize("selection", ["unified", "topk", "random"])
 @pytest.mark.parametrize("optimizer", ["adam", "adagrad", "sgd"])
 def test_train_step_is_the_fused_backward_bit_for_bit(path, selection, optimizer):
     """train_step and the one-node backward + the optimizer's compiled step give the same
@@ -383,7 +392,11 @@ def test_fused_path_is_one_node_and_falls_back(path):
     for m in rnd.modules():
         if isinstance(m, MePropLinear):
             m.meprop_config.selection = "random"
-    assert path("cpp", fused_forward, rnd, x) is None  # random selection: Python path
+    assert is_fused_node(path("cpp", fused_forward, rnd, x).grad_fn)  # random: fused too
+    for m in rnd.modules():
+        if isinstance(m, MePropLinear):
+            m.meprop_config.selection, m.meprop_config.heap_select = "topk", True
+    assert path("cpp", fused_forward, rnd, x) is None  # the reference's heap: Python path
     dense = MLP(MLPConfig(in_features=6, hidden_sizes=[8], out_features=3))
     assert path("cpp", fused_forward, dense, x) is None  # nothing to sparsify
 
@@ -426,6 +439,22 @@ def test_train_step_refuses_a_nonfinite_loss(path):
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert all(int(opt.state[p]["step"]) == 0 for p in model.parameters())
+
+
+def test_a_stale_build_counts_as_not_built(monkeypatch):
+    """An extension built from older sources (another kAbiVersion) is not used: it would
+    not know the newer selection codes. ``auto`` runs the Python path, ``cpp`` says why."""
+    before = kernels.mode()
+    monkeypatch.setattr(kernels, "ABI", kernels.ABI + 1)
+    monkeypatch.setattr(kernels, "_loaded", None)
+    try:
+        assert not kernels.available()
+        with pytest.raises(BadInputError, match="out of date"):
+            kernels.set_kernels("cpp")
+    finally:
+        monkeypatch.undo()
+        kernels.set_kernels(before)
+    assert kernels.available() and torch.ops.mesimp.abi_version() == kernels.ABI
 
 
 def test_mode_choice():

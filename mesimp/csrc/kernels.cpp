@@ -13,7 +13,8 @@
 //
 // Selection order: the k largest scores, ties broken by the lower index (a strict total
 // order, so the selected set is unique), NaN counts as +inf (as torch.topk does); masked
-// units score -1. Hot loops use GCC's target_clones (runtime dispatch AVX2/baseline) and
+// units score -1. Random selection scores each entry with torch.rand's draw from the
+// default generator (the Python path's draw, in the same order), then selects as top-k. Hot loops use GCC's target_clones (runtime dispatch AVX2/baseline) and
 // -ffp-contract=off, so every ISA gives the same bits.
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
@@ -35,7 +36,11 @@ using at::Tensor;
 using mesimp_select::key_of;
 using mesimp_select::top_indices;
 
-enum Selection : int64_t { kDense = 0, kUnified = 1, kTopk = 2 };
+enum Selection : int64_t { kDense = 0, kUnified = 1, kTopk = 2, kRandom = 3 };
+
+// Bumped when an op's schema or meaning changes (here: kRandom), so that Python can tell
+// a stale build (mesimp/nn/kernels.py's ABI) from a current one.
+constexpr int64_t kAbiVersion = 2;
 
 // score[j] = sum_i |u[i, j]|, rows accumulated in order
 MESIMP_CLONES void abs_colsum(int64_t rows, int64_t n, const float* __restrict u,
@@ -282,8 +287,11 @@ LayerGrads layer_backward(const Tensor& dy, const Tensor& x, const Tensor& weigh
       float* bp = out.db.data_ptr<float>();
       for (int64_t t = 0; t < k; ++t) bp[sel_v[t]] = ssp[t];
     }
-  } else {  // per-example top-k: b*k*d work for dx and dW
+  } else {  // per-example top-k or random-k: b*k*d work for dx and dW
     const int64_t k = a.k;
+    // random: one uniform draw per entry, torch.rand(u.shape) as the Python path draws it
+    const Tensor draw = a.selection == kRandom ? at::rand({N, n}, u.options()) : Tensor();
+    const float* dp = draw.defined() ? draw.data_ptr<float>() : nullptr;
     TORCH_CHECK(n <= std::numeric_limits<int32_t>::max(), "mesimp kernels: layer too wide");
     // scratch reused across calls (one set per thread): no per-call allocations
     thread_local TopkScratch sc;
@@ -297,7 +305,12 @@ LayerGrads layer_backward(const Tensor& dy, const Tensor& x, const Tensor& weigh
     float* key = sc.key.data();
     for (int64_t i = 0; i < N; ++i) {
       const float* r = up + i * n;
-      for (int64_t j = 0; j < n; ++j) key[j] = (mp && !mp[j]) ? -1.f : key_of(std::fabs(r[j]));
+      if (dp) {
+        const float* dr = dp + i * n;
+        for (int64_t j = 0; j < n; ++j) key[j] = (mp && !mp[j]) ? -1.f : dr[j];
+      } else {
+        for (int64_t j = 0; j < n; ++j) key[j] = (mp && !mp[j]) ? -1.f : key_of(std::fabs(r[j]));
+      }
       int64_t* row = &idx[i * k];
       row_top_indices(key, n, k, row, sc.row);
       for (int64_t t = 0; t < k; ++t) {
@@ -390,7 +403,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_backward(
   check_cpu_float(dy, "dy");
   check_cpu_float(x, "x");
   check_cpu_float(weight, "weight");
-  TORCH_CHECK(selection == kUnified || selection == kTopk, "mesimp kernels: bad selection");
+  TORCH_CHECK(selection >= kUnified && selection <= kRandom, "mesimp kernels: bad selection");
   TORCH_CHECK(k >= 1 && k <= dy.size(1), "mesimp kernels: k out of range");
   LayerArgs a{k, selection, alpha, count, has_bias, dense_bias, sparse_grad};
   LayerGrads g = layer_backward(dy.contiguous(), x, weight, mask, memory, hits, ref, a, need_dx,
@@ -428,7 +441,7 @@ Stack make_stack(const c10::List<std::optional<Tensor>>& masks,
     a.has_bias = flags[l] & 2;
     a.dense_bias = flags[l] & 4;
     a.sparse_grad = flags[l] & 8;
-    TORCH_CHECK(a.selection == kDense || (a.k >= 1 && a.selection <= kTopk),
+    TORCH_CHECK(a.selection == kDense || (a.k >= 1 && a.selection <= kRandom),
                 "mesimp kernels: bad selection or k");
     TORCH_CHECK(a.alpha <= 0 || memories.get(l).has_value(),
                 "mesimp kernels: an MSBP layer needs its memory tensor");
@@ -818,7 +831,10 @@ std::vector<Tensor> mlp_train_step(const Tensor& x, const Tensor& y, at::TensorL
 
 }  // namespace
 
+static int64_t abi_version() { return kAbiVersion; }
+
 TORCH_LIBRARY(mesimp, m) {
+  m.def("abi_version() -> int", &abi_version);
   m.def(
       "linear_backward(Tensor dy, Tensor x, Tensor weight, Tensor? mask, Tensor? memory, "
       "Tensor(a!) hits, Tensor(b!) ref, int k, int selection, float alpha, bool count, "

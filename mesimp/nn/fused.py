@@ -15,7 +15,7 @@ for mesimp's trainer. Both compute what the per-layer path computes (same select
 counters, MSBP memories, masks; gradients within float tolerance, unified selection:
 the same bits; the optimizer step within float32 rounding of torch's, and the same bits
 on both fused paths) and fall back to it whenever they do not apply
-(kernels off or missing, not float32 CPU, ``selection="random"``, autocast, dropout,
+(kernels off or missing, not float32 CPU, the reference's heap selection, autocast, dropout,
 other layer types or subclasses, module hooks): ``fused_forward`` then returns None and
 ``train_step`` runs the ordinary step.
 """
@@ -82,7 +82,7 @@ def plan(seq: nn.Module) -> list[_Layer] | None:
                 layers.append(_layer(m, 0, 0, masked))
                 continue
             code = kernels.SELECTION_CODE.get(cfg.backward_selection)
-            if code is None:  # random, the reference's heap: the Python path
+            if code is None:  # the reference's heap: the Python path
                 return None
             layers.append(_layer(m, code, k, masked))
             meprop = True

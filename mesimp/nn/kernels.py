@@ -28,11 +28,14 @@ import torch
 from mesimp.errors import BadInputError
 
 MODES = ("auto", "cpp", "python")
-# the selections kernels.cpp implements (its enum); the others run on the Python path
-SELECTION_CODE = {"unified": 1, "topk": 2}
+# the selections kernels.cpp implements (its enum); the others (the reference's heap) run
+# on the Python path
+SELECTION_CODE = {"unified": 1, "topk": 2, "random": 3}
 
-# the ops this package calls: an older build without one of them counts as not built
-_OPS = ("linear_backward", "mlp_forward", "optimizer_step", "mlp_train_step")
+# the ops this package calls, and the build they need (kernels.cpp's kAbiVersion): an
+# older build counts as not built, so a stale extension never receives a code it lacks
+_OPS = ("abi_version", "linear_backward", "mlp_forward", "optimizer_step", "mlp_train_step")
+ABI = 2
 
 _mode: str | None = None
 _loaded: bool | None = None
@@ -50,6 +53,9 @@ def _load() -> bool:
             try:
                 torch.ops.load_library(spec.origin)
                 _loaded = all(hasattr(torch.ops.mesimp, op) for op in _OPS)
+                _loaded = _loaded and torch.ops.mesimp.abi_version() == ABI
+                if not _loaded:
+                    _load_error = "mesimp._C is out of date: rebuild it (make setup)"
             except (OSError, RuntimeError) as e:
                 _loaded, _load_error = False, f"mesimp._C does not load: {e}"
     return _loaded

@@ -176,7 +176,7 @@ class MePropLinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         k, selection, alpha, sparse_grad, state, masked, has_bias, dense_bias = ctx.meprop
-        # the kernels do unified and plain per-example top-k (not random, not the reference's
+        # the kernels do unified, plain per-example top-k and random-k (not the reference's
         # heap); torch.compile traces with fake tensors, which the kernels have no rule for
         compiled = selection in kernels.SELECTION_CODE and not torch.compiler.is_compiling()
         if compiled and kernels.usable(dy, x, weight):

@@ -675,9 +675,9 @@ def _where(epoch: int, step: int) -> str:
 
 def _kernels_serve(m: nn.Module) -> bool:
     """Whether the compiled kernels run this layer's backward (on float32 CPU, kernels on):
-    a ``MePropLinear`` with unified or per-example top-k, a ``MePropLSTM`` with unified
-    selection; Conv2d, random selection, the reference heap and a per-example LSTM run
-    the Python path."""
+    a ``MePropLinear`` with unified, per-example top-k or random-k, a ``MePropLSTM`` with
+    unified selection; Conv2d, the reference heap and a per-example LSTM run the Python
+    path."""
     if isinstance(m, MePropLinear):
         return m.k > 0 and m.meprop_config.backward_selection in kernels.SELECTION_CODE
     if isinstance(m, MePropLSTM):
