@@ -309,3 +309,29 @@ def test_timing_restores_the_kernel_mode():
             assert kernels.mode() == "auto"
     finally:
         kernels.set_kernels(before)
+
+
+def test_bar_runs_counts_each_bar_over_the_runs(tmp_path, monkeypatch):
+    """benchmarks.bar_runs: a bar is met where a run's ratio reaches its target (equal
+    counts), a missing value (no kernels) is never met; one real quick run end to end."""
+    from benchmarks import bar_runs
+
+    def run(values: list[float | None]) -> dict:
+        bars = dict(zip([b[0] for b in bar_runs.BARS], values, strict=True))
+        return {"bars": bars, "dense_step_ms": 3.0, "step_ceiling": 3.2}
+
+    runs = [run([4.5, 2.1, 3.0, None]), run([4.4, 2.3, 2.9, 2.5])]
+    for r in runs:
+        r["train_step_of_ceiling"] = None
+    text = bar_runs.markdown(runs)
+    assert "≥ 4.5×: met in 1 of 2 runs (4.40–4.50x)" in text
+    assert "≥ 2.2×: met in 1 of 2 runs" in text
+    assert "train_step ≥ 3.0×: met in 1 of 2 runs (2.90–3.00x)" in text
+    assert "top-k backward ≥ 2.0×: met in 1 of 2 runs (2.50–2.50x)" in text
+
+    out = tmp_path / "bar.json"
+    monkeypatch.chdir(REPO)  # the child runs ``-m benchmarks.meprop_speed`` from here
+    assert bar_runs.main(["--runs", "1", "--quick", "--json", str(out)]) == 0
+    (got,) = _strict_json(out)["runs"]
+    assert set(got["bars"]) == {b[0] for b in bar_runs.BARS}
+    assert got["dense_step_ms"] > 0 and got["step_ceiling"] > 0
