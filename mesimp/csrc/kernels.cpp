@@ -14,7 +14,8 @@
 // Selection order: the k largest scores, ties broken by the lower index (a strict total
 // order, so the selected set is unique), NaN counts as +inf (as torch.topk does); masked
 // units score -1. Random selection scores each entry with torch.rand's draw from the
-// default generator (the Python path's draw, in the same order), then selects as top-k. Hot loops use GCC's target_clones (runtime dispatch AVX2/baseline) and
+// default generator (the Python path's draw, in the same order), then selects as top-k.
+// Hot loops use GCC's target_clones (runtime dispatch AVX2/baseline) and
 // -ffp-contract=off, so every ISA gives the same bits.
 #include <ATen/ATen.h>
 #include <torch/autograd.h>

@@ -15,9 +15,9 @@ for mesimp's trainer. Both compute what the per-layer path computes (same select
 counters, MSBP memories, masks; gradients within float tolerance, unified selection:
 the same bits; the optimizer step within float32 rounding of torch's, and the same bits
 on both fused paths) and fall back to it whenever they do not apply
-(kernels off or missing, not float32 CPU, the reference's heap selection, autocast, dropout,
-other layer types or subclasses, module hooks): ``fused_forward`` then returns None and
-``train_step`` runs the ordinary step.
+(kernels off or missing, not float32 CPU, the reference's heap selection, autocast,
+dropout, other layer types or subclasses, module hooks): ``fused_forward`` then returns
+None and ``train_step`` runs the ordinary step.
 """
 
 from __future__ import annotations
