@@ -292,6 +292,24 @@ def test_atomic_write_replaces_content(tmp_path):
     assert os.listdir(tmp_path) == ["a.txt"]
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="Linux /proc only")
+def test_atomic_write_reads_the_umask_without_setting_it(tmp_path, monkeypatch):
+    """On Linux the umask comes from /proc/self/status: writing a file never sets it, so
+    another thread creating a file meanwhile keeps the process's own mask."""
+    old = os.umask(0o027)
+    try:
+
+        def no_set(mask: int) -> int:
+            raise AssertionError("the umask was set")
+
+        monkeypatch.setattr(os, "umask", no_set)
+        new = atomic_write_text(tmp_path / "new.json", "{}")
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
+    assert stat.S_IMODE(new.stat().st_mode) == 0o640
+
+
 def test_atomic_write_uses_the_mode_open_would(tmp_path):
     """A new file gets 0o666 less the umask, as ``open(path, "w")`` would (mkstemp's
     0o600 must not leak out); a replaced file keeps its own mode."""

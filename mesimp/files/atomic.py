@@ -67,9 +67,23 @@ def _file_mode(dest: Path) -> int:
     try:
         return stat.S_IMODE(dest.stat().st_mode)
     except FileNotFoundError:
-        mask = os.umask(0o022)  # reading the umask means setting it; put it back at once
-        os.umask(mask)
-        return 0o666 & ~mask
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process's umask. Linux reports it in /proc/self/status, which reads it without
+    changing it; elsewhere it is set and put back at once (another thread creating a file
+    in that instant would see 0o022)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: str | os.PathLike, writer: Callable[[Path], None]) -> Path:
