@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 import mesimp.nn.lstm as mlstm
+from mesimp.deploy.timing import cpu_model
 from mesimp.files.atomic import atomic_write_text
 from mesimp.nn import kernels
 from mesimp.nn.lstm import MePropLSTM, lstm_op_built
@@ -241,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
             "onednn": args.onednn and mlstm._onednn_works(),
             "python": platform.python_version(),
             "machine": platform.machine(),
-            "processor": platform.processor(),
+            "cpu_model": cpu_model(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "shape": {"input": EMB, "hidden": HID, "batch": BATCH, "steps": STEPS},
             "rounds": args.rounds,
             "compiled_lstm": lstm_op_built(),

@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mesimp.deploy.timing import cpu_model
 from mesimp.files.atomic import atomic_write_text
 from mesimp.models import MLP, MLPConfig
 from mesimp.nn import kernels
@@ -506,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads,
             "python": platform.python_version(),
             "machine": platform.machine(),
-            "processor": platform.processor(),
+            "cpu_model": cpu_model(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "rounds": args.rounds,
             "iters": args.iters,
             "warmup": args.warmup,

@@ -332,6 +332,10 @@ def test_bar_runs_counts_each_bar_over_the_runs(tmp_path, monkeypatch):
     out = tmp_path / "bar.json"
     monkeypatch.chdir(REPO)  # the child runs ``-m benchmarks.meprop_speed`` from here
     assert bar_runs.main(["--runs", "1", "--quick", "--json", str(out)]) == 0
-    (got,) = _strict_json(out)["runs"]
+    data = _strict_json(out)
+    (got,) = data["runs"]
     assert set(got["bars"]) == {b[0] for b in bar_runs.BARS}
+    # which CPU the runs belong to: ratios from two machines must not be pooled
+    assert data["meta"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert isinstance(data["meta"]["cpu_model"], str) and data["meta"]["cpu_model"]
     assert got["dense_step_ms"] > 0 and got["step_ceiling"] > 0

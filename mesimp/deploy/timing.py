@@ -12,7 +12,8 @@ Every number bench reports comes from here:
   a list of inputs, the taggers' sentences) choose the plan, with ``repeat=None`` sized
   from the warm-up time to about ``AUTO_BUDGET_S`` per model.
 * ``percentile``: nearest-rank, so a reported latency is one that was measured.
-* ``machine_info``: the CPU and library versions the timings belong to.
+* ``machine_info`` (and ``cpu_model``): the CPU and library versions the timings
+  belong to.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from mesimp.errors import BadInputError
 __all__ = [
     "AUTO_BUDGET_S",
     "MAX_ROUNDS",
+    "cpu_model",
     "machine_info",
     "percentile",
     "round_robin",
@@ -150,19 +152,23 @@ def round_robin(
     return times
 
 
-def machine_info() -> dict[str, Any]:
-    """The ``machine`` object of a bench result: CPU, platform and library versions."""
-    import onnxruntime as ort
-
-    cpu_model = platform.processor() or None
+def cpu_model() -> str | None:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere, which
+    on Linux is usually empty): timings from different CPUs must not be mixed up."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    cpu_model = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or None
+
+
+def machine_info() -> dict[str, Any]:
+    """The ``machine`` object of a bench result: CPU, platform and library versions."""
+    import onnxruntime as ort
+
     try:
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -170,7 +176,7 @@ def machine_info() -> dict[str, Any]:
     return {
         "cpu_count": os.cpu_count(),
         "affinity_cpus": affinity,
-        "cpu_model": cpu_model,
+        "cpu_model": cpu_model(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "onnxruntime": ort.__version__,
