@@ -22,7 +22,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 from benchmarks.meprop_speed import kernel_mode
+from mesimp.deploy.timing import cpu_model
 from mesimp.files.atomic import atomic_write_text
 from mesimp.simplify.rule import SimplifyConfig
 from mesimp.training.config import TrainConfig
@@ -94,7 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.cpu_count()} CPUs"
     )
     if args.json:
-        atomic_write_text(args.json, json.dumps({"runs": runs, "best_per_epoch_s": best}, indent=1))
+        meta = {"cpu_model": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+        meta |= {"cpus": os.cpu_count(), "rounds": args.rounds, "epochs": args.epochs}
+        doc = {"meta": meta, "runs": runs, "best_per_epoch_s": best}
+        atomic_write_text(args.json, json.dumps(doc, indent=1))
     return 0
 
 

@@ -38,6 +38,7 @@ from benchmarks.suite.results import (  # noqa: E402
     new_row,
     ok_run,
 )
+from mesimp.nn import kernels  # noqa: E402
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -339,3 +340,45 @@ def test_bar_runs_counts_each_bar_over_the_runs(tmp_path, monkeypatch):
     assert data["meta"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert isinstance(data["meta"]["cpu_model"], str) and data["meta"]["cpu_model"]
     assert got["dense_step_ms"] > 0 and got["step_ceiling"] > 0
+
+
+@pytest.mark.skipif(not kernels.available(), reason="mesimp._C is not built")
+def test_step_overhead_times_the_op_it_says(tmp_path):
+    """benchmarks.step_overhead: its "op alone" runner really trains (the same op and
+    arguments as train_step: it ends on train_step's exact weights), the report's
+    differences are the best rounds' differences, and a real quick run writes all four
+    variants."""
+    from benchmarks import step_overhead as so
+    from benchmarks.meprop_speed import _Batches, kernel_mode, make_mlp, meprop_copy
+    from mesimp.nn.fused import train_step
+    from mesimp.training.optim import RowSparseAdam
+
+    torch.manual_seed(0)
+    base = make_mlp()
+    a, b = (meprop_copy(base, 20, "unified", fused=True) for _ in range(2))
+    opt_a, opt_b = RowSparseAdam(a.parameters()), RowSparseAdam(b.parameters())
+    batches_a, batches_b = _Batches(8, 0), _Batches(8, 0)
+    so.op_runner(a, opt_a, batches_a)(3)  # 1 train_step to build the arguments, then 3 ops
+    with kernel_mode("cpp"):
+        for _ in range(4):
+            train_step(b, *batches_b.next(), opt_b)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    assert not torch.equal(a[0].weight, base[0].weight)
+    assert float(opt_a.state[a[0].weight]["step"]) == 4
+
+    times = {
+        "dense": [3e-3, 2.9e-3],
+        "train_step": [1.1e-3],
+        "op alone": [1e-3],
+        "gemm floor": [0.9e-3],
+    }
+    text = so.markdown(times)
+    assert "| op alone | 1.000 | 2.90x |" in text
+    assert "Python checks: 100 µs" in text and "beyond its GEMMs: 100 µs" in text
+
+    out = tmp_path / "so.json"
+    assert so.main(["--rounds", "1", "--iters", "2", "--batch-size", "8", "--json", str(out)]) == 0
+    data = _strict_json(out)
+    assert set(data["step_s"]) == set(so.VARIANTS)
+    assert all(len(v) == 1 and v[0] > 0 for v in data["step_s"].values())
+    assert data["meta"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
