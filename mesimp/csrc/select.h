@@ -10,7 +10,9 @@
 #include <numeric>
 #include <vector>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// MESIMP_NO_CLONES builds the baseline ISA only: tests/test_isa_bits.py compares its bits
+// with the dispatched build's.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(MESIMP_NO_CLONES)
 #define MESIMP_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define MESIMP_CLONES
