@@ -110,4 +110,6 @@ def scenario() -> dict[str, torch.Tensor]:
 if __name__ == "__main__":
     if len(sys.argv) > 2:
         use_build(build_baseline(Path(sys.argv[2])))
-    torch.save(scenario(), sys.argv[1])
+    tensors = scenario()
+    library = importlib.util.find_spec("mesimp._C").origin  # the build that ran
+    torch.save({"library": library, "tensors": tensors}, sys.argv[1])
