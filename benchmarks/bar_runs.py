@@ -104,13 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.runs):
         runs.append(one_run(args.rounds, args.quick))
         print(f"  run {i + 1}/{args.runs} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-    capability = torch.backends.cpu.get_cpu_capability()
-    print(f"{cpu_model()} ({capability}, {os.cpu_count()} CPUs)\n")
+    cpu, capability = cpu_model(), torch.backends.cpu.get_cpu_capability()
+    print(f"{cpu} ({capability}, {os.cpu_count()} CPUs)\n")
     print(markdown(runs))
     if args.json:
         meta = {"runs": args.runs, "rounds": args.rounds, "quick": args.quick}
         meta["cpus"] = os.cpu_count()
-        meta["cpu_model"] = cpu_model()
+        meta["cpu_model"] = cpu
         meta["cpu_capability"] = capability
         atomic_write_text(args.json, json.dumps({"meta": meta, "runs": runs}, indent=1))
     return 0

@@ -122,13 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     load0 = os.getloadavg()[0]
     times = measure(args.batch_size, args.k, args.selection, args.rounds, args.iters, args.seed)
-    capability = torch.backends.cpu.get_cpu_capability()
-    where = f"{cpu_model()} ({capability}, {os.cpu_count()} CPUs), {args.threads} thread(s)"
+    cpu, capability = cpu_model(), torch.backends.cpu.get_cpu_capability()
+    where = f"{cpu} ({capability}, {os.cpu_count()} CPUs), {args.threads} thread(s)"
     print(f"{where}; b={args.batch_size}, k={args.k}, {args.selection}, {args.rounds} rounds\n")
     print(markdown(times))
     print(f"- 1-min load average {load0:.2f} at start, {os.getloadavg()[0]:.2f} at end")
     if args.json:
-        meta = {"cpu_model": cpu_model(), "cpu_capability": capability, "cpus": os.cpu_count()}
+        meta = {"cpu_model": cpu, "cpu_capability": capability, "cpus": os.cpu_count()}
         meta |= {k: v for k, v in vars(args).items() if k != "json"}
         doc = {"meta": meta, "step_s": times}
         atomic_write_text(args.json, json.dumps(doc, indent=1))
