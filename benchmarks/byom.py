@@ -43,7 +43,7 @@ from benchmarks.torchvision_cpu import load as load_torchvision
 from mesimp.data import find_image_data, load_idx
 from mesimp.deploy.bench import bench
 from mesimp.files.atomic import atomic_write_text
-from mesimp.simplify.coupling import build_graph, out_pruning_fn
+from mesimp.simplify.tracing import trace
 
 BATCH = 64
 LR = 1e-3
@@ -177,13 +177,14 @@ def tp_prune(dense: nn.Module, widths: dict[str, int], x: torch.Tensor) -> nn.Mo
     """Torch-Pruning L2 magnitude: in each named layer keep the ``widths[name]`` units
     with the largest weight norm, pruning the coupled group with the dependency graph."""
     model = copy.deepcopy(dense)
-    dg = build_graph(model, x[:2])
+    dg = trace(model, x[:2])
     modules = dict(model.named_modules())
     for name, keep in widths.items():
         layer = modules[name]
         norms = layer.weight.detach().flatten(1).norm(dim=1)
         drop = torch.argsort(norms)[: len(norms) - keep].tolist()
-        dg.get_pruning_group(layer, out_pruning_fn(dg, layer), idxs=drop).prune()
+        prune_out = dg.get_pruner_of_module(layer).prune_out_channels
+        dg.get_pruning_group(layer, prune_out, idxs=drop).prune()
     return model
 
 

@@ -22,8 +22,9 @@ import mesimp
 from mesimp import MePropConfig, Simplifier, SimplifyConfig, meprop_, shrink
 from mesimp.errors import BadInputError, VerificationError
 from mesimp.nn.conv import MePropConv2d
-from mesimp.nn.linear import MePropLinear
+from mesimp.nn.linear import MePropCounters, MePropLinear
 from mesimp.simplify.coupling import TracingError, analyze
+from mesimp.simplify.masking import apply_keeps, group_keeps, sync
 
 # --------------------------------------------------------------------------------------
 # a real drop-in: dense gradients for stock PyTorch
@@ -212,13 +213,23 @@ CASES = {
     "small_vit": (byom_models.small_vit, lambda: torch.randn(3, 1, 28, 28)),
     "lstm_tagger": (byom_models.lstm_tagger, lambda: torch.randint(0, 50, (3, 7))),
 }
-# the units mesimp may remove: inside blocks, never a residual stream or the output
-REMOVABLE = {
-    "residual_mlp": ["fc1.0", "fc1.1"],
-    "preln_block": ["ffn_in"],
+# the groups meSimp simplifies: FFN units and conv channels, residual streams (written by
+# several layers, read through their norms), attention heads; never the output
+GROUPS = {
+    "residual_mlp": ["fc1.0", "fc1.1", "inp"],  # inp: the residual stream (inp, fc2.*)
+    # the stream of preln_block comes from the model's input: the trial shrink leaves it
+    "preln_block": ["attn:heads", "ffn_in"],
     "small_cnn": ["conv1", "conv2"],
-    "resnet18": [f"layer{i}.{j}.conv1" for i in range(1, 5) for j in (0, 1)],
-    "small_vit": [f"encoder.layers.encoder_layer_{i}.mlp.0" for i in (0, 1)],
+    "resnet18": [
+        "conv1",  # the stem and layer1's stream
+        *(f"layer{i}.{j}.conv1" for i in range(1, 5) for j in (0, 1)),
+        *(f"layer{i}.0.conv2" for i in (2, 3, 4)),  # each later stage's stream
+    ],
+    "small_vit": [
+        "conv_proj",  # the hidden size: patch embedding, class token, positions, norms
+        *(f"encoder.layers.encoder_layer_{i}.mlp.0" for i in (0, 1)),
+        *(f"encoder.layers.encoder_layer_{i}.self_attention:heads" for i in (0, 1)),
+    ],
     "lstm_tagger": ["lstm1", "lstm2"],  # mesimp's LSTM pruner inside Torch-Pruning's graph
 }
 
@@ -229,36 +240,46 @@ def _masked_model(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor, Si
     model = meprop_(factory(), MePropConfig(k=0.5, selection="unified"))
     x = inputs()
     simp = Simplifier(model, SimplifyConfig(), steps_per_epoch=1, example_inputs=x)
-    # a few training steps (BatchNorm statistics move), then masks by hand
+    # a few training steps (BatchNorm statistics move), then masks by hand, per group
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     for _ in range(2):
         opt.zero_grad()
         model(x).float().pow(2).mean().backward()
         opt.step()
     g = torch.Generator().manual_seed(seed)
-    for layer in simp.layers.values():
-        keep = torch.rand(layer.mask.numel(), generator=g) < 0.4
+    for group in simp.groups:
+        keep = torch.rand(group.size, generator=g) < 0.4
         keep[0] = True
-        layer.apply_mask(keep)
+        apply_keeps(model, group, keep)
+    sync(model, simp.all_groups)
     return model, x, simp
+
+
+def _out_width(module: nn.Module) -> int:
+    for attr in ("out_features", "out_channels", "hidden_size", "nf"):
+        if hasattr(module, attr):
+            return int(getattr(module, attr))
+    raise AssertionError(type(module))
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_masked_equals_shrunk_in_float64(name):
     model, x, simp = _masked_model(name)
-    assert sorted(simp.layers) == sorted(REMOVABLE[name])
-    widths = {n: layer.active_width for n, layer in simp.layers.items()}
+    assert sorted(g.name for g in simp.groups) == sorted(GROUPS[name])
+    # every writer of a group loses exactly the rows of the group's masked units
+    before = {n: _out_width(m) for n, m in model.named_modules() if hasattr(m, "mask")}
+    dropped: dict[str, int] = {}
+    for g in simp.groups:
+        keep = group_keeps(model, g)
+        for m in g.writers():
+            if m.name in before:
+                dropped[m.name] = dropped.get(m.name, 0) + int((~keep[m.units]).sum())
     small = shrink(model, x)
     # plain PyTorch modules, physically smaller where masked
-    assert not any(
-        isinstance(m, (MePropLinear, MePropConv2d, mesimp.MePropLSTM)) for m in small.modules()
-    )
+    assert not any(isinstance(m, MePropCounters) for m in small.modules())
     mods = dict(small.named_modules())
-    for n, w in widths.items():
-        layer = mods[n]
-        for attr in ("out_features", "out_channels", "hidden_size"):
-            if hasattr(layer, attr):
-                assert getattr(layer, attr) == w
+    for n, d in dropped.items():
+        assert _out_width(mods[n]) == before[n] - d, n
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
     # the reference: the masked model itself, in float64, eval mode
     ref_model = copy.deepcopy(model).double().eval()
@@ -269,22 +290,25 @@ def test_masked_equals_shrunk_in_float64(name):
     assert got.shape == ref.shape
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-9)
     assert model.training and small.training  # the input's mode, kept
-    assert any(layer.active_width < layer.mask.numel() for layer in simp.layers.values())
+    assert any(d > 0 for d in dropped.values())
 
 
 def test_layers_that_cannot_be_removed_are_named_with_the_reason():
     model = meprop_(byom_models.preln_block(), MePropConfig(k=4))
     x = torch.randn(2, 5, 32)
     coupling = analyze(model, x)
-    assert coupling["ffn_in"].removable
-    assert not coupling["ffn_out"].removable and "attn" in coupling["ffn_out"].reason
+    assert coupling["ffn_in"].removable and coupling["attn.in_proj"].removable  # FFN, heads
+    # the stream is the model's input: removing a channel would change the input width
+    assert not coupling["ffn_out"].removable and "trial shrink" in coupling["ffn_out"].reason
+    assert coupling["ffn_out"].group == coupling["attn.out_proj"].group
     # a mask on the residual writer anyway: refused by name, nothing pruned
     model.ffn_out.apply_mask(torch.arange(32) % 2 == 0)
     with pytest.raises(BadInputError, match="cannot remove the masked units of ffn_out"):
         shrink(model, x)
     rmlp = meprop_(byom_models.residual_mlp(), MePropConfig(k=4))
     c = analyze(rmlp, torch.randn(2, 20))
-    assert not c["inp"].removable and "fc2" in c["inp"].reason
+    assert c["inp"].removable and c["fc2.0"].group == c["inp"].group == "inp"
+    assert c["fc1.0"].consumers == ["fc2.0"]
 
 
 def test_shrink_refuses_bad_input_in_one_line():

@@ -290,8 +290,8 @@ def test_a_users_model_and_task_train_simplify_and_resume_in_the_one_loop(tmp_pa
     assert r["model"] == "custom" and r["best"]["test_accuracy"] > 0.6
     masks = {n: s["mask"] for n, s in load_checkpoint(ref)["meprop"]["layers"].items()}
     assert set(masks) == {"0", "2"}  # the meProp layers (the output layer stays plain)
-    assert not bool(masks["0"].all())  # simplified ...
-    assert bool(masks["2"].all())  # ... but not the one a LayerNorm reads (cannot go)
+    assert not bool(masks["0"].all())  # simplified, and so is the layer a LayerNorm reads:
+    assert not bool(masks["2"].all())  # the norm's statistics run over the active channels
     # interrupted and resumed with the same model and task: the same run
     out = tmp_path / "run" / "m.pt"
     net2, task2 = _own()

@@ -25,13 +25,14 @@ from mesimp.deploy.torch_onnx import torch_to_onnx
 from mesimp.deploy.verify import check_model, check_parity, ort_session, set_metadata
 from mesimp.errors import BadInputError
 from mesimp.files.atomic import atomic_write_bytes, check_writable
-from mesimp.nn.swap import unmeprop
-from mesimp.simplify.coupling import meprop_layers
+from mesimp.nn.swap import meprop_layers, unmeprop
 
 __all__ = ["export_module", "export_onnx"]
 
 
 def _inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    if isinstance(example_inputs, dict):
+        example_inputs = tuple(example_inputs.values())
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
@@ -50,9 +51,33 @@ def _names(prefix: str, n: int) -> list[str]:
 def _outputs(out: Any) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]
+    if isinstance(out, dict):  # a Hugging Face ModelOutput: its tensors (logits, ...)
+        return [v for v in out.values() if isinstance(v, torch.Tensor)]
     if isinstance(out, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in out):
         return list(out)
     raise BadInputError(f"the model must return a tensor or a tuple of tensors, got {type(out)}")
+
+
+class _Keywords(nn.Module):
+    """A model called with keyword inputs (``model(input_ids=...)``), called by position,
+    returning its output's tensors: what the exporter traces (which needs a fixed
+    signature, not ``*args``: up to four keyword inputs)."""
+
+    def __init__(self, model: nn.Module, keys: list[str]) -> None:
+        super().__init__()
+        if len(keys) > 4:
+            raise BadInputError(f"at most 4 keyword inputs can be exported, got {len(keys)}")
+        self.model, self.keys = model, keys
+
+    def forward(
+        self,
+        x0: torch.Tensor,
+        x1: torch.Tensor | None = None,
+        x2: torch.Tensor | None = None,
+        x3: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        values = (x0, x1, x2, x3)[: len(self.keys)]
+        return tuple(_outputs(self.model(**dict(zip(self.keys, values, strict=True)))))
 
 
 def export_module(
@@ -81,9 +106,12 @@ def export_module(
         )
     inputs = tuple(t.detach().cpu() for t in _inputs(example_inputs))
     plain = unmeprop(copy.deepcopy(model)).cpu().eval()
+    in_names = _names("input", len(inputs))
+    if isinstance(example_inputs, dict):  # keyword inputs: named as the keywords
+        plain, in_names = _Keywords(plain, list(example_inputs)), list(example_inputs)
     with torch.no_grad():
         ref = _outputs(plain(*inputs))
-    in_names, out_names = _names("input", len(inputs)), _names("output", len(ref))
+    out_names = _names("output", len(ref))
     axes = {n: {0: "batch"} for n in in_names + out_names}
     meta = {"mesimp_version": __version__, **(metadata or {})}
     with tempfile.TemporaryDirectory(prefix="mesimp-export-") as tmp:

@@ -246,10 +246,10 @@ def model_from_checkpoint(ckpt: dict[str, Any], meprop: bool | None = None) -> n
     if isinstance(model, CNN) and any(
         isinstance(m, MePropCounters) and m.active_width < m.mask.numel() for m in model.modules()
     ):
-        # a masked channel is zeroed after its BatchNorm too (mesimp.coupling)
-        from mesimp.simplify.coupling import analyze, mask_norm_outputs
+        # the readers of a masked group mask their inputs too (mesimp.simplify.masking)
+        from mesimp.simplify.graph_shrink import restore_masks
 
-        mask_norm_outputs(model, analyze(model, torch.zeros(2, model.config.in_features)))
+        restore_masks(model, torch.zeros(2, model.config.in_features))
     return model
 
 

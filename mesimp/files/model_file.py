@@ -28,8 +28,9 @@ from torch import nn
 from mesimp.errors import BadInputError, CheckpointError
 from mesimp.files.atomic import atomic_write, check_writable
 from mesimp.files.checkpoint import safe_torch_load
-from mesimp.simplify.coupling import build_graph, lstm_pruners, out_pruning_fn, run_model
-from mesimp.simplify.graph_shrink import flatten_outputs, kept_units
+from mesimp.simplify.graph_shrink import flatten_outputs, kept_units, prune_groups
+from mesimp.simplify.groups import UnitGroup, find_groups
+from mesimp.simplify.tracing import run_model, trace
 
 __all__ = ["FORMAT", "load_model", "save_model"]
 
@@ -130,14 +131,9 @@ def _rebuild(payload: dict[str, Any], where: str) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise BadInputError(f"factory {factory!r} returned a {type(model).__name__}, not a model")
     if kept:
-        dg = build_graph(model, inputs, customized_pruners=lstm_pruners(model))
-        modules = dict(model.named_modules())
-        for name, keep in kept.items():
-            root = modules.get(name)
-            if root is None:
-                raise CheckpointError(f"{where}: {factory} has no layer {name!r}")
-            drop = sorted(set(range(dg.get_out_channels(root))) - {int(i) for i in keep})
-            dg.get_pruning_group(root, out_pruning_fn(dg, root), idxs=drop).prune()
+        dg = trace(model, inputs)
+        groups = find_groups(model, dg)
+        prune_groups(model, dg, groups, _keeps(kept, groups, where, factory))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -145,6 +141,27 @@ def _rebuild(payload: dict[str, Any], where: str) -> nn.Module:
         raise CheckpointError(f"{where}: the weights do not fit {factory} ({first})") from None
     model.mesimp_kept = dict(kept)
     return model
+
+
+def _keeps(
+    kept: dict[str, list[int]], groups: list[UnitGroup], where: str, factory: str
+) -> dict[str, torch.Tensor]:
+    """The recorded kept units as keep masks, by group name. Files of mesimp <= 0.x
+    named each group by its first meProp layer, with channel indices: the same thing for
+    one-channel units, which is all those versions could remove."""
+    by_name = {g.name: g for g in groups}
+    keeps = {}
+    for name, units in kept.items():
+        g = by_name.get(name)
+        if g is None:
+            raise CheckpointError(f"{where}: {factory} has no layer or group {name!r}")
+        keep = torch.zeros(g.size, dtype=torch.bool)
+        try:
+            keep[torch.tensor([int(u) for u in units], dtype=torch.long)] = True
+        except (IndexError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{where}: bad kept units for {name!r} ({e})") from None
+        keeps[name] = keep
+    return keeps
 
 
 def _same_outputs(a: nn.Module, b: nn.Module, example_inputs: Any) -> bool:

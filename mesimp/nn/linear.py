@@ -19,7 +19,7 @@ from torch import nn
 
 from mesimp.nn.meprop import MePropConfig, MePropLinearFunction, MePropState
 
-__all__ = ["MePropConfig", "MePropCounters", "MePropLinear", "autocast_off"]
+__all__ = ["MePropConfig", "MePropCounters", "MePropLinear", "autocast_off", "meprop_linear"]
 
 
 class MePropCounters:
@@ -115,6 +115,31 @@ def autocast_off(x: torch.Tensor) -> Iterator[torch.dtype | None]:
         yield dtype
 
 
+def meprop_linear(
+    layer: MePropCounters, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``x W^T + b`` (``weight [out, in]``, may be a view) with the layer's meProp backward,
+    counters and mask; any leading shape of ``x``."""
+    out_features, in_features = weight.shape
+    masked = layer._active < out_features
+    k = layer.k
+    if k == 0 or (k >= out_features and not masked) or not torch.is_grad_enabled():
+        out = F.linear(x, weight, bias)
+        return out * layer.mask if masked else out
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)
+    cfg = layer.meprop_config
+    with autocast_off(x2) as dtype:  # torch.amp: the GEMMs run in autocast's dtype
+        if dtype is not None:
+            x2, weight = x2.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        out = MePropLinearFunction.apply(
+            x2, weight, bias, k, cfg.backward_selection, cfg.msbp_alpha, cfg.sparse_grad,
+            layer._state, masked, cfg.dense_bias,
+        )  # fmt: skip
+    return out.reshape(*lead, out_features)
+
+
 class MePropLinear(MePropCounters, nn.Linear):
     """``nn.Linear`` whose backward propagates only k entries of the output gradient.
 
@@ -169,24 +194,7 @@ class MePropLinear(MePropCounters, nn.Linear):
 
     # -- forward ----------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        masked = self._active < self.out_features
-        k = self.k
-        if k == 0 or (k >= self.out_features and not masked) or not torch.is_grad_enabled():
-            out = F.linear(x, self.weight, self.bias)
-            return out * self.mask if masked else out
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        cfg = self.meprop_config
-        weight, bias = self.weight, self.bias
-        with autocast_off(x2) as dtype:  # torch.amp: the GEMMs run in autocast's dtype
-            if dtype is not None:
-                x2, weight = x2.to(dtype), weight.to(dtype)
-                bias = bias.to(dtype) if bias is not None else None
-            out = MePropLinearFunction.apply(
-                x2, weight, bias, k, cfg.backward_selection, cfg.msbp_alpha, cfg.sparse_grad,
-                self._state, masked, cfg.dense_bias,
-            )  # fmt: skip
-        return out.reshape(*lead, self.out_features)
+        return meprop_linear(self, x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         c = self.meprop_config

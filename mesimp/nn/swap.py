@@ -19,12 +19,14 @@ from collections.abc import Callable
 from torch import nn
 
 from mesimp.errors import BadInputError
+from mesimp.nn.attention import MultiheadAttention
 from mesimp.nn.conv import MePropConv2d
-from mesimp.nn.linear import MePropLinear
+from mesimp.nn.conv1d import MePropConv1D, is_conv1d
+from mesimp.nn.linear import MePropCounters, MePropLinear
 from mesimp.nn.lstm import MePropLSTM
 from mesimp.nn.meprop import MePropConfig
 
-__all__ = ["MEPROP_TYPES", "meprop_", "unmeprop"]
+__all__ = ["MEPROP_TYPES", "meprop_", "meprop_layers", "unmeprop"]
 
 # plain type -> (meProp type, how to convert)
 MEPROP_TYPES: dict[type[nn.Module], tuple[type[nn.Module], Callable]] = {
@@ -32,15 +34,20 @@ MEPROP_TYPES: dict[type[nn.Module], tuple[type[nn.Module], Callable]] = {
     nn.Conv2d: (MePropConv2d, MePropConv2d.from_conv),
     nn.LSTM: (MePropLSTM, MePropLSTM.from_lstm),
 }
-_MEPROP = tuple(t for t, _ in MEPROP_TYPES.values())
+_MEPROP = (*(t for t, _ in MEPROP_TYPES.values()), MePropConv1D)
 
 
 def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [
         (n, m)
         for n, m in model.named_modules()
-        if n and (type(m) in MEPROP_TYPES or isinstance(m, _MEPROP))
+        if n and (type(m) in MEPROP_TYPES or isinstance(m, _MEPROP) or is_conv1d(m))
     ]
+
+
+def meprop_layers(model: nn.Module) -> list[tuple[str, MePropCounters]]:
+    """Every meProp layer (Linear, Conv2d, LSTM, HF Conv1D) with its name, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, MePropCounters)]
 
 
 def output_layer(model: nn.Module) -> nn.Module | None:
@@ -72,13 +79,14 @@ def meprop_(
     ``filter_fn`` or stack single-layer LSTMs. Already swapped layers are left as they
     are, so a second call changes nothing. Returns ``model``.
     """
+    _attention_(model, filter_fn)
     out = output_layer(model) if skip_output else None
     for name, mod in _candidates(model):
         if isinstance(mod, _MEPROP) or mod is out:
             continue
         if filter_fn is not None and not filter_fn(name, mod):
             continue
-        _, convert = MEPROP_TYPES[type(mod)]
+        convert = MePropConv1D.from_conv1d if is_conv1d(mod) else MEPROP_TYPES[type(mod)][1]
         try:
             new = convert(mod, config)
         except BadInputError as e:
@@ -86,6 +94,21 @@ def meprop_(
         new.train(mod.training)
         _set(model, name, new)
     return model
+
+
+def _attention_(model: nn.Module, filter_fn: Callable | None) -> None:
+    """``nn.MultiheadAttention`` -> mesimp's ``MultiheadAttention`` (same parameters,
+    an ``nn.Linear`` in-projection), so its projections become meProp layers and its
+    heads can shrink apart from the stream. Blocks it cannot hold stay as they are."""
+    for name, mod in list(model.named_modules()):
+        if type(mod) is not nn.MultiheadAttention or not name:
+            continue
+        if filter_fn is not None and not filter_fn(name, mod):
+            continue
+        try:
+            _set(model, name, MultiheadAttention.from_torch(mod))
+        except BadInputError:
+            continue  # cross-attention widths, bias_kv: left plain (and not simplified)
 
 
 def unmeprop(model: nn.Module, types: tuple[type, ...] = _MEPROP) -> nn.Module:
@@ -101,6 +124,8 @@ def unmeprop(model: nn.Module, types: tuple[type, ...] = _MEPROP) -> nn.Module:
             new = mod.to_conv()
         elif isinstance(mod, MePropLSTM):
             new = mod.to_lstm()
+        elif isinstance(mod, MePropConv1D):
+            new = mod.to_plain()
         else:
             continue
         new.train(mod.training)

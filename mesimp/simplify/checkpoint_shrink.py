@@ -43,8 +43,7 @@ from mesimp.models.info import model_info
 from mesimp.nn.linear import MePropLinear
 from mesimp.nn.lstm import MePropLSTM, prune_lstm_hidden, prune_lstm_input
 from mesimp.nn.meprop import MePropConfig
-from mesimp.nn.swap import meprop_
-from mesimp.simplify.coupling import meprop_layers
+from mesimp.nn.swap import meprop_, meprop_layers
 from mesimp.simplify.graph_shrink import shrink as graph_shrink
 from mesimp.simplify.rule import check_prune_rate, keep_rule, keep_with_min_width, round_keeps
 

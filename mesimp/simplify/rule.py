@@ -81,6 +81,12 @@ def keep_rule(hits: torch.Tensor, ref: int | torch.Tensor, prune_rate: float) ->
     return hits >= threshold
 
 
+def unit_keep_rule(hits: torch.Tensor, ref: torch.Tensor, prune_rate: float) -> torch.Tensor:
+    """``keep_rule`` per unit, each with its own reference count (a group unit's)."""
+    threshold = torch.tensor([math.floor(prune_rate * int(r)) for r in ref.tolist()])
+    return hits >= threshold
+
+
 def prunable_layers(model: nn.Module) -> list[tuple[str, MePropLinear | MePropLSTM]]:
     """Hidden meProp layers: ``MePropLinear`` except the output layer (the last Linear),
     and ``MePropLSTM`` (its hidden units). Inputs and outputs are never pruned."""

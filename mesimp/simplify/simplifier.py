@@ -17,12 +17,21 @@ holds everything it needs to continue, masks and counters included (those are no
 in ``model.state_dict()``), as plain tensors that ``torch.load(weights_only=True)``
 reads.
 
-Which layers it simplifies: with ``example_inputs``, the meProp layers whose units can
-be removed without changing the function (``mesimp.coupling``: not a residual stream,
-no LayerNorm over them); BatchNorms that follow them get their masked channels zeroed
-too. Without, the meProp layers of a plain chain (every meProp Linear but the output
-layer, every meProp LSTM), which is right for mesimp's MLPs and taggers; a model with
-meProp convolutions needs ``example_inputs``. ``layers`` names them explicitly.
+What it simplifies: with ``example_inputs``, the dependency groups of the model
+(``mesimp.simplify.groups``): FFN units, conv channels, depthwise chains, grouped
+convolutions (slot-aligned), residual streams and a transformer's hidden size (with
+the norms over them made mask-aware), attention heads, gated-MLP units, concatenations
+-- every group whose units a meProp layer writes (so there are counts) and that
+``mesimp.shrink`` can remove exactly. A unit's count is the sum of its rows' hits in
+every meProp layer that writes the group (``mesimp.simplify.unit_scores``), and one
+decision masks it everywhere (``mesimp.simplify.masking``). Before it starts, the
+Simplifier masks half of every group's units on a copy, shrinks it and checks
+masked == shrunk on the example inputs, so it never masks what ``shrink`` cannot
+remove (a group that fails is left alone, with its reason in ``skipped``). Without
+``example_inputs``, every meProp layer of a plain chain (every meProp Linear but the
+output layer, every meProp LSTM) is its own group, which is right for mesimp's MLPs
+and taggers; a model with meProp convolutions needs ``example_inputs``. ``layers``
+names the meProp layers to simplify one by one.
 
 Under ``torch.distributed`` (DDP, one Simplifier per rank) the hit counters of all
 ranks are summed at every simplification point before the rule runs, so every rank
@@ -41,8 +50,18 @@ from torch import nn
 from mesimp.errors import BadInputError
 from mesimp.nn.conv import MePropConv2d
 from mesimp.nn.linear import MePropCounters
-from mesimp.simplify.coupling import analyze, mask_norm_outputs, meprop_layers
-from mesimp.simplify.rule import SimplifyConfig, SimplifySchedule, prunable_layers, simplify_layers
+from mesimp.nn.swap import meprop_layers
+from mesimp.simplify.coupling import couple
+from mesimp.simplify.groups import Member, UnitGroup
+from mesimp.simplify.masking import apply_keeps, group_keeps, install, sync
+from mesimp.simplify.rule import (
+    SimplifyConfig,
+    SimplifySchedule,
+    keep_with_min_width,
+    prunable_layers,
+    unit_keep_rule,
+)
+from mesimp.simplify.unit_scores import group_layers, unit_counts
 from mesimp.training.optim import reset_optimizer_state
 
 __all__ = ["Simplifier"]
@@ -76,8 +95,17 @@ class Simplifier:
         self.steps_per_epoch = steps_per_epoch
         self.epochs = epochs  # no cycle starts at or after it (the run is over)
         self.schedule = SimplifySchedule(config, steps_per_epoch)
-        self.layers = self._choose_layers(model, example_inputs, layers)
-        if not self.layers:
+        self.skipped: dict[str, str] = {}  # group name -> why it is not simplified
+        self.all_groups: list[UnitGroup] = []  # every group (the masks' AND runs over all)
+        self.groups = self._choose_groups(model, example_inputs, layers)
+        # the meProp layers that count for the groups: their counters and masks are the
+        # Simplifier's state
+        self.layers: dict[str, MePropCounters] = {}
+        names = {id(m): n for n, m in model.named_modules()}
+        for g in self.groups:
+            for layer, _ in group_layers(model, g):
+                self.layers.setdefault(names[id(layer)], layer)
+        if not self.groups:
             raise BadInputError(
                 "no meProp layer to simplify: call mesimp.meprop_(model, MePropConfig(k=...)) "
                 "first (and check that their units can be removed)"
@@ -85,33 +113,40 @@ class Simplifier:
         self.steps = 0  # optimizer steps done
         self.resets = 0  # optimizer resets done
 
-    # -- which layers ------------------------------------------------------------------
-    def _choose_layers(
+    # -- which groups ----------------------------------------------------------------
+    def _choose_groups(
         self, model: nn.Module, example_inputs: Any, names: Sequence[str] | None
-    ) -> dict[str, MePropCounters]:
+    ) -> list[UnitGroup]:
         every = dict(meprop_layers(model))
         if names is not None:
             missing = [n for n in names if n not in every]
             if missing:
                 raise BadInputError(f"not meProp layers of the model: {', '.join(missing)}")
-            return {n: every[n] for n in names}
+            return [layer_group(n, every[n]) for n in names]
         if example_inputs is not None:
-            coupling = analyze(model, example_inputs)
-            mask_norm_outputs(model, coupling)
-            return {n: every[n] for n, c in coupling.items() if c.removable}
+            return self._graph_groups(model, example_inputs)
         convs = [n for n, m in every.items() if isinstance(m, MePropConv2d)]
         if convs:
             raise BadInputError(
                 f"{convs[0]} is a meProp convolution: give Simplifier example_inputs so "
                 "that it can see which channels can be removed (BatchNorm, residual adds)"
             )
-        return dict(prunable_layers(model))
+        return [layer_group(n, m) for n, m in prunable_layers(model)]
+
+    def _graph_groups(self, model: nn.Module, example_inputs: Any) -> list[UnitGroup]:
+        """The groups ``mesimp.simplify.coupling`` chooses (checked by a trial shrink),
+        with the mask hooks of every group's readers and norms installed."""
+        c = couple(model, example_inputs)
+        self.all_groups, self.skipped = c.groups, c.skipped
+        install(model, c.groups)
+        sync(model, c.groups)
+        return c.chosen
 
     # -- the loop ----------------------------------------------------------------------
     @property
     def widths(self) -> list[int]:
-        """Active units per simplified layer, in module order."""
-        return [layer.active_width for layer in self.layers.values()]
+        """Active units per simplified group, in module order (then heads)."""
+        return [int(group_keeps(self.model, g).sum()) for g in self.groups]
 
     def step(self) -> list[dict[str, Any]]:
         """Call once after every ``optimizer.step()``. Returns what happened, as metrics
@@ -124,8 +159,7 @@ class Simplifier:
         events: list[dict[str, Any]] = []
         if self.schedule.is_point(epoch, step_in_epoch):
             self._sum_counts_across_ranks()
-            c = self.config
-            widths = simplify_layers(self.layers.values(), c.prune_rate, c.min_width)
+            widths = self.simplify()
             events.append(
                 {"event": "simplify", "epoch": epoch, "step": self.steps, "widths": widths}
             )
@@ -145,6 +179,22 @@ class Simplifier:
                 }
             )
         return events
+
+    def simplify(self) -> list[int]:
+        """One simplification point: the rule on every group's unit counts, one mask per
+        unit for all its members; the counters restart. Returns the widths."""
+        c = self.config
+        for g in self.groups:
+            hits, ref = unit_counts(self.model, g)
+            if int(ref.sum()) == 0:
+                continue
+            active = group_keeps(self.model, g)
+            keep = unit_keep_rule(hits, ref, c.prune_rate)
+            apply_keeps(self.model, g, keep_with_min_width(hits, active, keep, c.min_width))
+        sync(self.model, self.all_groups)
+        for layer in self.layers.values():
+            layer.reset_counters()
+        return self.widths
 
     def _sum_counts_across_ranks(self) -> None:
         """Under ``torch.distributed`` every rank counted its own shard: sum the counts
@@ -193,6 +243,15 @@ class Simplifier:
                 )
             for name, layer in self.layers.items():
                 layer.load_meprop_state(state["layers"][name])
+            sync(self.model, self.all_groups)
             self.steps, self.resets = int(state["steps"]), int(state["resets"])
         except (KeyError, TypeError, RuntimeError) as e:
             raise BadInputError(f"malformed Simplifier state ({e})") from None
+
+
+def layer_group(name: str, layer: MePropCounters) -> UnitGroup:
+    """One meProp layer's units as a group of their own (a plain chain: its output
+    units, read by the next layer, which sees 0 from a masked unit)."""
+    n = layer.mask.numel()
+    ids = torch.arange(n)
+    return UnitGroup(name, "channels", n, [Member(name, "out", ids, ids)], root=name)

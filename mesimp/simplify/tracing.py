@@ -1,0 +1,155 @@
+"""Trace a model of plain modules into Torch-Pruning's ``DependencyGraph``.
+
+mesimp's only tracer is Torch-Pruning's (autograd on example inputs). What this module
+adds: the leaves with mesimp's own pruners (``nn.LSTM``, attention blocks, HF
+``Conv1D``, RMS norms; see ``mesimp.simplify.leaves``), opaque while tracing; eval mode
+while tracing (so BatchNorm statistics do not move), restored after; and a one-line
+``TracingError`` for inputs that do not run or a graph Torch-Pruning cannot build.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from mesimp.errors import BadInputError, MesimpError
+from mesimp.simplify.attention import AttentionPruner, head_layout
+from mesimp.simplify.leaves import Conv1DPruner, NormPruner, is_conv1d, is_rms_norm, opaque_leaves
+
+__all__ = ["TracingError", "deadline", "leaf_pruners", "run_model", "trace", "tp"]
+
+# how long reading one model's groups may take before it counts as a tracer that loops
+DEADLINE_S = 120
+
+
+class TracingError(BadInputError):
+    """The model could not be traced on the example inputs, or a layer was not reached."""
+
+
+def tp() -> Any:
+    """``torch_pruning``, with a one-line message if it is missing."""
+    try:
+        import torch_pruning
+    except ImportError as e:  # a runtime dependency; a one-line message if it is missing
+        raise MesimpError("this needs torch-pruning (pip install 'torch-pruning==1.6.1')") from e
+    return torch_pruning
+
+
+def run_model(model: nn.Module, example_inputs: Any) -> Any:
+    """``model(*example_inputs)`` (a tensor, a tuple of them, or a dict of keywords)."""
+    if isinstance(example_inputs, dict):
+        return model(**example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return model(*example_inputs)
+    return model(example_inputs)
+
+
+def leaf_pruners(model: nn.Module) -> dict[type, Any]:
+    """mesimp's pruners for the module types of ``model`` that are leaves, by type."""
+    pruners: dict[type, Any] = {}
+    for m in model.modules():
+        t = type(m)
+        if t in pruners:
+            continue
+        if isinstance(m, nn.LSTM):
+            from mesimp.simplify.lstm_pruner import LSTMPruner
+
+            pruners[nn.LSTM] = LSTMPruner()
+        elif head_layout(m) is not None:
+            pruners[t] = AttentionPruner()
+        elif is_conv1d(m):
+            pruners[t] = Conv1DPruner()
+        elif is_rms_norm(m):
+            pruners[t] = NormPruner()
+    return pruners
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def trace(plain: nn.Module, example_inputs: Any) -> Any:
+    """The dependency graph of a model of plain modules (meProp layers swapped back),
+    traced in place in eval mode; the model's mode is restored."""
+    torch_pruning = tp()
+    training = plain.training
+    plain.eval()  # tracing must not move BatchNorm's running statistics
+    try:
+        try:
+            with torch.enable_grad():
+                run_model(plain, example_inputs)  # a clear message for inputs that do not fit
+        except Exception as e:  # any error of the user's forward: report it in one line
+            raise TracingError(
+                "the example inputs do not run through the model: "
+                f"{type(e).__name__}: {_first_line(e)}"
+            ) from None
+        pruners = leaf_pruners(plain)
+        leaves = [m for m in plain.modules() if type(m) in pruners and not isinstance(m, nn.LSTM)]
+        inputs, forward_fn = example_inputs, _forward_fn(example_inputs)
+        if isinstance(example_inputs, list):
+            inputs = tuple(example_inputs)
+        try:
+            with torch.enable_grad(), opaque_leaves(leaves), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # TP's notes on unwrapped parameters
+                return torch_pruning.DependencyGraph().build_dependency(
+                    plain,
+                    example_inputs=inputs,
+                    forward_fn=forward_fn,
+                    customized_pruners=pruners or None,
+                    verbose=False,
+                )
+        except Exception as e:  # Torch-Pruning raises many types while tracing
+            raise TracingError(
+                f"Torch-Pruning could not trace the model: {type(e).__name__}: {_first_line(e)}"
+            ) from None
+    finally:
+        plain.train(training)
+
+
+def _forward_fn(example_inputs: Any) -> Any:
+    """How TP calls the model; outputs with a ``logits`` field (Hugging Face) give it."""
+
+    def call(model: nn.Module, x: Any) -> Any:
+        out = run_model(model, x)
+        if not isinstance(out, (torch.Tensor, tuple, list, dict)) and hasattr(out, "logits"):
+            return out.logits  # a ModelOutput dataclass: TP flattens tensors only
+        if isinstance(out, dict) and "logits" in out:
+            return out["logits"]
+        return out
+
+    return call
+
+
+@contextlib.contextmanager
+def deadline(what: str, seconds: float | None = None) -> Iterator[None]:
+    """Raise ``TracingError`` if the block runs longer than ``seconds`` (default
+    ``DEADLINE_S``, read at the call): Torch-Pruning's
+    index mapping can loop for a very long time on some graphs (strided slices
+    concatenated on the channel dimension, as in Swin's patch merging). A timer signal,
+    so only in the main thread (elsewhere the block runs unbounded)."""
+    seconds = DEADLINE_S if seconds is None else seconds
+    if threading.current_thread() is not threading.main_thread() or seconds <= 0:
+        yield
+        return
+
+    def expired(_signum: int, _frame: Any) -> None:
+        raise TracingError(
+            f"{what} did not finish in {seconds:g} s: Torch-Pruning's dependency graph "
+            "loops on this model (e.g. strided slices concatenated on channels)"
+        )
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
