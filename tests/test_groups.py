@@ -300,3 +300,17 @@ def test_bad_masks_are_refused_by_name():
         BadInputError, match="cannot remove the masked units of fc2.0: its group keeps"
     ):
         shrink(model, x)
+
+
+def test_a_shrunk_hugging_face_model_saves_and_loads_bit_identically(tmp_path):
+    model, x = gm.tiny_llama(), gm.ids()
+    simp = _simplifier(model, x)
+    _mask_half(model, simp)
+    small = shrink(model, x).eval()
+    path = mesimp.save_model(tmp_path / "m.pt", small, "group_models:tiny_llama", x)
+    raw = torch.load(path, weights_only=True)
+    assert {s["name"] for s in raw["example_inputs"]} == {"input_ids"}
+    assert any(k.endswith(":kv_heads") for k in raw["kept"])  # heads are recorded by group
+    loaded = mesimp.load_model(path)
+    with torch.no_grad():
+        assert torch.equal(loaded(**x).logits, small(**x).logits)

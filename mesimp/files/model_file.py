@@ -5,7 +5,7 @@ A file holds plain data only (``torch.load(weights_only=True)`` reads it)::
     {"format": "mesimp.model", "version": 1,
      "factory": "package.module:function",   # builds the *unshrunk* architecture
      "factory_kwargs": {...},                # plain JSON-like values
-     "example_inputs": [{"shape": [...], "dtype": "float32"}, ...],
+     "example_inputs": [{"shape": [...], "dtype": "float32"[, "name": kw]}, ...],
      "kept": {"layer.name": [kept unit indices], ...},   # what mesimp.shrink kept
      "state_dict": {...}}                    # the shrunk model's, PyTorch layouts
 
@@ -59,12 +59,20 @@ def resolve_factory(factory: str) -> Any:
 
 
 def _input_specs(example_inputs: Any) -> list[dict[str, Any]]:
-    items = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    """Shapes and dtypes of the example inputs (and their keywords, for a dict)."""
+    if isinstance(example_inputs, dict):
+        named = list(example_inputs.items())
+    else:
+        items = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        named = [(None, t) for t in items]
     specs = []
-    for t in items:
+    for name, t in named:
         if not isinstance(t, torch.Tensor) or str(t.dtype).removeprefix("torch.") not in _DTYPES:
             raise BadInputError("example_inputs must be tensors of a float, int or bool dtype")
-        specs.append({"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")})
+        spec = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+        if name is not None:
+            spec["name"] = str(name)
+        specs.append(spec)
     return specs
 
 
@@ -124,7 +132,11 @@ def _rebuild(payload: dict[str, Any], where: str) -> nn.Module:
         factory, kwargs = payload["factory"], payload["factory_kwargs"]
         kept, state = payload["kept"], payload["state_dict"]
         specs = payload["example_inputs"]
-        inputs = tuple(torch.zeros(s["shape"], dtype=_DTYPES[s["dtype"]]) for s in specs)
+        zeros = [torch.zeros(s["shape"], dtype=_DTYPES[s["dtype"]]) for s in specs]
+        names = [s.get("name") for s in specs]
+        inputs: Any = tuple(zeros)
+        if names and all(isinstance(n, str) for n in names):  # keyword inputs
+            inputs = dict(zip(names, zeros, strict=True))
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{where}: malformed model file ({e})") from None
     model = resolve_factory(factory)(**kwargs)
