@@ -91,6 +91,9 @@ def build(name: str, family: str, kw: dict[str, Any]) -> nn.Module:
 
         return getattr(load().models, name)(**kw)
     if family == "timm":
+        from benchmarks.torchvision_cpu import load
+
+        load()  # timm imports torchvision, which needs the shim beside the CPU torch
         import timm
 
         return timm.create_model(name.split("/", 1)[1], pretrained=False, **kw)

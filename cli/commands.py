@@ -191,6 +191,14 @@ from mesimp.cli.main import IntList, KType, cli, emit_json
     help="meSimp: no hidden layer shrinks below this width.",
 )
 @click.option(
+    "--compact/--no-compact",
+    default=True,
+    show_default=True,
+    help="meSimp: remove masked units from the training model at every simplification "
+    "point (weights, optimizer state, counters), so the rest of the run trains at the "
+    "active widths; --no-compact keeps them masked until `mesimp shrink`.",
+)
+@click.option(
     "--init",
     type=click.Path(),
     default=None,
@@ -289,6 +297,7 @@ def train(
     simplify_per_epoch,
     cycle_epochs,
     min_width,
+    compact,
     init,
     reference,
     threads,
@@ -413,6 +422,7 @@ def train(
         output=output,
         init=init,
         simplify=simp,
+        compact=compact,
         threads=threads,
         device=device,
         reference=reference,

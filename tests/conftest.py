@@ -163,16 +163,14 @@ def masked_forward(
 
 @pytest.fixture(scope="session")
 def ckpts(tmp_path_factory, tiny_npz) -> dict[str, Path]:
-    """Trained tiny checkpoints, built once: dense (k=0), meProp (k=8), meSimp (k=8)."""
+    """Trained tiny checkpoints, built once: dense (k=0), meProp (k=8), meSimp (k=8) with
+    its units masked (``--no-compact``) and the same run compacted (the default)."""
     d = tmp_path_factory.mktemp("ckpts")
-    out = {"dense": d / "dense.pt", "meprop": d / "meprop.pt", "mesimp": d / "mesimp.pt"}
+    names = ("dense", "meprop", "mesimp", "mesimp_compact")
+    out = {n: d / f"{n}.pt" for n in names}
     train_tiny(tiny_npz, out["dense"], k=0)
     train_tiny(tiny_npz, out["meprop"], k=8)
-    train_tiny(
-        tiny_npz,
-        out["mesimp"],
-        k=8,
-        epochs=2,
-        simplify=SimplifyConfig(prune_rate=0.15, points_per_epoch=2, cycle_epochs=1),
-    )
+    simp = SimplifyConfig(prune_rate=0.15, points_per_epoch=2, cycle_epochs=1)
+    train_tiny(tiny_npz, out["mesimp"], k=8, epochs=2, simplify=simp, compact=False)
+    train_tiny(tiny_npz, out["mesimp_compact"], k=8, epochs=2, simplify=simp)
     return out

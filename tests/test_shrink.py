@@ -198,6 +198,21 @@ def test_shrink_checkpoint_with_masks(ckpts, tmp_path, verify_npz, test_inputs):
     assert small["train"]["shrunk_from"]["path"] == str(ckpts["mesimp"])
 
 
+def test_a_compacted_checkpoint_shrinks_to_a_verified_copy(ckpts, tmp_path, verify_npz):
+    """Compaction already removed the masked units: ``shrink`` is a copy that verifies.
+    (The widths are the masked run's only up to float32 rounding, which differs between
+    GEMM shapes and CPUs: equality is tested in float64, in tests/test_compact.py.)"""
+    compacted = torch.load(ckpts["mesimp_compact"], weights_only=True)
+    assert all(bool(s["mask"].all()) for s in compacted["meprop"]["layers"].values())
+    widths = compacted["arch"]["hidden_sizes"]
+    assert all(0 < w < 32 for w in widths)
+    r = shrink_checkpoint(ckpts["mesimp_compact"], tmp_path / "c.pt", data=str(verify_npz))
+    assert r["max_abs_diff"] == 0.0 and r["params_ratio"] == 1.0
+    assert r["before"]["hidden_sizes"] == r["after"]["hidden_sizes"] == widths
+    a = torch.load(tmp_path / "c.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], v) for k, v in compacted["state_dict"].items())
+
+
 def test_shrunk_test_accuracy_is_measured_on_the_shrunk_model(ckpts, tmp_path, verify_npz):
     out = tmp_path / "small.pt"
     r = shrink_checkpoint(ckpts["mesimp"], out, data=str(verify_npz))

@@ -392,6 +392,6 @@ def test_no_simplify_means_no_resets_and_no_masks(tmp_path, tiny_npz, monkeypatc
     result = train_tiny(tiny_npz, tmp_path / "m.pt", k=8, epochs=2)
     assert result["optimizer_resets"] == 0 and calls == []
     records = read_jsonl(result["metrics_log"])
-    assert {r["event"] for r in records} == {"start", "eval"}
+    assert {r["event"] for r in records} == {"start", "eval", "epoch"}
     layers = torch.load(result["checkpoint"], weights_only=True)["meprop"]["layers"]
     assert all(bool(st["mask"].all()) for st in layers.values())

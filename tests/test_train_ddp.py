@@ -129,14 +129,19 @@ def test_rank_zero_writes_alone_and_the_checkpoint_is_ordinary(uninterrupted):
     assert ckpt["format"] == "mesimp.checkpoint" and "resume" not in ckpt
 
 
-def test_every_rank_holds_the_same_masks(uninterrupted):
+def test_every_rank_compacts_to_the_same_widths(uninterrupted):
     out, _ = uninterrupted
-    r = load_checkpoint(resume_path(out))["resume"]
+    ckpt = load_checkpoint(resume_path(out))
+    r = ckpt["resume"]
     assert r["world_size"] == 2 and len(r["ranks"]) == 2
     a, b = r["ranks"]
     assert a["masks"].keys() == b["masks"].keys() and a["masks"]
+    # both ranks removed the same units: the same (smaller) widths, nothing left masked
     assert all(torch.equal(a["masks"][n], b["masks"][n]) for n in a["masks"])
-    assert any(not bool(m.all()) for m in a["masks"].values())  # meSimp did mask units
+    assert all(bool(m.all()) for m in a["masks"].values())
+    assert sum(ckpt["arch"]["hidden_sizes"]) < 64  # meSimp removed units from 32 + 32
+    records = [json.loads(line) for line in out.with_name("m.metrics.jsonl").open()]
+    assert any(rec["event"] == "compact" for rec in records)
 
 
 def test_a_signal_to_one_rank_stops_both_and_the_resume_is_bit_identical(
@@ -177,7 +182,7 @@ def test_two_processes_decide_the_masks_of_one_process_over_the_same_global_batc
     """Per-example top-k: an example's selection depends on its own gradient only, so 2
     ranks x 25 examples count what 1 process x 50 counts (DistributedSampler's shards of
     one permutation make the same global batches)."""
-    kw = dict(selection="topk", msbp=0.0, dropout=0.0, keep_last=False, epochs=2)
+    kw = dict(selection="topk", msbp=0.0, dropout=0.0, keep_last=False, epochs=2, compact=False)
     kw["sparse_update"] = False  # what DDP runs (dense updates) on both sides
     two = tmp_path / "two" / "m.pt"
     run_two(tmp_path, config=_config(tiny_npz, two, **kw).to_dict())

@@ -125,8 +125,9 @@ def test_sigterm_then_crash_then_resume_is_bit_identical(
 
 
 def test_the_reference_runs_did_what_their_names_say(references):
-    """The resume cases exercise what they claim: meSimp masked units, MSBP kept a
-    memory, and the optimizer state is the named optimizer's."""
+    """The resume cases exercise what they claim: meSimp removed units (compacted: the
+    checkpoint's widths are narrower than the configured ones, and no mask is left),
+    MSBP kept a memory, and the optimizer state is the named optimizer's."""
     for name, (family, kw) in CASES.items():
         last = load_checkpoint(resume_path(references[name]))
         assert last["arch"]["model"] == family
@@ -141,9 +142,13 @@ def test_the_reference_runs_did_what_their_names_say(references):
             assert has_memory == ("msbp" in kw), name
         if "simplify" in kw and kw.get("selection") != "random":
             # (random-k counts are uniform: none falls below the keep rule; it still counts)
-            layers = torch.load(references[name], weights_only=True)["meprop"]["layers"]
-            masked = [int((~s["mask"]).sum()) for s in layers.values()]
-            assert any(masked), (name, masked)
+            best = torch.load(references[name], weights_only=True)
+            masked = [int((~s["mask"]).sum()) for s in best["meprop"]["layers"].values()]
+            assert not any(masked), (name, masked)
+            cfg = TrainConfig.from_dict(best["train"]["config"])
+            widths = best["arch"].get("channels") or best["arch"]["hidden"]
+            widths = widths if isinstance(widths, list) else [widths]
+            assert sum(widths) < sum(cfg.hidden_sizes()), (name, widths)
 
 
 # --------------------------------------------------------------------------------------
@@ -226,14 +231,22 @@ def test_tagger_msbp_and_adagrad_train_and_change_the_result(data, tmp_path):
 
 
 def test_tagger_init_fine_tunes_with_its_masks_and_checks_the_vocabulary(data, tmp_path):
-    first = tmp_path / "a.pt"
-    quiet_train(family_config("lstm-tagger", data, first, k=3, simplify=SIMP, epochs=2))
+    first = tmp_path / "a.pt"  # masked (not compacted): --init carries the masks
+    cfg = family_config("lstm-tagger", data, first, k=3, simplify=SIMP, epochs=2, compact=False)
+    quiet_train(cfg)
     masks = {n: s["mask"] for n, s in load_checkpoint(first)["meprop"]["layers"].items()}
     assert any(not bool(m.all()) for m in masks.values())
     tuned = tmp_path / "b.pt"
     quiet_train(family_config("lstm-tagger", data, tuned, k=3, epochs=1, init=str(first)))
     after = load_checkpoint(tuned)["meprop"]["layers"]
     assert all(torch.equal(after[n]["mask"], m) for n, m in masks.items())
+    # compacted: the checkpoint is at the active widths, and --init trains at them
+    small = tmp_path / "small.pt"
+    quiet_train(family_config("lstm-tagger", data, small, k=3, simplify=SIMP, epochs=2))
+    widths = load_checkpoint(small)["arch"]["hidden"]
+    assert sum(widths) < 22  # (equal to the masked run's only in float64)
+    quiet_train(family_config("lstm-tagger", data, tmp_path / "s2.pt", epochs=1, init=str(small)))
+    assert load_checkpoint(tmp_path / "s2.pt")["arch"]["hidden"] == widths
     # another training file makes another vocabulary: its word ids mean other words
     other = tmp_path / "other.conllu"
     other.write_text(data["dev"].read_text() + data["test"].read_text())
@@ -288,10 +301,12 @@ def test_a_users_model_and_task_train_simplify_and_resume_in_the_one_loop(tmp_pa
     net, task = _own()
     r = quiet_train(cfg(ref), task=task, model=net)
     assert r["model"] == "custom" and r["best"]["test_accuracy"] > 0.6
-    masks = {n: s["mask"] for n, s in load_checkpoint(ref)["meprop"]["layers"].items()}
-    assert set(masks) == {"0", "2"}  # the meProp layers (the output layer stays plain)
-    assert not bool(masks["0"].all())  # simplified, and so is the layer a LayerNorm reads:
-    assert not bool(masks["2"].all())  # the norm's statistics run over the active channels
+    best = load_checkpoint(ref)
+    assert set(best["meprop"]["layers"]) == {"0", "2"}  # the output layer stays plain
+    # simplified and compacted, the layer a LayerNorm reads too (the norm is mask-aware)
+    assert best["state_dict"]["0.weight"].shape[0] < 32
+    assert best["state_dict"]["2.weight"].shape[0] == best["state_dict"]["3.weight"].shape[0] < 24
+    assert set(best["arch"]["compacted"]) == {"0", "2"}  # how to compact the model again
     # interrupted and resumed with the same model and task: the same run
     out = tmp_path / "run" / "m.pt"
     net2, task2 = _own()

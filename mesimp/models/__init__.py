@@ -14,6 +14,7 @@ from mesimp.models.mlp import MLP, MLPConfig
 from mesimp.models.parser import Parser, ParserConfig
 from mesimp.models.registry import (
     ModelConfig,
+    arch_at_widths,
     arch_from_dict,
     build_model,
     count_macs,
@@ -37,6 +38,7 @@ __all__ = [
     "RowLSTMClassifier",
     "RowLSTMConfig",
     "TaggerConfig",
+    "arch_at_widths",
     "arch_from_dict",
     "build_model",
     "count_macs",

@@ -102,6 +102,22 @@ def hidden_sizes(model: nn.Module) -> list[int]:
     return [m.out_features for _, m in linear_layers(model)[:-1]]
 
 
+# the arch field that holds a family's hidden widths
+_WIDTHS = {"mlp": "hidden_sizes", "cnn": "channels", "lstm-tagger": "hidden", "lstm-rows": "hidden"}
+
+
+def arch_at_widths(arch: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """``arch`` with the hidden widths ``model`` has now (after a compaction), so that
+    a checkpoint rebuilds the model at those widths."""
+    family = arch.get("model")
+    widths = hidden_sizes(model)
+    if family == "parser":
+        return {**arch, "hidden": widths[0]}
+    if family not in _WIDTHS:
+        return dict(arch)
+    return {**arch, _WIDTHS[family]: widths}
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

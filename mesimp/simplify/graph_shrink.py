@@ -99,7 +99,7 @@ def shrink(
                 apply_keeps(masked, g, round_group(masked, g, round_to))
         sync(masked, groups)
         plain, dg, groups = plain_groups(masked, example_inputs)
-    keeps = _masked_groups(masked, dg, groups)
+    keeps = masked_groups(masked, dg, groups)
     prune_groups(plain, dg, groups, keeps)
     plain.train(model.training)
     if verify:
@@ -107,7 +107,7 @@ def shrink(
     return plain
 
 
-def _masked_groups(masked: nn.Module, dg: Any, groups: list[UnitGroup]) -> dict[str, torch.Tensor]:
+def masked_groups(masked: nn.Module, dg: Any, groups: list[UnitGroup]) -> dict[str, torch.Tensor]:
     """The groups with masked units and their keep masks; refuses what cannot go: a
     group left empty, a group that cannot be removed exactly, a meProp layer whose
     masked rows its group keeps (masked by hand in one writer of several), a masked

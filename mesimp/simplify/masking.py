@@ -105,10 +105,6 @@ def strip(model: nn.Module) -> None:
             if attr in mod._buffers:
                 del mod._buffers[attr]
         mod.__dict__.pop("_mesimp_full", None)
-        # the BatchNorm output hooks of earlier versions
-        old = mod.__dict__.pop("_mesimp_mask_hook", None)
-        if old is not None:
-            mod._forward_hooks.pop(old, None)
 
 
 def _ensure(mod: nn.Module, attr: str, width: int, hook: Any, pre: bool) -> None:

@@ -82,6 +82,7 @@ class Simplifier:
         epochs: int | None = None,
         example_inputs: Any = None,
         layers: Sequence[str] | None = None,
+        compact: bool = False,
     ) -> None:
         if not isinstance(config, SimplifyConfig):
             raise BadInputError(f"config must be a SimplifyConfig, got {type(config).__name__}")
@@ -95,16 +96,19 @@ class Simplifier:
         self.steps_per_epoch = steps_per_epoch
         self.epochs = epochs  # no cycle starts at or after it (the run is over)
         self.schedule = SimplifySchedule(config, steps_per_epoch)
+        if compact and (example_inputs is None or layers is not None):
+            raise BadInputError(
+                "compact=True needs example_inputs (to trace what goes with each unit) "
+                "and no explicit layers"
+            )
+        self.compact = compact
+        self.example_inputs = example_inputs
+        # group name -> its units still in the model, as indices of its original width
+        self.compacted: dict[str, list[int]] = {}
         self.skipped: dict[str, str] = {}  # group name -> why it is not simplified
         self.all_groups: list[UnitGroup] = []  # every group (the masks' AND runs over all)
         self.groups = self._choose_groups(model, example_inputs, layers)
-        # the meProp layers that count for the groups: their counters and masks are the
-        # Simplifier's state
-        self.layers: dict[str, MePropCounters] = {}
-        names = {id(m): n for n, m in model.named_modules()}
-        for g in self.groups:
-            for layer, _ in group_layers(model, g):
-                self.layers.setdefault(names[id(layer)], layer)
+        self.layers = self._counting_layers()
         if not self.groups:
             raise BadInputError(
                 "no meProp layer to simplify: call mesimp.meprop_(model, MePropConfig(k=...)) "
@@ -135,12 +139,24 @@ class Simplifier:
 
     def _graph_groups(self, model: nn.Module, example_inputs: Any) -> list[UnitGroup]:
         """The groups ``mesimp.simplify.coupling`` chooses (checked by a trial shrink),
-        with the mask hooks of every group's readers and norms installed."""
+        with the mask hooks of every group's readers and norms installed (not when
+        compacting: masked units are removed at once, so nothing reads a mask)."""
         c = couple(model, example_inputs)
         self.all_groups, self.skipped = c.groups, c.skipped
-        install(model, c.groups)
-        sync(model, c.groups)
+        if not self.compact:
+            install(model, c.groups)
+            sync(model, c.groups)
         return c.chosen
+
+    def _counting_layers(self) -> dict[str, MePropCounters]:
+        """The meProp layers that count for the groups: their counters and masks are
+        the Simplifier's state."""
+        layers: dict[str, MePropCounters] = {}
+        names = {id(m): n for n, m in self.model.named_modules()}
+        for g in self.groups:
+            for layer, _ in group_layers(self.model, g):
+                layers.setdefault(names[id(layer)], layer)
+        return layers
 
     # -- the loop ----------------------------------------------------------------------
     @property
@@ -163,6 +179,8 @@ class Simplifier:
             events.append(
                 {"event": "simplify", "epoch": epoch, "step": self.steps, "widths": widths}
             )
+            if self.compact and self.compact_now():
+                events.append({"event": "compact", "epoch": epoch, "step": self.steps})
         next_epoch = epoch + 1
         if (
             step_in_epoch == self.steps_per_epoch
@@ -196,6 +214,32 @@ class Simplifier:
             layer.reset_counters()
         return self.widths
 
+    def compact_now(self) -> bool:
+        """Remove the masked units from the model in place (``mesimp.simplify.compact``),
+        the optimizer rebound to the new parameters; the groups are read again at the
+        new widths. False when nothing was masked. A DDP wrapper must be rebuilt by its
+        owner (every rank compacts identically: the masks agree)."""
+        from mesimp.simplify.compact import compact_
+
+        done = compact_(self.model, self.example_inputs, self.optimizer)
+        if done is None:
+            return False
+        for name, kept in done.kept.items():
+            before = self.compacted.get(name)
+            self.compacted[name] = kept if before is None else [before[i] for i in kept]
+        self._regroup(done.groups)
+        return True
+
+    def _regroup(self, groups: list[UnitGroup] | None = None) -> None:
+        """The groups at the model's new widths (the same ones, by name): those the
+        compaction read off its pruned graph, or read again."""
+        if groups is None:
+            groups = couple(self.model, self.example_inputs, trial=False).groups
+        chosen = {g.name for g in self.groups}
+        self.all_groups = groups
+        self.groups = [g for g in groups if g.name in chosen]
+        self.layers = self._counting_layers()
+
     def _sum_counts_across_ranks(self) -> None:
         """Under ``torch.distributed`` every rank counted its own shard: sum the counts
         (``all_reduce``) before the rule runs, so every rank applies the same masks and
@@ -224,13 +268,17 @@ class Simplifier:
             "steps": self.steps,
             "resets": self.resets,
             "layers": {n: layer.meprop_state() for n, layer in self.layers.items()},
+            "compacted": {n: list(k) for n, k in self.compacted.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state_dict()``: the same layers, schedule and progress."""
+        """Continue from ``state_dict()``: the same layers, schedule and progress. A
+        compacting run's state replays its compactions on a model built at full width
+        (then load the model's and the optimizer's state dicts: they fit)."""
         try:
             if state["version"] != STATE_VERSION:
                 raise BadInputError(f"Simplifier state version {state['version']} is unknown")
+            self._replay(state.get("compacted") or {})
             if state["steps_per_epoch"] != self.steps_per_epoch:
                 raise BadInputError(
                     f"the saved run had {state['steps_per_epoch']} steps per epoch, this "
@@ -247,6 +295,21 @@ class Simplifier:
             self.steps, self.resets = int(state["steps"]), int(state["resets"])
         except (KeyError, TypeError, RuntimeError) as e:
             raise BadInputError(f"malformed Simplifier state ({e})") from None
+
+    def _replay(self, compacted: dict[str, list[int]]) -> None:
+        """Compact a model built at full width as the saved run did; a model already at
+        those widths is left as it is."""
+        if not compacted:
+            return
+        if not self.compact:
+            raise BadInputError(
+                "the saved run compacted its model: build the Simplifier with compact=True"
+            )
+        from mesimp.simplify.compact import replay_
+
+        if replay_(self.model, self.example_inputs, compacted, self.optimizer):
+            self._regroup()
+        self.compacted = {n: list(k) for n, k in compacted.items()}
 
 
 def layer_group(name: str, layer: MePropCounters) -> UnitGroup:

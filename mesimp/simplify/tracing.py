@@ -78,9 +78,15 @@ def _first_line(e: BaseException) -> str:
 
 def trace(plain: nn.Module, example_inputs: Any) -> Any:
     """The dependency graph of a model of plain modules (meProp layers swapped back),
-    traced in place in eval mode; the model's mode is restored."""
+    traced in place in eval mode and float32 (Torch-Pruning reads autograd's graph, and
+    a float64 ``nn.LSTM`` runs another kernel whose graph it mis-maps); the model's mode
+    and dtype are restored (``Module.to`` keeps the module objects the graph holds)."""
     torch_pruning = tp()
     training = plain.training
+    dtype = next((p.dtype for p in plain.parameters() if p.is_floating_point()), None)
+    if dtype is not None and dtype != torch.float32:
+        plain.float()
+        example_inputs = _to_float32(example_inputs)
     plain.eval()  # tracing must not move BatchNorm's running statistics
     try:
         try:
@@ -112,6 +118,18 @@ def trace(plain: nn.Module, example_inputs: Any) -> Any:
             ) from None
     finally:
         plain.train(training)
+        if dtype is not None and dtype != torch.float32:
+            plain.to(dtype)
+
+
+def _to_float32(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.float() if x.is_floating_point() else x
+    if isinstance(x, dict):
+        return {k: _to_float32(v) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to_float32(v) for v in x)
+    return x
 
 
 def _forward_fn(example_inputs: Any) -> Any:

@@ -68,6 +68,9 @@ class TrainConfig:
     output: str = "models/mlp.pt"
     init: str | None = None
     simplify: SimplifyConfig | None = None
+    # meSimp: remove masked units from the training model at every simplification point
+    # (mesimp.simplify.compact), so the rest of the run trains at the active widths
+    compact: bool = True
     threads: int | None = None
     device: str = "auto"  # auto (CUDA when available), cpu or cuda
     extra: dict[str, Any] = field(default_factory=dict)
@@ -121,6 +124,7 @@ class TrainConfig:
             raise BadInputError("--simplify needs meProp counts: set --k > 0 (e.g. --k 60)")
         if self.reference:
             self._check_reference()
+            self.compact = False  # the C# meSimp masks (mesimp.simplify.reference_schedule)
 
     def _check_reference(self) -> None:
         """The reference is the C# MNIST MLP trained with its own Adam."""
@@ -171,6 +175,7 @@ class TrainConfig:
         (checkpoints written before a field existed still load)."""
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
+        kw.setdefault("compact", False)  # runs from before compaction go on masked
         simp = kw.get("simplify")
         if isinstance(simp, dict):
             sknown = {f.name for f in fields(SimplifyConfig)}

@@ -51,13 +51,14 @@ from mesimp.files.checkpoint import (
     make_checkpoint,
     save_checkpoint,
 )
-from mesimp.models import count_macs, count_params, hidden_sizes
+from mesimp.models import arch_at_widths, arch_from_dict, count_macs, count_params, hidden_sizes
 from mesimp.nn import kernels
 from mesimp.nn.fused import fused_train_step
 from mesimp.nn.linear import MePropCounters, MePropLinear
 from mesimp.nn.lstm import MePropLSTM, lstm_op_built
 from mesimp.nn.swap import meprop_
 from mesimp.progress import bar as progress_bar
+from mesimp.simplify.compact import replay_
 from mesimp.simplify.reference_schedule import ReferenceSimplifier
 from mesimp.simplify.rule import active_widths
 from mesimp.simplify.simplifier import Simplifier
@@ -282,15 +283,21 @@ class _Run:
                 self.optimizer,
                 steps_per_epoch=spe,
                 epochs=config.epochs,
-                # a CNN's (or any graph's) removable channels and the norms to mask
-                # come from its graph; the MLP and the LSTM stacks need none
-                example_inputs=self.task.x_train[:2]
-                if self.arch.get("model") in ("cnn", CUSTOM)
+                # a CNN's (or any graph's) units come from its graph, and so does what a
+                # compaction removes; a masked MLP or LSTM stack needs none
+                example_inputs=self._example()
+                if config.compact or self.arch.get("model") in ("cnn", CUSTOM)
                 else None,
+                compact=config.compact,
             )
             if config.simplify is not None
             else None
         )
+        # the simplified widths: a point that changes them starts a new best
+        self.widths = self.simplifier.widths if self.simplifier is not None else None
+        if isinstance(self.simplifier, Simplifier) and self.arch.get("compacted"):
+            # a resumed user's model: later compactions compose with the run's earlier ones
+            self.simplifier.compacted = {n: list(k) for n, k in self.arch["compacted"].items()}
         self.order_gen = torch.Generator().manual_seed(config.seed)
         self.records: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
@@ -323,6 +330,11 @@ class _Run:
         # a user's module: trained in place; its checkpoint cannot rebuild it
         arch = {"model": CUSTOM, "class": type(model).__name__}
         if rckpt is not None:
+            compacted = rckpt["arch"].get("compacted")
+            if compacted:  # the run removed units: the same from the model given
+                meprop_(model, config.meprop_config())
+                replay_(model, self._example(), compacted)
+                arch["compacted"] = compacted
             try:
                 model.load_state_dict(rckpt["state_dict"])
             except RuntimeError as e:
@@ -333,6 +345,33 @@ class _Run:
         elif config.k != 0 or config.simplify is not None:
             meprop_(model, config.meprop_config())
         return model, arch
+
+    def _example(self) -> Any:
+        """Two training inputs: what tracing a model's dependency groups runs on."""
+        x, _ = self.task.batch(self.task.x_train[:2], self.task.y_train[:2])
+        return x
+
+    def _compacted(self) -> None:
+        """After the Simplifier removed units: the loop's views of the model follow (its
+        parameters, the checkpoint's arch at the new widths, the DDP wrapper)."""
+        self.named_params = list(self.model.named_parameters())
+        if self.arch["model"] == CUSTOM:
+            self.arch = {**self.arch, "compacted": self.simplifier.compacted}
+        else:
+            self.arch = arch_at_widths(self.arch, self.model)
+            if hasattr(self.model, "config"):  # the built-in model's own record of its sizes
+                self.model.config = arch_from_dict(self.arch)
+        if self.ranks.world > 1:
+            cuda = self.ranks.device.type == "cuda"
+            self.forward = DistributedDataParallel(
+                self.model, device_ids=[self.ranks.device.index] if cuda else None
+            )
+
+    def _cost(self) -> dict[str, int]:
+        """Parameters and MACs per example (per token, per row) of the model now."""
+        if self.arch["model"] == CUSTOM:
+            return {"params": count_params(self.model), "macs": _custom_macs(self)}
+        return {"params": count_params(self.model), "macs": count_macs(self.model)}
 
     def _restore(self, rckpt: dict[str, Any]) -> None:
         r = rckpt["resume"]
@@ -375,7 +414,13 @@ class _Run:
         config = self.config
         if not self.records:  # a fresh run: the widths at step 0, so plots start at full width
             self.records.append(
-                {"event": "start", "epoch": 0, "step": 0, "widths": active_widths(self.model)}
+                {
+                    "event": "start",
+                    "epoch": 0,
+                    "step": 0,
+                    "widths": active_widths(self.model),
+                    **self._cost(),
+                }
             )
         for epoch in range(self.start_epoch, config.epochs):
             self._epoch(epoch)
@@ -405,6 +450,10 @@ class _Run:
             for s in self.bar:
                 step = s + 1
                 self._step(epoch, step)
+                if step == spe:  # before the epoch's last save: a resume sees the record
+                    self.train_time += time.perf_counter() - t_epoch
+                    t_epoch = time.perf_counter()
+                    self._epoch_record(epoch)
                 final = epoch == config.epochs - 1 and step == spe
                 is_eval = step in self.evals
                 save = is_eval or self.stopping
@@ -424,6 +473,13 @@ class _Run:
             f"epoch {epoch + 1}/{config.epochs}: loss {e['train_loss']:.4f} "
             f"dev {e['dev_accuracy']:.4f} test {e['test_accuracy']:.4f} "
             f"widths {e['widths']} ({self.train_time:.1f}s)"
+        )
+
+    def _epoch_record(self, epoch: int) -> None:
+        """The end of an epoch: the training time so far and the cost the model has
+        now (a compaction cuts both); an epoch's time is the difference of two."""
+        self.records.append(
+            {"event": "epoch", "epoch": epoch + 1, "elapsed_s": self.train_time, **self._cost()}
         )
 
     def _step(self, epoch: int, step: int) -> None:
@@ -485,10 +541,20 @@ class _Run:
         self.global_step += 1
         self.loss_sum += loss_value
         if self.simplifier is not None:
-            before = self.simplifier.widths
-            self.records.extend(self.simplifier.step())
-            if self.simplifier.widths != before:
+            self._simplifier_events(self.simplifier.step())
+
+    def _simplifier_events(self, events: list[dict[str, Any]]) -> None:
+        """What the Simplifier did: its records (with the cost from here on), a new best
+        when the widths changed, and the loop's views of a compacted model."""
+        for e in events:
+            if e["event"] == "compact":
+                self._compacted()
+            if e["event"] in ("simplify", "compact"):
+                e.update(self._cost())
+            if e["event"] == "simplify" and e["widths"] != self.widths:
+                self.widths = e["widths"]
                 self.best = None  # a new architecture: its best starts fresh
+        self.records.extend(events)
 
     def _checkpoint(self, epoch: int, step: int, is_eval: bool, final: bool) -> None:
         """At an evaluation: evaluate, keep the best, rewrite the log; then RUN.last.pt."""
@@ -502,7 +568,7 @@ class _Run:
                 self._evaluate(epoch, step)
                 if isinstance(self.simplifier, ReferenceSimplifier):
                     # the C# order: the chunk's dev check, then its Adam reset and prune
-                    self.records.extend(self.simplifier.after_check(epoch))
+                    self._simplifier_events(self.simplifier.after_check(epoch))
                     self._write_log()
             if not final or self.config.keep_last:
                 # the end of a run needs no resume state: the file is removed after it
@@ -657,6 +723,7 @@ class _Run:
                 if k in self.last_eval
             },
             "train_time_s": self.train_time,
+            "epoch_times_s": _epoch_times(self.records),
             "wall_time_s": time.perf_counter() - self.t0,
             "optimizer_resets": self._resets(),
             # the meProp kernels: "cpp" (compiled, mesimp.nn.kernels) or "python"; the
@@ -667,6 +734,19 @@ class _Run:
             "config": self.config.to_dict(),
             "data": self.task.summary,
         }
+
+
+def _epoch_times(records: list[dict[str, Any]]) -> list[float]:
+    """Seconds of training per epoch, from the epoch records' running totals."""
+    ends = [r["elapsed_s"] for r in records if r["event"] == "epoch"]
+    return [b - a for a, b in zip([0.0, *ends], ends, strict=False)]
+
+
+def _custom_macs(run: _Run) -> int:
+    """MACs of one example of a user's model (measured on two, halved)."""
+    from mesimp.models.macs import layer_macs
+
+    return sum(layer_macs(run.model, run._example()).values()) // 2
 
 
 def _where(epoch: int, step: int) -> str:

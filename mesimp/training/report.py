@@ -1,4 +1,5 @@
-"""A picture of a run: active width per hidden layer over training, with accuracy.
+"""A picture of a run: active width per hidden layer over training, with accuracy, and
+the training cost (MACs per example) falling with the widths when meSimp compacts.
 
 Drawn from the JSONL metrics log that ``train`` writes next to the checkpoint, so
 it works for any finished or interrupted run. matplotlib is an optional extra
@@ -45,6 +46,17 @@ def width_history(records: list[dict[str, Any]]) -> dict[str, list]:
     return {"step": [r["step"] for r in pts], "widths": [r["widths"] for r in pts]}
 
 
+def cost_history(records: list[dict[str, Any]]) -> dict[str, list]:
+    """Steps and MACs per example of the training model, from the records that carry
+    them (the start, simplification points, compactions)."""
+    pts = [r for r in records if r["event"] in ("start", "simplify", "compact") and "macs" in r]
+    steps, macs = [], []
+    for r in pts:
+        steps.append(r["step"])
+        macs.append(r["macs"])
+    return {"step": steps, "macs": macs}
+
+
 def plot_run(metrics: str | os.PathLike, output: str | os.PathLike | None = None) -> dict:
     """Write a PNG of widths (and dev accuracy) over steps; returns a summary."""
     try:
@@ -60,7 +72,10 @@ def plot_run(metrics: str | os.PathLike, output: str | os.PathLike | None = None
     src = Path(metrics)
     base = src.name.removesuffix(".metrics.jsonl").removesuffix(".pt")
     out = Path(output) if output else src.with_name(base + ".widths.png")
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    cost = cost_history(records)
+    rows = 2 if cost["step"] else 1
+    fig, axes = plt.subplots(rows, 1, figsize=(7, 4 + 2.2 * (rows - 1)), dpi=120, squeeze=False)
+    ax = axes[0][0]
     n_layers = len(hist["widths"][0]) if hist["widths"] else 0
     for j in range(n_layers):
         ax.step(
@@ -88,6 +103,13 @@ def plot_run(metrics: str | os.PathLike, output: str | os.PathLike | None = None
     ax.legend(lines, [ln.get_label() for ln in lines], loc="center right", fontsize=8)
     final = hist["widths"][-1] if hist["widths"] else []
     ax.set_title(f"meSimp: active width per layer (final {final})")
+    if cost["step"]:
+        cx = axes[1][0]
+        cx.step(cost["step"], cost["macs"], where="post", color="C3")
+        cx.set_xlabel("training step")
+        cx.set_ylabel("MACs per example")
+        cx.set_ylim(bottom=0)
+        cx.set_title("training cost of the model at each step")
     fig.tight_layout()
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png")
@@ -96,5 +118,6 @@ def plot_run(metrics: str | os.PathLike, output: str | os.PathLike | None = None
         "path": str(out),
         "final_widths": final,
         "points": len(hist["step"]),
+        "final_macs": cost["macs"][-1] if cost["macs"] else None,
         "best_dev_accuracy": max(r["dev_accuracy"] for r in evals),
     }
