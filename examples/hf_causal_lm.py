@@ -38,6 +38,7 @@ from mesimp.integrations.hf_ewt import (
     QUICK,
     BestOnDev,
     evaluate,
+    fit,
     load_task,
     training_args,
 )
@@ -90,15 +91,8 @@ def main() -> None:
         f"params {params[0]:,} -> {params[1]:,}, MACs/token {macs:,}"
     )
 
-    tune = Trainer(  # a plain fine-tune of the smaller model; dev picks the epoch
-        model=small,
-        args=training_args(tmp, 1, seed=0, lr=3e-4, logging_steps=10 if a.quick else 100),
-        train_dataset=task.train,
-        eval_dataset=task.dev,
-        data_collator=PadCollator(),
-        callbacks=[BestOnDev()],
-    )
-    tune.train()
+    # a plain fine-tune of the smaller model (a Trainer like the one above); dev picks the epoch
+    fit(task, small, 1, seed=0, callbacks=[BestOnDev()], lr=3e-4, out_dir=tmp)
     tuned = evaluate(small, task.test, causal=True)["perplexity"]
     print(f"fine-tuned: test perplexity {tuned:.2f}")
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -48,6 +49,7 @@ __all__ = [
     "EwtTask",
     "TaskSize",
     "evaluate",
+    "fit",
     "load_task",
     "training_args",
 ]
@@ -253,3 +255,29 @@ def training_args(
         data_seed=seed,
         dataloader_num_workers=0,
     )
+
+
+def fit(
+    task: EwtTask,
+    model: nn.Module,
+    epochs: float,
+    seed: int,
+    callbacks: list[Any] | tuple[Any, ...] = (),
+    *,
+    lr: float = 1e-3,
+    logging_steps: int = 100,
+    out_dir: str | os.PathLike | None = None,
+) -> Any:
+    """Train ``model`` on the task with a Hugging Face ``Trainer`` (``training_args``;
+    dev loss every epoch) and return the Trainer after ``train()``."""
+    with tempfile.TemporaryDirectory(prefix="hf-ewt-") as tmp:
+        trainer = _hf.Trainer(
+            model=model,
+            args=training_args(out_dir or tmp, epochs, seed, lr=lr, logging_steps=logging_steps),
+            train_dataset=task.train,
+            eval_dataset=task.dev,
+            data_collator=PadCollator(),
+            callbacks=list(callbacks),
+        )
+        trainer.train()
+    return trainer
