@@ -39,7 +39,7 @@ def test_lm_vocab_reserves_sentence_boundaries_and_round_trips():
     assert v.bos_index == 4 and v.eos_index == 5
     assert v.lookup(BOS) == 1  # a word that reads "<s>" is no sentence boundary
     with pytest.raises(BadInputError, match="no <s>"):
-        Vocab.build([["a"]], 1, "word").bos_index
+        _ = Vocab.build([["a"]], 1, "word").bos_index
     assert v.lookup("dog") == 6  # the most frequent word follows the reserved symbols
     assert v.lookup("the") == 1 and v.lookup("DOG") == v.lookup("dog")  # lowercase fallback
     assert v.lookup("42") == 2 and v.lookup("zebra") == 1
