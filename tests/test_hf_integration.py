@@ -190,6 +190,33 @@ def test_widths_are_logged_at_every_point_and_the_model_shrinks(tmp_path):
     assert max_output_diff(model, small, inputs) < 1e-9
 
 
+def test_a_layer_rebuilt_during_training_is_trained_by_the_trainers_optimizer(tmp_path):
+    """What a Simplifier that compacts the model does: new parameter objects in place of
+    the old. The callback points the Trainer's optimizer at them (and clears its state)."""
+    name = "bert.encoder.layer.0.output.dense"
+    new = {}
+
+    class Rebuild(hf.TrainerCallback):  # runs before MesimpCallback in the list
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if state.global_step == 2:
+                old = model.get_submodule(name)
+                layer = torch.nn.Linear(old.in_features, old.out_features)
+                layer.load_state_dict(old.state_dict())
+                model.bert.encoder.layer[0].output.dense = layer
+                new["weight"], new["start"] = layer.weight, layer.weight.detach().clone()
+            return control
+
+    cb = hfi.MesimpCallback(MEPROP, simplify_config())
+    tr = trainer(tiny_bert(), tagging_data(64), [Rebuild(), cb], tmp_path, epochs=1)
+    tr.train()
+    assert [e["global_step"] for e in cb.events if e["event"] == "optimizer_rebound"] == [2]
+    params = [p for g in tr.optimizer.param_groups for p in g["params"]]
+    assert any(p is new["weight"] for p in params)
+    assert len(params) == len(list(tr.model.parameters()))
+    assert not torch.equal(new["weight"].detach(), new["start"])  # steps 3-4 trained it
+    assert int(tr.optimizer.state[new["weight"]]["step"]) == 2  # fresh state since the swap
+
+
 def test_attach_puts_the_callback_first_so_reporters_see_the_widths(tmp_path):
     seen = []
 

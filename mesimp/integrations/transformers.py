@@ -20,7 +20,9 @@ What the callback does, on the Trainer's own events:
 * ``on_step_end`` (after every optimizer step, gradient accumulation included):
   ``Simplifier.step()``: simplification points mask units; at a cycle start it clears
   the state of the Trainer's optimizer (Adam's moments restart from zero) and the
-  counters.
+  counters. Should layers be rebuilt with new parameters during training (a Simplifier
+  that compacts the model), the Trainer's optimizer is pointed at them by name
+  (``follow_parameters``), so the Trainer needs no new optimizer.
 * ``on_log``: the active widths per kind of unit (``mesimp/ffn``, ``mesimp/heads``,
   ``mesimp/hidden``) are added to every log record made during training, so they land in
   ``trainer.state.log_history`` and reach every callback after this one (the progress
@@ -71,6 +73,7 @@ __all__ = [
     "LogitsOnly",
     "MesimpCallback",
     "export_hf_onnx",
+    "follow_parameters",
     "hf_widths",
     "import_transformers",
     "model_from_config",
@@ -226,6 +229,8 @@ class MesimpCallback(_hf.TrainerCallback):
         self.events: list[dict[str, Any]] = []  # the Simplifier's events, in order
         self._started = False
         self._training = False
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._names: list[list[str | None]] = []  # the optimizer's parameters, by name
 
     def attach(self, trainer: Any) -> MesimpCallback:
         """Put this callback first in ``trainer``'s list, so that the reporters of
@@ -257,13 +262,15 @@ class MesimpCallback(_hf.TrainerCallback):
         self.example_inputs = {k: v.to(device) for k, v in inputs.items()}
         self.base_config = model.config.to_dict() if hasattr(model, "config") else None
         meprop_(model, self.meprop, filter_fn=meprop_filter(self.units))
+        self._optimizer = _torch_optimizer(optimizer)
+        self._names = optimizer_names(model, self._optimizer)
         self._started = True
         if self.simplify is None:
             return control
         self.simplifier = Simplifier(
             model,
             self.simplify,
-            _torch_optimizer(optimizer),
+            self._optimizer,
             steps_per_epoch=steps,
             epochs=math.ceil(state.num_train_epochs) if state.num_train_epochs else None,
             example_inputs=self.example_inputs,
@@ -271,13 +278,15 @@ class MesimpCallback(_hf.TrainerCallback):
         self._training = True
         return control
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.simplifier is None:
             return control
         for event in self.simplifier.step():
             self.events.append({**event, "global_step": state.global_step})
             if event["event"] == "simplify":
                 control.should_log = True  # a record at every point, with its widths
+        if model is not None and follow_parameters(model, self._optimizer, self._names):
+            self.events.append({"event": "optimizer_rebound", "global_step": state.global_step})
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -303,6 +312,38 @@ class MesimpCallback(_hf.TrainerCallback):
         small = shrink(model, self.example_inputs)
         small.mesimp_base_config = self.base_config
         return small
+
+
+def optimizer_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str | None]]:
+    """Per parameter group, the model's name of each parameter (None: not the model's)."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    return [[name_of.get(id(p)) for p in g["params"]] for g in optimizer.param_groups]
+
+
+def follow_parameters(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, names: list[list[str | None]]
+) -> bool:
+    """When layers of ``model`` were rebuilt with new parameters (a Simplifier that
+    compacts the model during training), point the Trainer's optimizer at them by name
+    and clear its state (the old moments have the old shapes); True if it did. The
+    optimizer object stays the same, so the Trainer and its LR scheduler keep working."""
+    if optimizer is None:
+        return False
+    current = dict(model.named_parameters())
+    stale = any(
+        n is not None and current.get(n) is not p
+        for g, group_names in zip(optimizer.param_groups, names, strict=True)
+        for p, n in zip(g["params"], group_names, strict=True)
+    )
+    if not stale:
+        return False
+    for g, group_names in zip(optimizer.param_groups, names, strict=True):
+        g["params"] = [
+            current.get(n, p) if n is not None else p
+            for p, n in zip(g["params"], group_names, strict=True)
+        ]
+    optimizer.state.clear()
+    return True
 
 
 def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
