@@ -241,6 +241,17 @@ def test_meprop_only_trains_without_masks(tmp_path):
     assert cb.simplifier is None and cb.shrunk is None
 
 
+def test_a_model_with_nothing_to_simplify_is_one_line(tmp_path):
+    """A Llama's FFN units are gated (gate, up, down together): not units of today's
+    Simplifier, so units="ffn" finds nothing to simplify and says so before training.
+    (When gated-MLP units land, this fails on purpose: then assert the gated units go.)"""
+    cb = hfi.MesimpCallback(MEPROP, simplify_config(), units="ffn")
+    data = [{"input_ids": e["input_ids"], "labels": e["input_ids"]} for e in tagging_data(16)]
+    tr = trainer(tiny_llama(), data, [cb], tmp_path, epochs=1)
+    with pytest.raises(BadInputError, match="MesimpCallback on LlamaForCausalLM: no meProp"):
+        tr.train()
+
+
 def test_units_ffn_swaps_only_the_feed_forward_writers(tmp_path):
     cb = hfi.MesimpCallback(MEPROP, simplify_config(), units="ffn")
     model = tiny_bert()

@@ -267,14 +267,18 @@ class MesimpCallback(_hf.TrainerCallback):
         self._started = True
         if self.simplify is None:
             return control
-        self.simplifier = Simplifier(
-            model,
-            self.simplify,
-            self._optimizer,
-            steps_per_epoch=steps,
-            epochs=math.ceil(state.num_train_epochs) if state.num_train_epochs else None,
-            example_inputs=self.example_inputs,
-        )
+        try:
+            self.simplifier = Simplifier(
+                model,
+                self.simplify,
+                self._optimizer,
+                steps_per_epoch=steps,
+                epochs=math.ceil(state.num_train_epochs) if state.num_train_epochs else None,
+                example_inputs=self.example_inputs,
+            )
+        except BadInputError as e:  # the same error, saying where it came from
+            hint = "; simplify=None trains with meProp only" if "no meProp layer" in str(e) else ""
+            raise type(e)(f"MesimpCallback on {type(model).__name__}: {e}{hint}") from None
         self._training = True
         return control
 
