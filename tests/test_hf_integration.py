@@ -284,6 +284,11 @@ def test_bad_use_is_one_line(tmp_path):
     tr.train()
     with pytest.raises(BadInputError, match="already ran"):
         tr.train()
+    best = types.SimpleNamespace(load_best_model_at_end=True, gradient_accumulation_steps=1)
+    with pytest.raises(BadInputError, match="load_best_model_at_end"):
+        hfi.MesimpCallback(MEPROP, simplify_config()).on_train_begin(
+            best, types.SimpleNamespace(global_step=0), None, model=tiny_bert(), optimizer=1
+        )
     state = types.SimpleNamespace(global_step=5, num_train_epochs=1)
     with pytest.raises(BadInputError, match="resuming"):
         hfi.MesimpCallback(MEPROP, simplify_config()).on_train_begin(

@@ -255,6 +255,11 @@ class MesimpCallback(_hf.TrainerCallback):
             )
         if not isinstance(model, nn.Module) or optimizer is None:
             raise BadInputError("MesimpCallback needs the Trainer's model and optimizer")
+        if self.simplify is not None and getattr(args, "load_best_model_at_end", False):
+            raise BadInputError(
+                "load_best_model_at_end would put weights from before the last masks under "
+                "them: pick on dev after the shrink (e.g. while fine-tuning cb.shrunk)"
+            )
         loader = kwargs.get("train_dataloader")
         steps = _steps_per_epoch(args, loader)
         inputs = self.example_inputs or _example_inputs(loader)
