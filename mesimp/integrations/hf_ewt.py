@@ -208,14 +208,24 @@ class BestOnDev(_hf.TrainerCallback):
         self.best_epoch: float | None = None
         self._state: dict[str, torch.Tensor] | None = None
 
-    def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
+    def on_evaluate(
+        self,
+        args: Any,
+        state: Any,
+        control: Any,
+        model: nn.Module | None = None,
+        metrics: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> Any:
         loss = (metrics or {}).get("eval_loss")
         if model is not None and loss is not None and loss < self.best_loss:
             self.best_loss, self.best_epoch = float(loss), state.epoch
             self._state = copy.deepcopy(model.state_dict())
         return control
 
-    def on_train_end(self, args, state, control, model=None, **kwargs):
+    def on_train_end(
+        self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any
+    ) -> Any:
         if model is not None and self._state is not None:
             model.load_state_dict(self._state)
         return control

@@ -243,7 +243,15 @@ class MesimpCallback(_hf.TrainerCallback):
         return self
 
     # -- events ------------------------------------------------------------------------
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+    def on_train_begin(
+        self,
+        args: Any,
+        state: Any,
+        control: Any,
+        model: nn.Module | None = None,
+        optimizer: Any = None,
+        **kwargs: Any,
+    ) -> Any:
         if self._started:
             raise BadInputError(
                 "this MesimpCallback already ran a training: make a new one for another run"
@@ -287,7 +295,9 @@ class MesimpCallback(_hf.TrainerCallback):
         self._training = True
         return control
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
+    def on_step_end(
+        self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any
+    ) -> Any:
         if self.simplifier is None:
             return control
         for event in self.simplifier.step():
@@ -298,7 +308,9 @@ class MesimpCallback(_hf.TrainerCallback):
             self.events.append({"event": "optimizer_rebound", "global_step": state.global_step})
         return control
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> Any:
         if not self._training or self.simplifier is None or logs is None:
             return control
         widths = {f"mesimp/{k}": v for k, v in widths_by_kind(self.simplifier).items()}
@@ -308,7 +320,9 @@ class MesimpCallback(_hf.TrainerCallback):
             last.update(widths)  # the Trainer appended a copy of logs before on_log
         return control
 
-    def on_train_end(self, args, state, control, model=None, **kwargs):
+    def on_train_end(
+        self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any
+    ) -> Any:
         self._training = False
         if self.simplifier is None or not self.shrink_at_end or model is None:
             return control
