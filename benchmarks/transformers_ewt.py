@@ -54,14 +54,6 @@ import torch
 from torch import nn
 
 import mesimp
-from mesimp.integrations.transformers import (
-    MesimpCallback,
-    _hf,
-    export_hf_onnx,
-    hf_widths,
-)
-
-# isort: split
 from mesimp.data.token_examples import PadCollator
 from mesimp.deploy.bench_tokens import bench_token_models
 from mesimp.deploy.timing import machine_info
@@ -75,9 +67,16 @@ from mesimp.integrations.hf_ewt import (
     fit,
     load_task,
 )
+from mesimp.integrations.transformers import (
+    MesimpCallback,
+    export_hf_onnx,
+    hf_widths,
+    import_transformers,
+)
 from mesimp.models import count_macs, count_params
 from mesimp.simplify.coupling import build_graph
 
+_hf = import_transformers()
 ROWS = ("dense", "mesimp", "mesimp-ffn", "tp", "scratch")
 TIMED = ("mesimp", "mesimp-ffn")  # beside dense; tp and scratch have mesimp's graph
 TIMING_SENTENCES = 200

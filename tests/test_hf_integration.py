@@ -30,7 +30,7 @@ from mesimp.deploy.bench_tokens import bench_token_models, token_feeds  # noqa: 
 from mesimp.integrations.hf_ewt import evaluate  # noqa: E402
 from mesimp.simplify.graph_shrink import max_output_diff  # noqa: E402
 
-hf = hfi._hf
+hf = hfi.import_transformers()
 VOCAB, TAGS = 60, 5
 
 

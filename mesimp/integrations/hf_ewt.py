@@ -39,7 +39,7 @@ from mesimp.data.token_examples import (
     tagging_examples,
 )
 from mesimp.errors import BadInputError
-from mesimp.integrations.transformers import _hf
+from mesimp.integrations.transformers import import_transformers
 
 __all__ = [
     "DEFAULT_EWT",
@@ -54,8 +54,10 @@ __all__ = [
     "training_args",
 ]
 
+# ../shared/data/ud-english-ewt beside the repository checkout, as the Makefile expects
 DEFAULT_EWT = Path(__file__).resolve().parents[3] / "shared" / "data" / "ud-english-ewt"
 TaskName = Literal["upos", "lm"]
+_hf = import_transformers()
 
 
 @dataclass(frozen=True)
