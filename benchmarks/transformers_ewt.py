@@ -430,7 +430,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"{size['heads']} heads, FFN {size['ffn']}), {t['train_sentences']:,} training "
             f"sentences, vocabulary {t['vocab']:,}",
             "",
-            f"| row | test {m} | params | MACs/token | MAC ratio | ORT b=1 / b=32 | widths |",
+            f"| row | test {m} | params | MACs/token | MAC ratio | ORT b=1 / b=32 "
+            "| widths (first seed) |",
             "|---|---:|---:|---:|---:|---:|---|",
         ]
         s = t["summary"]
