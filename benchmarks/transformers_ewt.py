@@ -424,10 +424,11 @@ def markdown(results: dict[str, Any]) -> str:
     for name, t in results["tasks"].items():
         m = "accuracy %" if name == "upos" else "perplexity"
         size = t["size"]
+        kv = f" ({size['kv_heads']} key/value)" if name == "lm" else ""
         lines += [
             "",
             f"### {name}: {t['model']} (hidden {size['hidden']}, {size['layers']} layers, "
-            f"{size['heads']} heads, FFN {size['ffn']}), {t['train_sentences']:,} training "
+            f"{size['heads']} heads{kv}, FFN {size['ffn']}), {t['train_sentences']:,} training "
             f"sentences, vocabulary {t['vocab']:,}",
             "",
             f"| row | test {m} | params | MACs/token | MAC ratio | ORT b=1 / b=32 "
