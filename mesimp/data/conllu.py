@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "BOS",
+    "EOS",
     "NUM",
     "PAD",
     "PUNCT",
@@ -48,9 +50,17 @@ __all__ = [
 ]
 
 PAD, UNK, NUM, PUNCT, UNK_TAG = "<pad>", "<unk>", "<num>", "<punct>", "<unk-tag>"
+BOS, EOS = "<s>", "</s>"
 # Reserved symbols at the start of each kind of vocabulary: index 0 pads, index 1 is the
-# unknown symbol; word vocabularies add the two shape classes of unknown words.
-SPECIALS: dict[str, tuple[str, ...]] = {"word": (PAD, UNK, NUM, PUNCT), "tag": (PAD, UNK_TAG)}
+# unknown symbol; word vocabularies add the two shape classes of unknown words, and
+# language-model vocabularies ("lm": words that a model also predicts) add the sentence
+# boundaries BOS and EOS after those.
+SPECIALS: dict[str, tuple[str, ...]] = {
+    "word": (PAD, UNK, NUM, PUNCT),
+    "tag": (PAD, UNK_TAG),
+    "lm": (PAD, UNK, NUM, PUNCT, BOS, EOS),
+}
+VocabKind = Literal["word", "tag", "lm"]
 PAD_INDEX, UNK_INDEX = 0, 1
 VOCAB_FORMAT = 1
 
@@ -319,18 +329,20 @@ class Vocab:
     that happens to read ``<pad>`` or ``<unk>`` is an ordinary token, never mistaken for
     the reserved index.
 
-    Unknown words (``kind="word"``), in order: the exact form; its lowercase form (so
+    Unknown words (``kind="word"`` or ``"lm"``), in order: the exact form; its lowercase form (so
     ``The`` at the start of a sentence finds ``the``); else its shape class,
     :func:`shape_class`: ``<num>`` for numbers, ``<punct>`` for all-punctuation/symbol
     tokens, ``<unk>`` otherwise. Training words below ``min_count`` are left out of the
     vocabulary and go through the same path, so the model learns embeddings for the
     three unknown classes from rare training words. Unknown tags (``kind="tag"``) map to
-    ``<unk-tag>``; see :func:`encode_tags` to count or reject them.
+    ``<unk-tag>``; see :func:`encode_tags` to count or reject them. A language-model
+    vocabulary (``kind="lm"``) is a word vocabulary with ``4 = <s>`` and ``5 = </s>``
+    (sentence start and end) reserved as well.
     """
 
-    def __init__(self, tokens: Iterable[str] = (), kind: Literal["word", "tag"] = "word") -> None:
+    def __init__(self, tokens: Iterable[str] = (), kind: VocabKind = "word") -> None:
         if kind not in SPECIALS:
-            raise BadInputError(f"vocabulary kind must be 'word' or 'tag', not {kind!r}")
+            raise BadInputError(f"vocabulary kind must be 'word', 'tag' or 'lm', not {kind!r}")
         self.kind: str = kind
         self.specials: tuple[str, ...] = SPECIALS[kind]
         self._tokens: list[str] = list(tokens)
@@ -347,7 +359,7 @@ class Vocab:
         cls,
         sequences: Iterable[Sequence[str]],
         min_count: int = 1,
-        kind: Literal["word", "tag"] = "word",
+        kind: VocabKind = "word",
     ) -> Vocab:
         """Vocabulary of every token occurring at least ``min_count`` times in ``sequences``."""
         if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 1:
@@ -373,6 +385,21 @@ class Vocab:
     @property
     def pad_index(self) -> int:
         return PAD_INDEX
+
+    @property
+    def bos_index(self) -> int:
+        """Index of ``<s>`` (sentence start) in a language-model vocabulary."""
+        return self._reserved(BOS)
+
+    @property
+    def eos_index(self) -> int:
+        """Index of ``</s>`` (sentence end) in a language-model vocabulary."""
+        return self._reserved(EOS)
+
+    def _reserved(self, symbol: str) -> int:
+        if symbol not in self.specials:
+            raise BadInputError(f"a {self.kind} vocabulary has no {symbol} (use kind 'lm')")
+        return self.specials.index(symbol)
 
     @property
     def unk_index(self) -> int:
@@ -438,7 +465,7 @@ class Vocab:
             )
         kind = d.get("kind")
         if kind not in SPECIALS:
-            raise DataError(f"vocabulary kind must be 'word' or 'tag', not {kind!r}")
+            raise DataError(f"vocabulary kind must be 'word', 'tag' or 'lm', not {kind!r}")
         if d.get("specials") != list(SPECIALS[kind]):
             raise DataError(
                 f"{kind} vocabulary has reserved symbols {d.get('specials')!r}, "

@@ -2,10 +2,12 @@
 
 ``mesimp.export_onnx(model, example_inputs, path)`` lands here (a checkpoint path goes
 to ``mesimp.export``'s built-in families). One self-contained file through the
-``torch.export``-based exporter, axis 0 of every input symbolic (``batch``), inputs
-named ``input`` (``input_0, input_1, ...`` for several), outputs ``output`` likewise.
-Before anything is written the graph must pass ``onnx.checker`` and onnxruntime must
-match PyTorch on the example inputs and on a second batch size (``PARITY_TOL``).
+``torch.export``-based exporter, axis 0 of every input symbolic (``batch``; more axes
+with ``dynamic_axes``, e.g. a sequence axis for token models), inputs named ``input``
+(``input_0, input_1, ...`` for several), outputs ``output`` likewise. Before anything
+is written the graph must pass ``onnx.checker`` and onnxruntime must match PyTorch on
+the example inputs, on a second batch size and, for every other dynamic axis, on a
+second size of it (``PARITY_TOL``).
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ def export_module(
     path: str | os.PathLike,
     opset: int = 18,
     metadata: dict[str, str] | None = None,
+    dynamic_axes: dict[int, str] | None = None,
 ) -> dict[str, Any]:
     """Export ``model`` (in eval mode, on CPU) to ``path``; returns ``{path, opset,
     max_abs_diff, n_check, inputs, outputs, size_bytes}``.
@@ -93,7 +96,10 @@ def export_module(
     A model with masked meProp units is refused: masks are training-time state, so
     ``mesimp.shrink`` it first. meProp layers without masks export as plain layers.
     ``metadata`` goes into ``metadata_props`` next to ``mesimp_version``.
+    ``dynamic_axes``: ``{axis: name}`` symbolic in every input and output (default
+    ``{0: "batch"}``; a token model takes ``{0: "batch", 1: "sequence"}``).
     """
+    axes_of = _dynamic_axes(dynamic_axes)
     out = Path(path)
     if out.suffix != ".onnx":
         raise BadInputError(f"output {out} must end in .onnx")
@@ -112,7 +118,7 @@ def export_module(
     with torch.no_grad():
         ref = _outputs(plain(*inputs))
     out_names = _names("output", len(ref))
-    axes = {n: {0: "batch"} for n in in_names + out_names}
+    axes = {n: dict(axes_of) for n in in_names + out_names}
     meta = {"mesimp_version": __version__, **(metadata or {})}
     with tempfile.TemporaryDirectory(prefix="mesimp-export-") as tmp:
         raw = Path(tmp) / "model.onnx"
@@ -124,8 +130,12 @@ def export_module(
         check_model(proto, "exported model")
         payload = proto.SerializeToString()
         sess = ort_session(payload)
-        # parity at the example's batch size and at another one (the axis is dynamic)
+        # parity at the example's batch size and at another one (the axis is dynamic),
+        # and at a shorter size of every other dynamic axis
         checks = [inputs, tuple(torch.cat([t, t[:1]]) for t in inputs)]
+        for axis in sorted(a for a in axes_of if a != 0):
+            if all(t.dim() > axis and t.shape[axis] > 1 for t in inputs):
+                checks.append(tuple(t.narrow(axis, 0, t.shape[axis] - 1) for t in inputs))
         got, want = [], []
         for feed in checks:
             with torch.no_grad():
@@ -140,13 +150,27 @@ def export_module(
         "max_abs_diff": diff,
         "n_check": sum(len(c[0]) for c in checks),
         "inputs": [
-            {"name": n, "shape": ["batch", *t.shape[1:]]}
+            {"name": n, "shape": [axes_of.get(i, d) for i, d in enumerate(t.shape)]}
             for n, t in zip(in_names, inputs, strict=True)
         ],
         "outputs": out_names,
         "metadata": meta,
         "size_bytes": out.stat().st_size,
     }
+
+
+def _dynamic_axes(axes: dict[int, str] | None) -> dict[int, str]:
+    if axes is None:
+        return {0: "batch"}
+    if (
+        not isinstance(axes, dict)
+        or not all(isinstance(a, int) and a >= 0 and isinstance(n, str) for a, n in axes.items())
+        or axes.get(0) is None
+    ):
+        raise BadInputError(
+            f"dynamic_axes must map axis numbers to names, axis 0 included, got {axes!r}"
+        )
+    return dict(axes)
 
 
 def export_onnx(source: str | os.PathLike | nn.Module, *args: Any, **kwargs: Any) -> dict[str, Any]:
