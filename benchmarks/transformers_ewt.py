@@ -74,7 +74,6 @@ from mesimp.integrations.transformers import (
     import_transformers,
 )
 from mesimp.models import count_macs, count_params
-from mesimp.simplify.coupling import build_graph
 
 _hf = import_transformers()
 ROWS = ("dense", "mesimp", "mesimp-ffn", "tp", "scratch")
@@ -174,6 +173,23 @@ def taylor_grads(task: EwtTask, model: nn.Module, batches: int = 8) -> None:
         model(**batch).loss.backward()
 
 
+def tp_graph(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
+    """Torch-Pruning's own dependency graph of ``model`` (no mesimp leaves: the peer as
+    it comes), traced in eval mode on keyword inputs; the model's mode is restored."""
+    import torch_pruning as tp
+
+    training = model.training
+    try:
+        return tp.DependencyGraph().build_dependency(
+            model.eval(),
+            example_inputs=inputs,
+            forward_fn=lambda m, x: m(**x).logits,
+            verbose=False,
+        )
+    finally:
+        model.train(training)
+
+
 def tp_prune(task: EwtTask, dense: nn.Module, widths: dict[str, Any], importance: Any) -> nn.Module:
     """A copy of ``dense`` pruned to ``widths`` (``hf_widths``' form) group by group:
     FFN units and whole heads per block, then the hidden size, each keeping the
@@ -183,7 +199,7 @@ def tp_prune(task: EwtTask, dense: nn.Module, widths: dict[str, Any], importance
     model = copy.deepcopy(dense)
     if isinstance(importance, tp.importance.GroupTaylorImportance):
         taylor_grads(task, model)
-    dg = build_graph(model, task.example_inputs())
+    dg = tp_graph(model, task.example_inputs())
     modules = dict(model.named_modules())
     now = hf_widths(model)
     plan: list[tuple[nn.Module, Any, list[int]]] = []

@@ -36,11 +36,11 @@ from typing import Any
 import torch
 from torch import nn
 
-HF = {"bert", "distilbert", "roberta", "gpt2", "llama", "hf_vit"}
 # (name, family, factory kwargs, input): small inputs keep the whole run under ~20 min
 MODELS: list[tuple[str, str, dict[str, Any], str]] = [
     ("resnet18", "tv", {}, "img64"),
     ("resnet50", "tv", {}, "img64"),
+    ("resnet50@224", "tv", {}, "img224"),  # the set-up time at full resolution
     ("resnext50_32x4d", "tv", {}, "img64"),
     ("wide_resnet50_2", "tv", {}, "img64"),
     ("mobilenet_v2", "tv", {}, "img64"),
@@ -73,6 +73,7 @@ MODELS: list[tuple[str, str, dict[str, Any], str]] = [
     ("hf_vit", "hf", {}, "img32"),
     ("gpt2", "hf", {}, "ids"),
     ("llama", "hf", {}, "ids"),
+    ("llama-2l-64", "hf", {}, "ids"),  # the set-up time of a 2-layer, hidden-64 Llama
 ]
 QUICK = [
     "resnet18",
@@ -89,7 +90,7 @@ def build(name: str, family: str, kw: dict[str, Any]) -> nn.Module:
     if family == "tv":
         from benchmarks.torchvision_cpu import load
 
-        return getattr(load().models, name)(**kw)
+        return getattr(load().models, name.split("@")[0])(**kw)
     if family == "timm":
         from benchmarks.torchvision_cpu import load
 
@@ -122,6 +123,9 @@ def _hf(name: str) -> nn.Module:
         cfg = T.GPT2Config(n_embd=256, n_layer=4, n_head=8, n_positions=128, vocab_size=1000)
         cfg.bos_token_id = cfg.eos_token_id = 0
         return T.GPT2LMHeadModel(cfg)
+    if name == "llama-2l-64":
+        small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+        heads = dict(num_attention_heads=4, max_position_embeddings=128, vocab_size=1000)
     cfg = T.LlamaConfig(**small, **heads, num_key_value_heads=2)  # grouped-query attention
     return T.LlamaForCausalLM(cfg)
 

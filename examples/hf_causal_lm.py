@@ -10,10 +10,11 @@ from random init. ``MesimpCallback`` (the lines marked ``# mesimp``) applies meP
 runs meSimp in the Trainer and shrinks at the end; the smaller model is fine-tuned,
 saved as a mesimp model file (reloaded bit-identically) and exported to ONNX.
 
-meSimp on a Llama needs gated-MLP units (gate, up and down rows together), attention
-heads under grouped-query attention and the hidden size as units of the Simplifier;
-until mesimp has them the Simplifier stops with "no meProp layer to simplify".
-``--no-simplify`` trains with meProp only (nothing is removed) and runs the rest.
+meSimp on a Llama removes gated-MLP units (gate and up rows, down column together),
+query-head slots and kv heads (grouped-query attention: every kv head keeps as many
+query heads) and the hidden size (the stream: embeddings, every writer and reader, the
+RMSNorms, the LM head's columns). ``--no-simplify`` trains with meProp only (nothing is
+removed) and runs the rest.
 """
 
 from __future__ import annotations

@@ -249,7 +249,9 @@ def test_cli_train_shrink_export_bench(tmp_path, capsys):
     )  # fmt: skip
     assert code == 0, err
     r = json.loads(stdout)
-    assert r["hidden_sizes"] == [12, 12] and len(r["active_widths"]) == 2
+    # compacted: the model ends at the active widths, smaller than --hidden
+    assert r["hidden_sizes"] == r["active_widths"] and len(r["active_widths"]) == 2
+    assert sum(r["active_widths"]) < 24
     code, stdout, err = run_main(capsys, "shrink", out, "--json")
     assert code == 0, err
     s = json.loads(stdout)

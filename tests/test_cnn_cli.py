@@ -27,8 +27,9 @@ def test_cnn_pipeline(capsys, tiny_npz, tmp_path):
     r = _json(
         capsys, "train", "--model", "cnn", "--data", tiny_npz, "--dev-size", "100",
         "--hidden", "8,12", "--k", "3", "--simplify", "--prune-rate", "0.2",
-        "--epochs", "2", "-o", ckpt,
+        "--epochs", "2", "--no-compact", "-o", ckpt,
     )  # fmt: skip
+    # masked (--no-compact): the checkpoint keeps full width, shrink removes the channels
     assert r["model"] == "cnn" and r["hidden_sizes"] == [8, 12]
     assert all(a <= h for a, h in zip(r["active_widths"], r["hidden_sizes"], strict=True))
     assert r["active_widths"] != [8, 12]  # meSimp masked some channels

@@ -171,18 +171,24 @@ def test_widths_are_logged_at_every_point_and_the_model_shrinks(tmp_path):
     tr.train()
     points = [e for e in cb.events if e["event"] == "simplify"]
     assert [e["global_step"] for e in points] == [2, 4, 6, 8]
+    # FFN units, heads and the hidden size are all units of the Simplifier
+    kinds = [hfi._group_kind(g) for g in cb.simplifier.groups]
+    assert sorted(set(kinds)) == ["ffn", "heads", "hidden"]
     logged = {r["step"]: r for r in tr.state.log_history if "mesimp/ffn" in r}
-    for e in points:  # a record at every point, with the Simplifier's widths
-        assert logged[e["global_step"]]["mesimp/ffn"] == sum(e["widths"])
-    assert list(cb.simplifier.layers) == [
-        "bert.encoder.layer.0.intermediate.dense",
-        "bert.encoder.layer.1.intermediate.dense",
-    ]
-    assert sum(points[-1]["widths"]) < 64  # something was masked...
+    for e in points:  # a record at every point, with the Simplifier's widths per kind
+        for kind in ("ffn", "heads", "hidden"):
+            want = sum(w for w, k in zip(e["widths"], kinds, strict=True) if k == kind)
+            assert logged[e["global_step"]][f"mesimp/{kind}"] == want
+    last = dict(zip(kinds, points[-1]["widths"], strict=False))  # one hidden group
+    assert sum(points[-1]["widths"]) < sum(g.size for g in cb.simplifier.groups)  # masked...
     small = cb.shrunk  # ...and removed
     assert type(small) is type(model)
     widths = hfi.hf_widths(small)
-    assert [layer["ffn"] for layer in widths["layers"]] == points[-1]["widths"]
+    ffn = [w for w, k in zip(points[-1]["widths"], kinds, strict=True) if k == "ffn"]
+    heads = [w for w, k in zip(points[-1]["widths"], kinds, strict=True) if k == "heads"]
+    assert [layer["ffn"] for layer in widths["layers"]] == ffn
+    assert [layer["heads"] for layer in widths["layers"]] == heads
+    assert widths["hidden"] == last["hidden"]
     assert mesimp.models.count_params(small) < mesimp.models.count_params(model)
     # the shrunk model computes the masked one's function, on inputs it never saw
     x = PadCollator()(tagging_data(5, seed=7))
@@ -241,15 +247,44 @@ def test_meprop_only_trains_without_masks(tmp_path):
     assert cb.simplifier is None and cb.shrunk is None
 
 
+class _EmbedHead(torch.nn.Module):
+    """Embeddings and an output layer: no hidden unit for meSimp to count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = torch.nn.Embedding(5000, 8), torch.nn.Linear(8, 5000)
+
+    def forward(self, input_ids, labels=None, attention_mask=None):
+        logits = self.head(self.embed(input_ids))
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), input_ids.flatten())
+        return {"loss": loss, "logits": logits}
+
+
 def test_a_model_with_nothing_to_simplify_is_one_line(tmp_path):
-    """A Llama's FFN units are gated (gate, up, down together): not units of today's
-    Simplifier, so units="ffn" finds nothing to simplify and says so before training.
-    (When gated-MLP units land, this fails on purpose: then assert the gated units go.)"""
-    cb = hfi.MesimpCallback(MEPROP, simplify_config(), units="ffn")
+    cb = hfi.MesimpCallback(MEPROP, simplify_config())
     data = [{"input_ids": e["input_ids"], "labels": e["input_ids"]} for e in tagging_data(16)]
-    tr = trainer(tiny_llama(), data, [cb], tmp_path, epochs=1)
-    with pytest.raises(BadInputError, match="MesimpCallback on LlamaForCausalLM: no meProp"):
+    tr = trainer(_EmbedHead(), data, [cb], tmp_path, epochs=1)
+    with pytest.raises(BadInputError, match="MesimpCallback on _EmbedHead: no meProp"):
         tr.train()
+
+
+def test_a_llamas_gated_ffn_units_go_with_units_ffn(tmp_path):
+    """Gate row, up row and down column are one unit: with meProp on the FFN only, the
+    Simplifier counts and removes exactly those."""
+    cb = hfi.MesimpCallback(MEPROP, simplify_config(prune_rate=0.3, cycle_epochs=0), units="ffn")
+    data = [{"input_ids": e["input_ids"], "labels": e["input_ids"]} for e in tagging_data(32)]
+    model = tiny_llama()
+    trainer(model, data, [cb], tmp_path, epochs=2).train()
+    assert [g.name for g in cb.simplifier.groups] == [
+        "model.layers.0.mlp.gate_proj",
+        "model.layers.1.mlp.gate_proj",
+    ]
+    roles = {m.name.rsplit(".", 1)[-1]: m.role for m in cb.simplifier.groups[0].members}
+    assert roles == {"gate_proj": "out", "up_proj": "out", "down_proj": "in"}
+    small = cb.shrunk
+    mlp = small.model.layers[0].mlp
+    assert mlp.gate_proj.out_features == mlp.up_proj.out_features == mlp.down_proj.in_features
+    assert mlp.gate_proj.out_features == cb.simplifier.widths[0]
 
 
 def test_units_ffn_swaps_only_the_feed_forward_writers(tmp_path):
@@ -259,6 +294,7 @@ def test_units_ffn_swaps_only_the_feed_forward_writers(tmp_path):
     swapped = [n for n, m in model.named_modules() if isinstance(m, mesimp.MePropLinear)]
     assert swapped == list(cb.simplifier.layers)
     assert all(hfi.unit_kind(n) == "ffn" for n in swapped)
+    assert {hfi._group_kind(g) for g in cb.simplifier.groups} == {"ffn"}
 
 
 def test_unit_kinds_of_hf_layer_names():

@@ -339,7 +339,8 @@ def test_cli_train_shrink_export_bench(tmp_path, capsys):
     )
     assert code == 0, err
     r = json.loads(so)
-    assert r["model"] == "parser" and r["hidden_sizes"] == [16]
+    assert r["model"] == "parser" and r["hidden_sizes"] == r["active_widths"]  # compacted
+    assert r["active_widths"][0] <= 16
     for key in ("dev_uas", "dev_las", "test_uas", "test_las"):
         assert 0.0 <= r["best"][key] <= 1.0
     assert r["best"]["test_las"] <= r["best"]["test_uas"]

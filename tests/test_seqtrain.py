@@ -147,9 +147,9 @@ def test_two_layer_mesimp_training_shrinks_and_matches(ewt, tmp_path):
     with torch.no_grad():
         diff = (model(data.x_test) - small(data.x_test))[data.y_test != 0].abs().max()
     assert diff.item() <= 1e-5
-    # the checkpoint holds the masked model: counters and masks come back with it
+    # the checkpoint holds the compacted model (at the active widths) and its counters
     ckpt = load_checkpoint(out)
-    assert ckpt["arch"]["hidden"] == [24, 16]
+    assert ckpt["arch"]["hidden"] == r["active_widths"]
     restored = model_from_checkpoint(ckpt).eval()
     assert [m.active_width for m in restored.stack.lstms] == r["active_widths"]
     with torch.no_grad():
@@ -259,7 +259,8 @@ def test_cli_trains_a_tagger_then_shrinks_it(ewt, tmp_path, capsys):
     assert e.value.code in (0, None)
     result = json.loads(capsys.readouterr().out)
     assert result["model"] == "lstm-tagger" and result["checkpoint"] == str(out)
-    assert torch.load(out, weights_only=True)["arch"]["hidden"] == 16  # masked, full width
+    # compacted: the checkpoint is at the active widths
+    assert torch.load(out, weights_only=True)["arch"]["hidden"] == result["active_widths"]
     with pytest.raises(SystemExit) as e:
         main(["shrink", str(out), "--json"])
     assert e.value.code in (0, None)
@@ -307,6 +308,7 @@ TRAIN_JSON = {
     "metrics_log": str,
     "hidden_sizes": list,
     "active_widths": list,
+    "epoch_times_s": list,
     "params": int,
     "macs": int,
     "best": dict,

@@ -20,11 +20,14 @@ What the callback does, on the Trainer's own events:
 * ``on_step_end`` (after every optimizer step, gradient accumulation included):
   ``Simplifier.step()``: simplification points mask units; at a cycle start it clears
   the state of the Trainer's optimizer (Adam's moments restart from zero) and the
-  counters. Should layers be rebuilt with new parameters during training (a Simplifier
-  that compacts the model), the Trainer's optimizer is pointed at them by name
+  counters. With ``compact=True`` a point that masked units also removes them
+  (``mesimp.simplify.compact``) and rebinds the Trainer's optimizer in place, its state
+  sliced to the kept rows. Should layers be rebuilt with new parameters by anything
+  else, the Trainer's optimizer is pointed at them by name and its state cleared
   (``follow_parameters``), so the Trainer needs no new optimizer.
 * ``on_log``: the active widths per kind of unit (``mesimp/ffn``, ``mesimp/heads``,
-  ``mesimp/hidden``) are added to every log record made during training, so they land in
+  ``mesimp/kv_heads``, ``mesimp/hidden``; ``widths_by_kind``) are added to every log
+  record made during training, so they land in
   ``trainer.state.log_history`` and reach every callback after this one (the progress
   bar, and the ``report_to`` reporters when the callback is placed first:
   ``MesimpCallback.attach(trainer)``). A simplification point always gets a record.
@@ -143,11 +146,26 @@ def meprop_filter(units: Units) -> Callable[[str, nn.Module], bool] | None:
 
 
 def widths_by_kind(simplifier: Simplifier) -> dict[str, int]:
-    """Active units the Simplifier holds, summed per kind (``other`` for the rest)."""
+    """Active units the Simplifier holds, summed per kind: ``heads`` (attention heads,
+    and query-head slots under grouped-query attention), ``kv_heads``, ``ffn`` (a
+    feed-forward unit: gated units too), ``hidden`` (the stream: the hidden size); a
+    group of channels whose writers include an output projection, an embedding or a
+    down projection is the stream."""
     out: dict[str, int] = defaultdict(int)
-    for name, width in zip(simplifier.layers, simplifier.widths, strict=True):
-        out[unit_kind(name) or "other"] += width
+    for group, width in zip(simplifier.groups, simplifier.widths, strict=True):
+        out[_group_kind(group)] += width
     return dict(out)
+
+
+def _group_kind(group: Any) -> str:
+    if group.kind in ("heads", "q_heads"):
+        return "heads"
+    if group.kind == "kv_heads":
+        return "kv_heads"
+    writers = [m.name for m in group.writers()]
+    if any(unit_kind(n) == "hidden" or "embed" in n for n in writers):
+        return "hidden"
+    return unit_kind(group.name) or "other"
 
 
 # (query projection, key projection, FFN writer) under one block, per model family
@@ -195,7 +213,10 @@ class MesimpCallback(_hf.TrainerCallback):
     ``units``: ``"all"`` (meProp on every Linear but the output layer; meSimp on every
     unit the Simplifier can remove) or ``"ffn"`` (meProp and meSimp on the feed-forward
     units only). ``example_inputs``: the model's keyword inputs for tracing and for
-    verifying the shrink (default: two training examples).
+    verifying the shrink (default: two training examples). ``compact``: remove masked
+    units from the model at every simplification point (``Simplifier(compact=True)``):
+    the rest of training runs at the active widths; the Trainer's optimizer is rebound
+    in place (its state sliced), so the Trainer and its LR scheduler go on unchanged.
     """
 
     def __init__(
@@ -206,6 +227,7 @@ class MesimpCallback(_hf.TrainerCallback):
         units: Units = "all",
         example_inputs: dict[str, torch.Tensor] | None = None,
         shrink_at_end: bool = True,
+        compact: bool = False,
     ) -> None:
         if not isinstance(meprop, MePropConfig):
             raise BadInputError(f"meprop must be a MePropConfig, got {type(meprop).__name__}")
@@ -223,6 +245,7 @@ class MesimpCallback(_hf.TrainerCallback):
         self.units = units
         self.example_inputs = example_inputs
         self.shrink_at_end = shrink_at_end
+        self.compact = compact
         self.simplifier: Simplifier | None = None
         self.shrunk: nn.Module | None = None  # set by on_train_end
         self.base_config: dict[str, Any] | None = None  # the model's config before training
@@ -288,6 +311,7 @@ class MesimpCallback(_hf.TrainerCallback):
                 steps_per_epoch=steps,
                 epochs=math.ceil(state.num_train_epochs) if state.num_train_epochs else None,
                 example_inputs=self.example_inputs,
+                compact=self.compact,
             )
         except BadInputError as e:  # the same error, saying where it came from
             hint = "; simplify=None trains with meProp only" if "no meProp layer" in str(e) else ""

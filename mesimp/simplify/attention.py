@@ -31,13 +31,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-import torch_pruning as tp
 from torch import nn
 
 from mesimp.nn.attention import MultiheadAttention
 from mesimp.nn.conv1d import is_conv1d
-from mesimp.simplify.leaves import Conv1DPruner
+from mesimp.simplify.leaves import Conv1DPruner, LeafPruner
 
 __all__ = [
     "AttentionPruner",
@@ -176,9 +176,11 @@ def _gpt2_layout(module: nn.Module) -> HeadLayout:
 
 
 # -- pruning the pieces ------------------------------------------------------------------
-def _pruner(m: nn.Module) -> tp.pruner.function.BasePruningFunc:
+def _pruner(m: nn.Module) -> Any:
     if is_conv1d(m):
         return Conv1DPruner()
+    import torch_pruning as tp
+
     return tp.pruner.function.PrunerBox[tp.ops.module2type(m)]
 
 
@@ -231,12 +233,10 @@ def prune_heads(module: nn.Module, drop_q: Sequence[int], drop_kv: Sequence[int]
     _set_counts(module, layout, layout.num_heads - len(drop_q), layout.num_kv_heads - len(drop_kv))
 
 
-class AttentionPruner(tp.pruner.function.BasePruningFunc):
+class AttentionPruner(LeafPruner):
     """Torch-Pruning's view of an attention leaf: input channels are the stream its
     q/k/v projections read; output channels are the stream its output projection
     writes (inside) or the concatenated heads (BERT: the projection is outside)."""
-
-    TARGET_MODULES = None
 
     def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
         layout = head_layout(layer)

@@ -24,13 +24,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from mesimp.nn.conv1d import is_conv1d
 
 __all__ = [
     "Conv1DPruner",
+    "LeafPruner",
     "NormPruner",
     "is_conv1d",
     "is_rms_norm",
@@ -68,10 +68,29 @@ def rms_eps(module: nn.Module) -> float:
     return float(torch.finfo(torch.float32).eps)  # nn.RMSNorm's default (eps=None)
 
 
-class Conv1DPruner(tp.pruner.function.BasePruningFunc):
-    """HF ``Conv1D``: ``y = x @ W + b`` with ``W [in, out]``; out channels are columns."""
+class LeafPruner:
+    """What Torch-Pruning's ``DependencyGraph`` calls on a customized layer: the two
+    pruning functions and the two widths (it also sets ``pruning_dim``). Duck-typed, so
+    that ``import mesimp`` does not import torch_pruning (which imports timm and then
+    torchvision when they are installed)."""
 
-    TARGET_MODULES = None
+    pruning_dim = 1
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        raise NotImplementedError
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        raise NotImplementedError
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        raise NotImplementedError
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        raise NotImplementedError
+
+
+class Conv1DPruner(LeafPruner):
+    """HF ``Conv1D``: ``y = x @ W + b`` with ``W [in, out]``; out channels are columns."""
 
     def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
         keep = keep_list(layer.nf, idxs)
@@ -94,11 +113,9 @@ class Conv1DPruner(tp.pruner.function.BasePruningFunc):
         return int(layer.weight.shape[0])
 
 
-class NormPruner(tp.pruner.function.BasePruningFunc):
+class NormPruner(LeafPruner):
     """A norm over the last dimension with per-channel affine parameters (RMSNorm): the
     channels go from ``weight`` (and ``bias``) and from ``normalized_shape``."""
-
-    TARGET_MODULES = None
 
     def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
         keep = keep_list(self.get_out_channels(layer), idxs)

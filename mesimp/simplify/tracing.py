@@ -10,6 +10,7 @@ while tracing (so BatchNorm statistics do not move), restored after; and a one-l
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import signal
 import threading
 import warnings
@@ -34,7 +35,13 @@ class TracingError(BadInputError):
 
 
 def tp() -> Any:
-    """``torch_pruning``, with a one-line message if it is missing."""
+    """``torch_pruning``, with a one-line message if it is missing. It imports timm when
+    installed, and timm imports torchvision, which beside the CPU torch wheel needs
+    mesimp's shim first (``mesimp.integrations.torchvision_cpu``)."""
+    if importlib.util.find_spec("torchvision") is not None:
+        from mesimp.integrations.torchvision_cpu import load
+
+        load()
     try:
         import torch_pruning
     except ImportError as e:  # a runtime dependency; a one-line message if it is missing

@@ -479,7 +479,13 @@ class _Run:
         """The end of an epoch: the training time so far and the cost the model has
         now (a compaction cuts both); an epoch's time is the difference of two."""
         self.records.append(
-            {"event": "epoch", "epoch": epoch + 1, "elapsed_s": self.train_time, **self._cost()}
+            {
+                "event": "epoch",
+                "epoch": epoch + 1,
+                "step": self.global_step,
+                "elapsed_s": self.train_time,
+                **self._cost(),
+            }
         )
 
     def _step(self, epoch: int, step: int) -> None:
