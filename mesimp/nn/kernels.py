@@ -35,7 +35,7 @@ SELECTION_CODE = {"unified": 1, "topk": 2, "random": 3}
 # the ops this package calls, and the build they need (kernels.cpp's kAbiVersion): an
 # older build counts as not built, so a stale extension never receives a code it lacks
 _OPS = ("abi_version", "linear_backward", "mlp_forward", "optimizer_step", "mlp_train_step")
-ABI = 2
+ABI = 3
 
 _mode: str | None = None
 _loaded: bool | None = None

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mesimp.nn import grad_buffer
 from mesimp.nn.meprop import MePropConfig, MePropLinearFunction, MePropState
 
 __all__ = ["MePropConfig", "MePropCounters", "MePropLinear", "autocast_off"]
@@ -165,6 +166,7 @@ class MePropLinear(MePropCounters, nn.Linear):
         lin = nn.Linear(self.in_features, self.out_features, self.bias is not None, device="meta")
         lin.weight = self.weight
         lin.bias = self.bias
+        self.weight.__dict__.pop(grad_buffer.ATTR, None)  # a plain layer's gradients are fresh
         return lin
 
     # -- forward ----------------------------------------------------------------------
@@ -178,13 +180,19 @@ class MePropLinear(MePropCounters, nn.Linear):
         x2 = x.reshape(-1, self.in_features)
         cfg = self.meprop_config
         weight, bias = self.weight, self.bias
+        # the weight's persistent dense gradient (mesimp.nn.grad_buffer), where the backward
+        # hands its gradient straight to the Parameter: not under autocast (the gradient
+        # then goes through the cast to float32) nor with row-sparse gradients
+        gb = None
         with autocast_off(x2) as dtype:  # torch.amp: the GEMMs run in autocast's dtype
             if dtype is not None:
                 x2, weight = x2.to(dtype), weight.to(dtype)
                 bias = bias.to(dtype) if bias is not None else None
+            elif not cfg.sparse_grad:
+                gb = grad_buffer.of(weight)
             out = MePropLinearFunction.apply(
                 x2, weight, bias, k, cfg.backward_selection, cfg.msbp_alpha, cfg.sparse_grad,
-                self._state, masked, cfg.dense_bias,
+                self._state, masked, cfg.dense_bias, gb,
             )  # fmt: skip
         return out.reshape(*lead, self.out_features)
 

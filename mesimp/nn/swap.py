@@ -20,6 +20,7 @@ from torch import nn
 
 from mesimp.errors import BadInputError
 from mesimp.nn.conv import MePropConv2d
+from mesimp.nn.fused import fuse_sequentials_, unfuse_sequentials_
 from mesimp.nn.linear import MePropLinear
 from mesimp.nn.lstm import MePropLSTM
 from mesimp.nn.meprop import MePropConfig
@@ -85,7 +86,7 @@ def meprop_(
             raise BadInputError(f"meprop_: cannot convert {name}: {e}") from None
         new.train(mod.training)
         _set(model, name, new)
-    return model
+    return fuse_sequentials_(model)  # chains of Linear layers: one autograd node (fused.py)
 
 
 def unmeprop(model: nn.Module, types: tuple[type, ...] = _MEPROP) -> nn.Module:
@@ -105,4 +106,4 @@ def unmeprop(model: nn.Module, types: tuple[type, ...] = _MEPROP) -> nn.Module:
             continue
         new.train(mod.training)
         _set(model, name, new)
-    return model
+    return unfuse_sequentials_(model)
