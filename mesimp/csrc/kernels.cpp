@@ -49,7 +49,14 @@ enum Selection : int64_t { kDense = 0, kUnified = 1, kTopk = 2, kRandom = 3 };
 // Bumped when an op's schema or meaning changes (3: grad buffers, activations, dropout,
 // AdamW and lazy dense rows), so that Python can tell
 // a stale build (mesimp/nn/kernels.py's ABI) from a current one.
-constexpr int64_t kAbiVersion = 3;
+#define MESIMP_ABI 3
+constexpr int64_t kAbiVersion = MESIMP_ABI;
+#define MESIMP_STR2(x) #x
+#define MESIMP_STR(x) MESIMP_STR2(x)
+// The same version as a string in the library's data: mesimp/nn/build.py reads it from the
+// file, so that a library built from other sources is never loaded.
+extern "C" __attribute__((used, visibility("default"))) const char mesimp_abi_tag[] =
+    "MESIMP_KERNELS_ABI=" MESIMP_STR(MESIMP_ABI);
 
 // score[j] = sum_i |u[i, j]|, rows accumulated in order
 MESIMP_CLONES void abs_colsum(int64_t rows, int64_t n, const float* __restrict u,
