@@ -58,13 +58,14 @@ constexpr int64_t kAbiVersion = MESIMP_ABI;
 extern "C" __attribute__((used, visibility("default"))) const char mesimp_abi_tag[] =
     "MESIMP_KERNELS_ABI=" MESIMP_STR(MESIMP_ABI);
 
-// score[j] = sum_i |u[i, j]|, rows accumulated in order
-MESIMP_CLONES void abs_colsum(int64_t rows, int64_t n, const float* __restrict u,
-                              float* __restrict score) {
-  for (int64_t j = 0; j < n; ++j) score[j] = 0.f;
+// score[j] = sum_i |u[i, j]| for the columns [j0, j1) of u [rows, n], rows accumulated in
+// order (so a split over column ranges gives the same bits)
+MESIMP_CLONES void abs_colsum(int64_t rows, int64_t n, int64_t j0, int64_t j1,
+                              const float* __restrict u, float* __restrict score) {
+  for (int64_t j = j0; j < j1; ++j) score[j] = 0.f;
   for (int64_t i = 0; i < rows; ++i) {
     const float* r = u + i * n;
-    for (int64_t j = 0; j < n; ++j) score[j] += std::fabs(r[j]);
+    for (int64_t j = j0; j < j1; ++j) score[j] += std::fabs(r[j]);
   }
 }
 
@@ -270,10 +271,8 @@ Tensor dense_weight_grad(const LayerGrads& g, const Tensor& weight, GradBuf* gb)
 
 // The per-example top-k backward's working arrays, kept between calls.
 struct TopkScratch {
-  std::vector<int64_t> idx, counts, start, pos, uni, fill, ex;
-  std::vector<float> vals, key, ev;
-  std::vector<const float*> rows;
-  RowScratch row;
+  std::vector<int64_t> idx, counts, start, uni, fill, ex;
+  std::vector<float> vals, ev;
 };
 
 struct LayerArgs {
@@ -286,6 +285,21 @@ struct LayerArgs {
   bool sparse_grad = false;
 };
 
+// A layer's dx and dW GEMMs. At meProp's sizes (k rows) each is too small for the BLAS to
+// split well across threads, so with several threads they run side by side, one thread
+// each, instead of one after the other (one task each: no fork with one thread).
+template <typename A, typename B>
+void both_gemms(bool need_a, A&& a, bool need_b, B&& b) {
+  if (!(need_a && need_b) || at::get_num_threads() < 2 || at::in_parallel_region()) {
+    if (need_a) a();
+    if (need_b) b();
+    return;
+  }
+  at::parallel_for(0, 2, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) t == 0 ? a() : b();
+  });
+}
+
 // One layer's meProp backward; dy [N, n] float32 contiguous, x [N, d], weight [n, d].
 // Row-sparse dw (rows defined) when the layer selects; db dense.
 LayerGrads layer_backward(const Tensor& dy, const Tensor& x, const Tensor& weight,
@@ -296,8 +310,8 @@ LayerGrads layer_backward(const Tensor& dy, const Tensor& x, const Tensor& weigh
   const int64_t N = dy.size(0), n = dy.size(1), d = x.size(1);
   if (a.selection == kDense) {  // a plain (masked) Linear: dense gradients, no counting
     Tensor g = mask.has_value() ? dy * *mask : dy;
-    if (need_dx) out.dx = g.mm(weight);
-    if (need_dw) out.dw = g.t().mm(x);
+    both_gemms(
+        need_dx, [&] { out.dx = g.mm(weight); }, need_dw, [&] { out.dw = g.t().mm(x); });
     if (need_db && a.has_bias) out.db = g.sum(0);
     return out;
   }
@@ -312,7 +326,10 @@ LayerGrads layer_backward(const Tensor& dy, const Tensor& x, const Tensor& weigh
 
   if (a.selection == kUnified) {
     std::vector<float> score(n);
-    abs_colsum(N, n, up, score.data());
+    // in parallel over column ranges of at least ~32K entries (rows x columns) a task
+    at::parallel_for(0, n, grain_rows(N, 32768), [&](int64_t j0, int64_t j1) {
+      abs_colsum(N, n, j0, j1, up, score.data());
+    });
     for (int64_t j = 0; j < n; ++j) score[j] = (mp && !mp[j]) ? -1.f : key_of(score[j]);
     std::vector<int64_t> sel_v;
     std::vector<float> bmax;
@@ -334,11 +351,10 @@ LayerGrads layer_backward(const Tensor& dy, const Tensor& x, const Tensor& weigh
       for (int64_t i = 0; i < N; ++i)
         for (int64_t j : sel_v) mo[i * n + j] = 0.f;
     }
-    if (need_dx) out.dx = u_sel.mm(gather_rows(weight.contiguous(), sel_v));
-    if (need_dw) {
-      out.dw = u_sel.t().mm(xc);
-      out.rows = sel;
-    }
+    both_gemms(
+        need_dx, [&] { out.dx = u_sel.mm(gather_rows(weight.contiguous(), sel_v)); },
+        need_dw, [&] { out.dw = u_sel.t().mm(xc); });
+    if (need_dw) out.rows = sel;
     if (need_db && a.has_bias && !a.dense_bias) {  // u_sel.sum(0): the Python path's bits
       const Tensor s = u_sel.sum(0);
       const float* ssp = s.data_ptr<float>();
@@ -356,27 +372,31 @@ LayerGrads layer_backward(const Tensor& dy, const Tensor& x, const Tensor& weigh
     thread_local TopkScratch sc;
     sc.idx.resize(N * k);
     sc.vals.resize(N * k);
-    sc.key.resize(n);
     sc.counts.assign(n, 0);
     std::vector<int64_t>& idx = sc.idx;
     std::vector<float>& vals = sc.vals;
     std::vector<int64_t>& counts = sc.counts;
-    float* key = sc.key.data();
-    for (int64_t i = 0; i < N; ++i) {
-      const float* r = up + i * n;
-      if (dp) {
-        const float* dr = dp + i * n;
-        for (int64_t j = 0; j < n; ++j) key[j] = (mp && !mp[j]) ? -1.f : dr[j];
-      } else {
-        for (int64_t j = 0; j < n; ++j) key[j] = (mp && !mp[j]) ? -1.f : key_of(std::fabs(r[j]));
+    // the examples' selections are independent: in parallel where there is enough work
+    // (~16K keys a task), each thread with its own key row and scratch
+    at::parallel_for(0, N, grain_rows(n, 16384), [&](int64_t lo, int64_t hi) {
+      thread_local std::vector<float> key_row;
+      thread_local RowScratch row_scratch;
+      key_row.resize(n);
+      float* key = key_row.data();
+      for (int64_t i = lo; i < hi; ++i) {
+        const float* r = up + i * n;
+        if (dp) {
+          const float* dr = dp + i * n;
+          for (int64_t j = 0; j < n; ++j) key[j] = (mp && !mp[j]) ? -1.f : dr[j];
+        } else {
+          for (int64_t j = 0; j < n; ++j) key[j] = (mp && !mp[j]) ? -1.f : key_of(std::fabs(r[j]));
+        }
+        int64_t* row = &idx[i * k];
+        row_top_indices(key, n, k, row, row_scratch);
+        for (int64_t t = 0; t < k; ++t) vals[i * k + t] = r[row[t]];
       }
-      int64_t* row = &idx[i * k];
-      row_top_indices(key, n, k, row, sc.row);
-      for (int64_t t = 0; t < k; ++t) {
-        vals[i * k + t] = r[row[t]];
-        counts[row[t]] += 1;
-      }
-    }
+    });
+    for (int64_t e = 0; e < N * k; ++e) counts[idx[e]] += 1;
     if (a.count) {
       for (int64_t j = 0; j < n; ++j) hp[j] += counts[j];
       ref.data_ptr<int64_t>()[0] += N;
@@ -392,16 +412,12 @@ LayerGrads layer_backward(const Tensor& dy, const Tensor& x, const Tensor& weigh
     const float* wp = wc.data_ptr<float>();
     const float* xp = xc.data_ptr<float>();
     // group the N*k selected entries by unit (CSR): each W row and dW row is touched once
-    std::vector<int64_t>&start = sc.start, &pos = sc.pos, &uni = sc.uni;
+    std::vector<int64_t>&start = sc.start, &uni = sc.uni;
     start.assign(n + 1, 0);
-    pos.assign(n, -1);
     uni.clear();
     for (int64_t j = 0; j < n; ++j) {
       start[j + 1] = start[j] + counts[j];
-      if (counts[j] > 0) {
-        pos[j] = (int64_t)uni.size();
-        uni.push_back(j);
-      }
+      if (counts[j] > 0) uni.push_back(j);
     }
     sc.fill.assign(start.begin(), start.end() - 1);
     sc.ex.resize(N * k);
@@ -414,25 +430,33 @@ LayerGrads layer_backward(const Tensor& dy, const Tensor& x, const Tensor& weigh
         ex[e] = i;
         ev[e] = vals[i * k + t];
       }
-    std::vector<const float*>& rows = sc.rows;
-    rows.resize(std::max<int64_t>(N, k));
     if (need_dx) {  // dx[i] = sum_t vals[i, t] W[idx[i, t]], one example at a time
       out.dx = at::empty({N, d}, u.options());  // every row written whole
       float* dxp = out.dx.data_ptr<float>();
-      for (int64_t i = 0; i < N; ++i) {
-        for (int64_t t = 0; t < k; ++t) rows[t] = wp + idx[i * k + t] * d;
-        weighted_rows_sum(d, k, rows.data(), &vals[i * k], dxp + i * d);
-      }
+      at::parallel_for(0, N, grain_rows(k * d, 32768), [&](int64_t lo, int64_t hi) {
+        thread_local std::vector<const float*> rows;
+        rows.resize(k);
+        for (int64_t i = lo; i < hi; ++i) {
+          for (int64_t t = 0; t < k; ++t) rows[t] = wp + idx[i * k + t] * d;
+          weighted_rows_sum(d, k, rows.data(), &vals[i * k], dxp + i * d);
+        }
+      });
     }
     if (need_dw) {  // dW[j] = sum over the entries that selected j of val * x[example]
       // row-sparse: [|U|, d], every row written whole (a dense gradient is made from it)
       out.dw = at::empty({(int64_t)uni.size(), d}, u.options());
       float* dwp = out.dw.data_ptr<float>();
-      for (int64_t j : uni) {
-        const int64_t m = start[j + 1] - start[j];
-        for (int64_t e = 0; e < m; ++e) rows[e] = xp + ex[start[j] + e] * d;
-        weighted_rows_sum(d, m, rows.data(), &ev[start[j]], dwp + pos[j] * d);
-      }
+      const int64_t U = (int64_t)uni.size();
+      const int64_t per_unit = std::max<int64_t>(1, N * k / std::max<int64_t>(U, 1)) * d;
+      at::parallel_for(0, U, grain_rows(per_unit, 32768), [&](int64_t lo, int64_t hi) {
+        thread_local std::vector<const float*> rows;
+        rows.resize(N);
+        for (int64_t q = lo; q < hi; ++q) {
+          const int64_t j = uni[q], m = start[j + 1] - start[j];
+          for (int64_t e = 0; e < m; ++e) rows[e] = xp + ex[start[j] + e] * d;
+          weighted_rows_sum(d, m, rows.data(), &ev[start[j]], dwp + q * d);
+        }
+      });
       out.rows = index_tensor(uni);
     }
     if (need_db && a.has_bias && !a.dense_bias) {
