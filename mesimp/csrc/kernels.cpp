@@ -245,14 +245,16 @@ Tensor dense_weight_grad(const LayerGrads& g, const Tensor& weight, GradBuf* gb)
   if (!g.rows.defined()) return g.dw;
   if (gb == nullptr || weight.grad().defined() || gb->buf.scalar_type() != at::kFloat ||
       !gb->buf.device().is_cpu() || gb->rows.scalar_type() != at::kLong ||
-      !gb->rows.device().is_cpu())
+      !gb->rows.device().is_cpu() || gb->version.scalar_type() != at::kLong ||
+      gb->version.numel() != 1 || !gb->version.device().is_cpu())
     return weight_grad(g, weight.sizes(), false);
   Tensor& buf = gb->buf;
   const int64_t d = weight.size(1);
+  int64_t* version = gb->version.data_ptr<int64_t>();
   at::NoGradGuard no_grad;
   if (buf.sizes() != weight.sizes() || !buf.is_contiguous() || buf.storage().use_count() != 1) {
     buf.set_(at::zeros(weight.sizes(), weight.options()));
-  } else if (buf._version() != gb->version.item<int64_t>()) {
+  } else if (buf._version() != *version) {
     buf.zero_();
   } else {
     const Tensor old = gb->rows.contiguous();
@@ -263,9 +265,10 @@ Tensor dense_weight_grad(const LayerGrads& g, const Tensor& weight, GradBuf* gb)
     });
   }
   scatter_rows(g.rows, g.dw.data_ptr<float>(), buf.data_ptr<float>(), d);
-  gb->rows.resize_({g.rows.numel()});
-  gb->rows.copy_(g.rows);
-  gb->version.fill_(buf._version());
+  const int64_t n = g.rows.numel();
+  if (gb->rows.numel() != n || !gb->rows.is_contiguous()) gb->rows.set_(at::empty({n}, at::kLong));
+  std::memcpy(gb->rows.data_ptr<int64_t>(), g.rows.data_ptr<int64_t>(), n * sizeof(int64_t));
+  *version = buf._version();
   return buf.detach();
 }
 

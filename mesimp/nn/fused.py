@@ -308,15 +308,28 @@ def _applies(x: torch.Tensor) -> bool:
     )
 
 
-def _run_chain(chain: _Chain, x: torch.Tensor) -> torch.Tensor | None:
+def _run_chain(chain: _Chain, x: torch.Tensor, checked: bool = False) -> torch.Tensor | None:
     """One chain on ``x`` (any leading shape: each row of the flattened input is an
-    example, as for ``MePropLinear``) as one node, or None where it does not apply."""
+    example, as for ``MePropLinear``) as one node, or None where it does not apply
+    (``checked``: ``_applies(x)`` is known to hold)."""
     stack = chain.stack
-    if not (_applies(x) and kernels.usable(*stack.params)):
+    if not ((checked or _applies(x)) and kernels.usable(*stack.params)):
         return None
-    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    out = torch.ops.mesimp.mlp_forward(x2, stack.params, *stack.args)
-    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out.shape[-1])
+    if x.dim() == 2:
+        return _MLP_FORWARD(x, stack.params, *stack.args)
+    out = _MLP_FORWARD(x.reshape(-1, x.shape[-1]), stack.params, *stack.args)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _mlp_forward(*args: object) -> torch.Tensor:
+    """``torch.ops.mesimp.mlp_forward.default``, looked up once (the packet's overload
+    resolution costs at every call)."""
+    global _MLP_FORWARD
+    _MLP_FORWARD = torch.ops.mesimp.mlp_forward.default
+    return _MLP_FORWARD(*args)
+
+
+_MLP_FORWARD = _mlp_forward
 
 
 def fused_forward(seq: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -327,10 +340,9 @@ def fused_forward(seq: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     plan = _plan(seq)
     if plan is None:
         return None
+    if len(plan) == 1:  # the whole of seq is one chain: one node
+        return _run_chain(plan[0], x, checked=True)
     mods = list(seq._modules.values())
-    first = plan[0]
-    if isinstance(first, _Chain) and len(plan) == 1:  # the whole of seq: one node
-        return _run_chain(first, x)
     for item in plan:
         if isinstance(item, int):
             x = mods[item](x)
