@@ -385,3 +385,17 @@ def test_step_overhead_times_the_op_it_says(tmp_path):
     assert set(data["step_s"]) == set(so.VARIANTS)
     assert all(len(v) == 1 and v[0] > 0 for v in data["step_s"].values())
     assert data["meta"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+
+
+def test_conv_speed_quick_run_writes_every_part(tmp_path):
+    """benchmarks.conv_speed --quick: one resnet18 stage, both variants and the three parts
+    of the meProp backward, timed and written."""
+    from benchmarks import conv_speed
+
+    out = tmp_path / "conv.json"
+    assert conv_speed.main(["--quick", "--ks", "0.125", "--json", str(out)]) == 0
+    data = _strict_json(out)
+    (r,) = data["threads"]["1"]
+    assert (r["channels"], r["k"]) == (512, 64)
+    assert set(r["backward_s"]) == {"dense", "meprop"} and r["backward"]["min"] > 0
+    assert set(r["parts_s"]) == {"scores + top-k", "gather dy[:, S]", "conv backward on S"}
