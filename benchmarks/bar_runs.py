@@ -33,21 +33,29 @@ import torch
 from mesimp.deploy.timing import cpu_model
 from mesimp.files.atomic import atomic_write_text
 
-# (label, value key in a run's "values", target); a value is a ratio, or a ratio's share
-RATIO_BARS = (
-    ("train_step ÷ step ceiling (1 thread)", "train_step_of_ceiling/1", 0.85),
-    ("backward, loss.backward() (1 thread)", "backward/1", 5.0),
-    ("whole step, fused, loss.backward() (1 thread)", "step_fused/1", 2.2),
-    ("per-example top-k backward (1 thread)", "topk_backward/1", 3.0),
-    ("drop-in backward, H=500 (1 thread)", "dropin_backward_500/1", 4.0),
-    ("drop-in backward, H=500 (2 threads)", "dropin_backward_500/2", 3.0),
-    ("drop-in backward, H=4000 (1 thread)", "dropin_backward_4000/1", 20.0),
-    ("drop-in whole step ÷ its cap, H=500 (1 thread)", "dropin_of_cap_500/1", 0.8),
-    ("drop-in whole step ÷ its cap, H=4000 (1 thread)", "dropin_of_cap_4000/1", 0.8),
-)
 # the meProp ratios that must keep 0.9 of their 1-thread value at 2 threads
 SCALING = ("backward", "step_fused", "step_train_step", "topk_backward")
-BARS = RATIO_BARS + tuple((f"{name} at 2 threads ÷ at 1", f"{name}/2÷1", 0.9) for name in SCALING)
+WIDTHS = (500, 4000)  # the drop-in's narrow and wide H
+
+
+def bars(widths: tuple[int, int] = WIDTHS) -> tuple[tuple[str, str, float], ...]:
+    """(label, value key in a run's "values", target); a value is a ratio or a share."""
+    small, large = widths
+    return (
+        ("train_step ÷ step ceiling (1 thread)", "train_step_of_ceiling/1", 0.85),
+        ("backward, loss.backward() (1 thread)", "backward/1", 5.0),
+        ("whole step, fused, loss.backward() (1 thread)", "step_fused/1", 2.2),
+        ("per-example top-k backward (1 thread)", "topk_backward/1", 3.0),
+        (f"drop-in backward, H={small} (1 thread)", f"dropin_backward_{small}/1", 4.0),
+        (f"drop-in backward, H={small} (2 threads)", f"dropin_backward_{small}/2", 3.0),
+        (f"drop-in backward, H={large} (1 thread)", f"dropin_backward_{large}/1", 20.0),
+        (f"drop-in whole step ÷ its cap, H={small} (1 thread)", f"dropin_of_cap_{small}/1", 0.8),
+        (f"drop-in whole step ÷ its cap, H={large} (1 thread)", f"dropin_of_cap_{large}/1", 0.8),
+        *((f"{name} at 2 threads ÷ at 1", f"{name}/2÷1", 0.9) for name in SCALING),
+    )
+
+
+BARS = bars()
 
 
 def _speed_run(quick: bool, rounds: int) -> dict:
@@ -77,11 +85,12 @@ def _speed_run(quick: bool, rounds: int) -> dict:
     return values
 
 
-def _dropin_run(quick: bool, rounds: int) -> dict:
-    """One ``dropin_speed`` process at H=500 and 4000."""
+def _dropin_run(quick: bool, rounds: int, widths: tuple[int, int]) -> dict:
+    """One ``dropin_speed`` process at the two widths."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run.json"
-        cmd = [sys.executable, "-m", "benchmarks.dropin_speed", "--hidden", "500,4000"]
+        cmd = [sys.executable, "-m", "benchmarks.dropin_speed"]
+        cmd += ["--hidden", ",".join(map(str, widths))]
         cmd += ["--threads", "1,2", "--fused-adamw", "--json", str(out)]
         cmd += ["--quick"] if quick else ["--rounds", str(rounds)]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -97,8 +106,8 @@ def _dropin_run(quick: bool, rounds: int) -> dict:
     return values
 
 
-def one_run(rounds: int, quick: bool, dropin_rounds: int) -> dict:
-    values = _speed_run(quick, rounds) | _dropin_run(quick, dropin_rounds)
+def one_run(rounds: int, quick: bool, dropin_rounds: int, widths: tuple[int, int] = WIDTHS) -> dict:
+    values = _speed_run(quick, rounds) | _dropin_run(quick, dropin_rounds, widths)
     for name in SCALING:
         one, two = values.get(f"{name}/1"), values.get(f"{name}/2")
         values[f"{name}/2÷1"] = None if one is None or two is None else two / one
@@ -115,10 +124,10 @@ def _cell(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.2f}"
 
 
-def markdown(runs: list[dict]) -> str:
+def markdown(runs: list[dict], widths: tuple[int, int] = WIDTHS) -> str:
     head = ["bar", "target", *(f"run {i}" for i in range(1, len(runs) + 1)), "median", "met"]
     lines = ["| " + " | ".join(head) + " |", "|:---|" + "---:|" * (len(head) - 1)]
-    for label, key, target in BARS:
+    for label, key, target in bars(widths):
         med = _median(runs, key)
         met = "n/a" if med is None else ("yes" if med >= target else "**no**")
         cells = [label, f"≥ {target}", *(_cell(r["values"].get(key)) for r in runs)]
@@ -128,8 +137,8 @@ def markdown(runs: list[dict]) -> str:
         ("dense_step_ms/1", "dense step ms (MLP, 1 thread)"),
         ("step_ceiling/1", "step ceiling (1 thread)"),
         ("dense_step_ms/2", "dense step ms (MLP, 2 threads)"),
-        ("dropin_cap_500/1", "drop-in step cap, H=500 (1 thread)"),
-        ("dropin_cap_4000/1", "drop-in step cap, H=4000 (1 thread)"),
+        (f"dropin_cap_{widths[0]}/1", f"drop-in step cap, H={widths[0]} (1 thread)"),
+        (f"dropin_cap_{widths[1]}/1", f"drop-in step cap, H={widths[1]} (1 thread)"),
     ):
         vals = ", ".join(_cell(r["values"].get(key)) for r in runs)
         lines.append(f"- {what}: {vals}")
@@ -146,10 +155,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=25, help="meprop_speed's interleaved rounds")
     p.add_argument("--dropin-rounds", type=int, default=8, help="dropin_speed's rounds")
     p.add_argument("--quick", action="store_true", help="smoke test: --quick children")
+    p.add_argument(
+        "--dropin-hidden", default="500,4000", help="the drop-in's two widths (default 500,4000)"
+    )
     p.add_argument("--json", metavar="FILE", help="write the runs here")
     args = p.parse_args(argv)
     if args.runs < 1 or args.rounds < 1 or args.dropin_rounds < 1:
         p.error("--runs, --rounds and --dropin-rounds must be at least 1")
+    try:
+        small, large = (int(v) for v in args.dropin_hidden.split(","))
+    except ValueError:
+        p.error("--dropin-hidden takes two widths, e.g. 500,4000")
+    args.widths = (small, large)
     return args
 
 
@@ -158,13 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     runs = []
     for i in range(args.runs):
-        runs.append(one_run(args.rounds, args.quick, args.dropin_rounds))
+        runs.append(one_run(args.rounds, args.quick, args.dropin_rounds, args.widths))
         print(f"  run {i + 1}/{args.runs} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     cpu, capability = cpu_model(), torch.backends.cpu.get_cpu_capability()
     print(f"{cpu} ({capability}, {os.cpu_count()} CPUs)\n")
-    print(markdown(runs))
+    print(markdown(runs, args.widths))
     if args.json:
         meta = {"runs": args.runs, "rounds": args.rounds, "dropin_rounds": args.dropin_rounds}
+        meta["dropin_hidden"] = list(args.widths)
         meta |= {"quick": args.quick, "cpus": os.cpu_count(), "cpu_model": cpu}
         meta["cpu_capability"] = capability
         meta["elapsed_s"] = time.perf_counter() - t0
