@@ -58,12 +58,12 @@ def bars(widths: tuple[int, int] = WIDTHS) -> tuple[tuple[str, str, float], ...]
 BARS = bars()
 
 
-def _speed_run(quick: bool, rounds: int) -> dict:
+def _speed_run(quick: bool, rounds: int, threads: str) -> dict:
     """One ``meprop_speed`` process; the values the bars read, per thread count."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run.json"
         cmd = [sys.executable, "-m", "benchmarks.meprop_speed", "--batch-sizes", "50"]
-        cmd += ["--ks", "20", "--selections", "unified,topk", "--threads", "1,2"]
+        cmd += ["--ks", "20", "--selections", "unified,topk", "--threads", threads]
         cmd += ["--json", str(out), *(["--quick"] if quick else ["--rounds", str(rounds)])]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         data = json.loads(out.read_text())
@@ -85,13 +85,13 @@ def _speed_run(quick: bool, rounds: int) -> dict:
     return values
 
 
-def _dropin_run(quick: bool, rounds: int, widths: tuple[int, int]) -> dict:
+def _dropin_run(quick: bool, rounds: int, widths: tuple[int, int], threads: str) -> dict:
     """One ``dropin_speed`` process at the two widths."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run.json"
         cmd = [sys.executable, "-m", "benchmarks.dropin_speed"]
         cmd += ["--hidden", ",".join(map(str, widths))]
-        cmd += ["--threads", "1,2", "--fused-adamw", "--json", str(out)]
+        cmd += ["--threads", threads, "--fused-adamw", "--json", str(out)]
         cmd += ["--quick"] if quick else ["--rounds", str(rounds)]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         data = json.loads(out.read_text())
@@ -106,8 +106,15 @@ def _dropin_run(quick: bool, rounds: int, widths: tuple[int, int]) -> dict:
     return values
 
 
-def one_run(rounds: int, quick: bool, dropin_rounds: int, widths: tuple[int, int] = WIDTHS) -> dict:
-    values = _speed_run(quick, rounds) | _dropin_run(quick, dropin_rounds, widths)
+def one_run(
+    rounds: int,
+    quick: bool,
+    dropin_rounds: int,
+    widths: tuple[int, int] = WIDTHS,
+    threads: str = "1,2",
+) -> dict:
+    values = _speed_run(quick, rounds, threads)
+    values |= _dropin_run(quick, dropin_rounds, widths, threads)
     for name in SCALING:
         one, two = values.get(f"{name}/1"), values.get(f"{name}/2")
         values[f"{name}/2÷1"] = None if one is None or two is None else two / one
@@ -158,6 +165,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--dropin-hidden", default="500,4000", help="the drop-in's two widths (default 500,4000)"
     )
+    p.add_argument(
+        "--threads",
+        default="1,2",
+        choices=["1", "2", "1,2"],
+        help="thread counts to measure (default 1,2; the 2-thread bars need both)",
+    )
     p.add_argument("--json", metavar="FILE", help="write the runs here")
     args = p.parse_args(argv)
     if args.runs < 1 or args.rounds < 1 or args.dropin_rounds < 1:
@@ -175,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     runs = []
     for i in range(args.runs):
-        runs.append(one_run(args.rounds, args.quick, args.dropin_rounds, args.widths))
+        runs.append(one_run(args.rounds, args.quick, args.dropin_rounds, args.widths, args.threads))
         print(f"  run {i + 1}/{args.runs} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     cpu, capability = cpu_model(), torch.backends.cpu.get_cpu_capability()
     print(f"{cpu} ({capability}, {os.cpu_count()} CPUs)\n")
@@ -183,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         meta = {"runs": args.runs, "rounds": args.rounds, "dropin_rounds": args.dropin_rounds}
         meta["dropin_hidden"] = list(args.widths)
+        meta["threads"] = args.threads
         meta |= {"quick": args.quick, "cpus": os.cpu_count(), "cpu_model": cpu}
         meta["cpu_capability"] = capability
         meta["elapsed_s"] = time.perf_counter() - t0
