@@ -23,13 +23,11 @@ import copy
 import json
 import os
 import sys
-import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.meprop_speed import Runner, _ratios, interleaved, kernel_mode
+from benchmarks.meprop_speed import _ratios, backward_runner, interleaved, step_runner
 from mesimp.deploy.timing import cpu_model
 from mesimp.files.atomic import atomic_write_text
 from mesimp.nn import kernels
@@ -91,48 +89,19 @@ def variants(base: nn.Module, k: int) -> dict[str, nn.Module]:
     return {"dense": copy.deepcopy(base), "drop-in": fused, "drop-in, per layer": layer}
 
 
-def backward_runner(model: nn.Module, data: _Data) -> Runner:
-    params = list(model.parameters())
-
-    def run(n: int) -> float:
-        total = 0.0
-        with kernel_mode("auto"):
-            for _ in range(n):
-                for p in params:
-                    p.grad = None
-                x, y = data.next()
-                loss = F.cross_entropy(model(x), y)
-                t0 = time.perf_counter()
-                loss.backward()
-                total += time.perf_counter() - t0
-        return total
-
-    return run
-
-
-def step_runner(model: nn.Module, data: _Data) -> Runner:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def run(n: int) -> float:
-        with kernel_mode("auto"):
-            t0 = time.perf_counter()
-            for _ in range(n):
-                x, y = data.next()
-                opt.zero_grad()
-                F.cross_entropy(model(x), y).backward()
-                opt.step()
-            return time.perf_counter() - t0
-
-    return run
-
-
 def measure(k: int, rounds: int, iters: int) -> dict:
     torch.manual_seed(0)
     models = variants(Encoder(), k)
     data = _Data(0)
-    bwd = interleaved({n: backward_runner(m, data) for n, m in models.items()}, rounds, iters, 1)
+    runners = {n: backward_runner(m, data, "auto") for n, m in models.items()}
+    bwd = interleaved(runners, rounds, iters, 1)
+    torch.manual_seed(0)
     models = variants(Encoder(), k)
-    step = interleaved({n: step_runner(m, data) for n, m in models.items()}, rounds, iters, 1)
+    runners = {
+        n: step_runner(m, torch.optim.AdamW(m.parameters(), lr=1e-4), data, "auto")
+        for n, m in models.items()
+    }
+    step = interleaved(runners, rounds, iters, 1)
     return {
         "k": k,
         "backward_s": bwd,
