@@ -81,9 +81,7 @@ def _layer(m: nn.Linear, selection: int, k: int, masked: bool) -> _Layer:
 def _hooked(m: nn.Module) -> bool:
     """Whether ``m`` has module hooks: the fused path never calls a child's forward, so
     it would skip them; a hooked child is never part of a chain."""
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks) or bool(
-        m._backward_pre_hooks
-    )
+    return any((m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks))
 
 
 def _chain_end(mods: list[nn.Module], i: int) -> int:

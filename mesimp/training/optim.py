@@ -200,6 +200,7 @@ class _RowAdam(CompiledOptimizer):
     row-sparse (or lazily updated) gradients."""
 
     KIND = 0
+    DECOUPLED = False  # AdamW's weight decay (on the weights, not added to the gradient)
 
     def param_state(self, p: torch.Tensor, amsgrad: bool = False) -> dict:
         """``p``'s state, created on first use with the keys and types of torch's Adam
@@ -268,8 +269,6 @@ class _RowAdam(CompiledOptimizer):
                 if rows is not None:
                     for t, r in zip(tensors, picked, strict=True):
                         t.index_copy_(0, rows, r)
-
-    DECOUPLED = False
 
 
 def _rows(
@@ -351,7 +350,8 @@ class RowSparseAdamW(_RowAdam, torch.optim.AdamW):
     gradient this step keeps its weights, its moments and its value exactly: its moments
     do not decay, its momentum does not move it, and weight decay does not shrink it. The
     step counter (bias correction) is per parameter and counts every step that gave the
-    parameter a gradient. Rows that do have a gradient get AdamW's update exactly.
+    parameter a gradient. Rows that do have a gradient get AdamW's update (to float32
+    rounding: the compiled step does not fuse multiply-adds).
 
     A row-sparse (COO) gradient counts the same way: its rows that are not all zero.
     ``amsgrad``, ``maximize`` and tensor options take the Python step (one fused AdamW
