@@ -68,9 +68,10 @@ class GradBuffer:
         self.version = torch.full((), -1, dtype=torch.long)
 
     def __reduce__(self) -> tuple:
-        """Copies and pickles start empty: a copied tensor's version counter starts over,
-        so the recorded version would mean nothing, and the gradient itself is ``.grad``'s
-        business (deepcopy copies that)."""
+        """Pickled copies start empty: a copied tensor's version counter starts over, so
+        the recorded version would mean nothing, and the gradient itself is ``.grad``'s
+        business. (``copy.deepcopy`` of a Parameter carries no attributes at all: the
+        copy gets its own buffer on first use.)"""
         return (GradBuffer, ())
 
     def free(self) -> bool:
