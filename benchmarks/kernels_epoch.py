@@ -1,9 +1,11 @@
 """Training time per epoch, dense vs meProp k=20 vs meSimp, as ``mesimp train --json``
-reports it (``train_time_s``), Fashion-MNIST MLP 784-500-500-10, one thread.
+reports it (``train_time_s``), Fashion-MNIST MLP 784-500-500-10, at each thread count
+(``mesimp train --threads N``).
 
 Run::
 
-    python -m benchmarks.kernels_epoch [--rounds 3] [--epochs 1] [--data DIR] [--json FILE]
+    python -m benchmarks.kernels_epoch [--threads 1,2] [--rounds 3] [--epochs 1] [--data DIR]
+                                       [--json FILE]
 
 Each round trains every variant for ``--epochs`` epochs, one after another (the order
 alternates by round), through the same public ``mesimp.train`` that ``mesimp train``
@@ -47,9 +49,9 @@ def variants() -> dict[str, tuple[str, dict]]:
     }
 
 
-def run_one(data: str, out: Path, epochs: int, mode: str, overrides: dict) -> dict:
+def run_one(data: str, out: Path, epochs: int, mode: str, overrides: dict, threads: int) -> dict:
     cfg = TrainConfig(
-        data=data, epochs=epochs, output=str(out), threads=1, seed=1, evals_per_epoch=1
+        data=data, epochs=epochs, output=str(out), threads=threads, seed=1, evals_per_epoch=1
     )
     for key, value in overrides.items():
         setattr(cfg, key, value)
@@ -69,37 +71,44 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=DATA)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--threads", default="1", help="thread counts, e.g. 1,2 (default 1)")
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)
+    threads = [int(t) for t in args.threads.split(",")]
     vs = variants()
-    runs: dict[str, list[dict]] = {name: [] for name in vs}
+    keys = [(name, t) for t in threads for name in vs]
+    runs: dict[tuple[str, int], list[dict]] = {key: [] for key in keys}
     load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.rounds):
-            names = list(vs) if r % 2 == 0 else list(vs)[::-1]
-            for name in names:
+        for r in range(args.rounds):  # every variant and thread count in each round
+            for name, t in keys if r % 2 == 0 else keys[::-1]:
                 mode, overrides = vs[name]
-                out = Path(tmp) / f"{r}-{len(runs[name])}.pt"
-                runs[name].append(run_one(args.data, out, args.epochs, mode, overrides))
-                print(f"  round {r + 1} {name}: {runs[name][-1]}", file=sys.stderr, flush=True)
-    best = {name: min(x["per_epoch_s"] for x in rs) for name, rs in runs.items()}
-    dense = best["dense"]
-    print("| variant | kernel / step path | s per epoch (best round) | speed-up vs dense |")
-    print("|:---|:---|---:|---:|")
-    for name, rs in runs.items():
+                out = Path(tmp) / f"{r}-{t}-{len(runs[name, t])}.pt"
+                runs[name, t].append(run_one(args.data, out, args.epochs, mode, overrides, t))
+                print(f"  round {r + 1} {name} threads={t}: {runs[name, t][-1]}", file=sys.stderr)
+    best = {key: min(x["per_epoch_s"] for x in rs) for key, rs in runs.items()}
+    print("| variant | threads | kernel / step path | s per epoch (best round) | vs dense |")
+    print("|:---|---:|:---|---:|---:|")
+    for (name, t), rs in runs.items():
         print(
-            f"| {name} | {rs[0]['kernel']} / {rs[0]['step_path']} | {best[name]:.2f} "
-            f"| {dense / best[name]:.2f}x |"
+            f"| {name} | {t} | {rs[0]['kernel']} / {rs[0]['step_path']} | {best[name, t]:.2f} "
+            f"| {best['dense', t] / best[name, t]:.2f}x |"
         )
     print(
-        f"\n{args.rounds} rounds x {args.epochs} epoch(s) per variant, 1 thread; "
+        f"\n{args.rounds} rounds x {args.epochs} epoch(s) per variant and thread count; "
         f"1-min load average {load0:.2f} at start, {os.getloadavg()[0]:.2f} at end, "
         f"{os.cpu_count()} CPUs"
     )
     if args.json:
         meta = {"cpu_model": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
         meta |= {"cpus": os.cpu_count(), "rounds": args.rounds, "epochs": args.epochs}
-        doc = {"meta": meta, "runs": runs, "best_per_epoch_s": best}
+        meta["threads"] = threads
+        flat = {f"{name} @{t}": rs for (name, t), rs in runs.items()}
+        doc = {
+            "meta": meta,
+            "runs": flat,
+            "best_per_epoch_s": {f"{n} @{t}": v for (n, t), v in best.items()},
+        }
         atomic_write_text(args.json, json.dumps(doc, indent=1))
     return 0
 

@@ -2,7 +2,7 @@
 
 Run::
 
-    python -m benchmarks.meprop_speed [--quick] [--json FILE] [--threads N]
+    python -m benchmarks.meprop_speed [--quick] [--json FILE] [--threads 1,2]
 
 For each batch size b, top-k k and selection rule it reports
 
@@ -457,7 +457,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--quick", action="store_true", help="tiny repetition counts (smoke test)")
     p.add_argument("--json", metavar="FILE", help="write the raw numbers here")
-    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    p.add_argument(
+        "--threads",
+        default="1",
+        help="torch thread counts, each measured in turn, e.g. 1,2 (default 1); the JSON's "
+        "results carry a 'threads' field",
+    )
     p.add_argument("--rounds", type=int, help="interleaved rounds per configuration")
     p.add_argument("--iters", type=int, help="iterations per variant per round")
     p.add_argument("--warmup", type=int, help="warm-up iterations per variant")
@@ -473,38 +478,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.batch_sizes = [int(v) for v in args.batch_sizes.split(",")]
     args.ks = [int(v) for v in args.ks.split(",")]
     args.selections = [v.strip() for v in args.selections.split(",")]
+    try:
+        args.thread_counts = [int(v) for v in str(args.threads).split(",")]
+    except ValueError:
+        p.error("--threads takes comma-separated integers")
+    if min(args.thread_counts) < 1:
+        p.error("--threads must be at least 1")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     base = make_mlp()
     load_start = os.getloadavg()
     t_start = time.perf_counter()
-    results = []
-    for b in args.batch_sizes:
-        for k in args.ks:
-            for sel in args.selections:
-                results.append(
-                    bench_config(base, b, k, sel, args.rounds, args.iters, args.warmup, args.seed)
-                )
-                print(
-                    f"  done b={b} k={k} {sel} ({time.perf_counter() - t_start:.0f} s)",
-                    file=sys.stderr,
-                    flush=True,
-                )
-    best = summarize(results)
+    results, best, texts = [], {}, []
+    for threads in args.thread_counts:  # one thread count after the other, same model
+        torch.set_num_threads(threads)
+        these = []
+        for b in args.batch_sizes:
+            for k in args.ks:
+                for sel in args.selections:
+                    r = bench_config(
+                        base, b, k, sel, args.rounds, args.iters, args.warmup, args.seed
+                    )
+                    these.append({"threads": threads, **r})
+                    print(
+                        f"  done threads={threads} b={b} k={k} {sel} "
+                        f"({time.perf_counter() - t_start:.0f} s)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+        best[threads] = summarize(these)
+        results += these
+        texts.append((threads, these))
     load_end = os.getloadavg()
     args.loadavg = (load_start[0], load_end[0])
-    print(markdown(results, best, args))
+    for threads, these in texts:
+        args.threads = threads
+        print(f"### {threads} thread(s)\n")
+        print(markdown(these, best[threads], args))
+        print()
     elapsed = time.perf_counter() - t_start
     print(f"\n(total {elapsed:.0f} s)")
     if args.json:
         meta = {
             "torch": torch.__version__,
-            "threads": args.threads,
+            "threads": args.thread_counts,
             "python": platform.python_version(),
             "machine": platform.machine(),
             "cpu_model": cpu_model(),

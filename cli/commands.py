@@ -510,11 +510,28 @@ PYTHON_ONLY = ("module", "shrunk", "records", "arch")
 
 
 @cli.command(short_help="Show a checkpoint's or ONNX file's size, widths and accuracy.")
-@click.argument("path", type=click.Path())
+@click.argument("path", type=click.Path(), required=False)
+@click.option(
+    "--env",
+    is_flag=True,
+    help="Show the environment instead: versions, the CPU, and which meProp path runs "
+    "(the compiled kernels, where they were loaded from, or why not and how to build them).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the info object as JSON.")
-def info(path, as_json):
+def info(path, env, as_json):
     """Show a checkpoint's architecture, size, accuracy and update counters, or an ONNX
-    file's widths, size and metadata (for IN.onnx)."""
+    file's widths, size and metadata (for IN.onnx); with --env, the environment.
+
+    \b
+    Examples:
+      mesimp info models/k20.pt
+      mesimp info --env          # torch, CPU, meProp kernels: cpp (installed) or python + why
+    """
+    if env == (path is not None):
+        raise click.UsageError("give a checkpoint or ONNX file, or --env (not both)")
+    if env:
+        _env_report(as_json)
+        return
     from mesimp.models.info import path_info
 
     result = path_info(path)
@@ -555,6 +572,25 @@ def info(path, as_json):
             f"freq min/median/max={_fmt(c['freq_min'])}/{_fmt(c['freq_median'])}/"
             f"{_fmt(c['freq_max'])}"
         )
+
+
+def _env_report(as_json: bool) -> None:
+    from mesimp.env import environment
+
+    e = environment()
+    if as_json:
+        emit_json(e)
+        return
+    k = e["kernels"]
+    click.echo(f"mesimp {e['mesimp']}  python {e['python']} ({e['executable']})")
+    click.echo(f"torch {e['torch']} (git {e['torch_git'][:10]})  cuda {e['cuda']}")
+    click.echo(f"cpu {e['cpu_model']} ({e['cpu_capability']}), {e['threads']} torch threads")
+    where = f"{k['library']} ({k['source']})" if k["loaded"] else "none"
+    click.echo(f"meProp path: {k['path']} (mode {k['mode']}); kernels ABI {k['abi']}: {where}")
+    if k["error"] and not k["loaded"] and k["mode"] != "python":
+        click.echo(f"  why not: {k['error']}")
+        click.echo(f"  build them: {k['build_command']}")
+    click.echo(f"kernel cache: {k['cache_dir']}  compiler: {k['compiler'] or 'none'}")
 
 
 def _fmt(x) -> str:

@@ -25,6 +25,7 @@ from mesimp.training.loop import train
 from mesimp.training.optim import (
     RowSparseAdagrad,
     RowSparseAdam,
+    RowSparseAdamW,
     RowSparseSGD,
     build_optimizer,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "MesimpError",
     "RowSparseAdagrad",
     "RowSparseAdam",
+    "RowSparseAdamW",
     "RowSparseSGD",
     "Simplifier",
     "SimplifyConfig",

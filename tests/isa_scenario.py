@@ -17,26 +17,14 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno"]  # setup.py's
 
 
 def build_baseline(build_dir: Path) -> Path:
-    """Compile the kernels without ISA clones (setuptools, as setup.py; with ninja where
-    it is installed, which compiles the two sources in parallel)."""
-    from setuptools import Distribution
-    from torch.utils.cpp_extension import BuildExtension, CppExtension, is_ninja_available
+    """Compile the kernels without ISA clones, with the builder and flags of the first-use
+    build (``mesimp.nn.build``, the flags ``setup.py``'s)."""
+    from mesimp.nn.build import compile_kernels
 
-    sources = [str(REPO / "mesimp/csrc" / f) for f in ("kernels.cpp", "lstm_kernels.cpp")]
-    ext = CppExtension("_C", sources, extra_compile_args=[*FLAGS, "-DMESIMP_NO_CLONES"])
-    build_ext = BuildExtension.with_options(use_ninja=is_ninja_available())
-    dist = Distribution({"name": "mesimp-baseline", "ext_modules": [ext]})
-    dist.cmdclass = {"build_ext": build_ext}
-    cmd = dist.get_command_obj("build_ext")
-    cmd.build_lib, cmd.build_temp = str(build_dir / "lib"), str(build_dir / "tmp")
-    cmd.ensure_finalized()
-    cmd.run()
-    (so,) = (build_dir / "lib").glob("_C*.so")
-    return so
+    return compile_kernels(build_dir / "_C.so", extra=["-DMESIMP_NO_CLONES"])
 
 
 def use_build(so: Path) -> None:

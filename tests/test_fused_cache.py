@@ -198,13 +198,19 @@ def test_a_dtype_change_in_place_leaves_the_fused_path():
 
 def test_module_hooks_keep_the_per_layer_path():
     """The fused path never calls a child's forward, so a child with hooks (or a global
-    module hook) takes the per-layer path, and the hook fires."""
+    module hook) takes the per-layer path, and the hook fires; the rest of a chain after
+    the hooked layer still runs as one node."""
     model, _ = _setup()
     x, _ = _batch(0)
     assert fused.is_fused_node(model(x).grad_fn)
     seen = []
-    handle = model[0].register_forward_hook(lambda m, i, o: seen.append("child"))
+    handle = model[2].register_forward_hook(lambda m, i, o: seen.append("child"))
     assert not fused.is_fused_node(model(x).grad_fn) and seen == ["child"]
+    handle.remove()
+    handle = model[0].register_forward_hook(lambda m, i, o: seen.append("first"))
+    out = model(x)  # layer 0 alone, then layers 2..4 as one node
+    assert fused.is_fused_node(out.grad_fn) and seen == ["child", "first"]
+    assert not fused.is_fused_node(out.grad_fn.next_functions[0][0])
     handle.remove()
     assert fused.is_fused_node(model(x).grad_fn)
     handle = torch.nn.modules.module.register_module_forward_hook(
@@ -230,9 +236,11 @@ def test_a_subclass_keeps_its_own_forward():
     new = Scaled(old.in_features, old.out_features, config=old.meprop_config)
     new.load_state_dict(old.state_dict())
     model[0] = new
-    out = model(x)
-    assert not fused.is_fused_node(out.grad_fn)
+    out = model(x)  # the subclass alone (its own forward), then layers 2..4 as one node
     assert not torch.equal(out, ref)
+    assert not fused.is_fused_node(out.grad_fn.next_functions[0][0])
+    model[2] = Scaled(16, 16, config=old.meprop_config)  # no chain left
+    assert not fused.is_fused_node(model(x).grad_fn)
 
 
 def test_the_onnx_flags_are_torchs():

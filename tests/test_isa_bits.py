@@ -37,15 +37,13 @@ def _run(out: Path, *extra: str) -> tuple[Path, dict[str, torch.Tensor]]:
     return Path(got["library"]), got["tensors"]
 
 
-def test_the_baseline_build_uses_setup_pys_flags():
-    """The scenario's build must differ from the installed one only by the clones."""
-    sys.path.insert(0, str(SCENARIO.parent))
-    try:
-        from isa_scenario import FLAGS, REPO
-    finally:
-        sys.path.remove(str(SCENARIO.parent))
-    setup = (REPO / "setup.py").read_text()
-    assert f"extra_compile_args={FLAGS!r}".replace("'", '"') in setup
+def test_the_builds_use_setup_pys_flags():
+    """The first-use build (and so the baseline one here) compiles with setup.py's flags,
+    so that they differ from the installed build only by the clones."""
+    from mesimp.nn.build import CFLAGS
+
+    setup = (Path(__file__).resolve().parents[1] / "setup.py").read_text()
+    assert f"extra_compile_args={CFLAGS!r}".replace("'", '"') in setup
 
 
 def test_the_baseline_build_gives_the_dispatched_builds_bits(tmp_path):

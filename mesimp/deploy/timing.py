@@ -30,6 +30,7 @@ import numpy as np
 from mesimp.deploy.int8 import probe_u8s8_exact
 from mesimp.deploy.ort_errors import ort_message
 from mesimp.errors import BadInputError
+from mesimp.nn import kernels
 
 __all__ = [
     "AUTO_BUDGET_S",
@@ -182,4 +183,7 @@ def machine_info() -> dict[str, Any]:
         "onnxruntime": ort.__version__,
         "numpy": np.__version__,
         "int8_u8s8_exact": probe_u8s8_exact(),
+        # which meProp path training takes here (bench times inference, which has none;
+        # it does not start a first-use build to find out)
+        "meprop_kernel": kernels.kernel_name(allow_build=False),
     }

@@ -72,19 +72,19 @@ class MePropConv2dFunction(torch.autograd.Function):
         if state.count:
             state.hits.add_(keep.long() * n if keep.dim() == 1 else keep.sum(0))
             state.ref.add_(n)
-        shape = (1, -1, 1, 1) if keep.dim() == 1 else (*keep.shape, 1, 1)
-        g = u * keep.view(shape).to(u.dtype)
-        if alpha > 0:
-            state.memory = (u - g).mul_(alpha)
 
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_x = grad_w = grad_b = None
-        if has_bias and ctx.needs_input_grad[2]:
-            grad_b = g.sum((0, 2, 3))
         if keep.dim() == 1 and groups == 1:
-            # one set of channels for the batch: the backward on the k selected filters
+            # one set of channels for the batch: the backward on the k selected filters,
+            # from the k channels of u gathered once (no masked copy of the whole dy: at
+            # resnet18's first stage that pass cost as much as the convolutions)
             sel = keep.nonzero().squeeze(1)
-            g_sel, w_sel = g.index_select(1, sel), weight.index_select(0, sel)
+            g_sel, w_sel = u.index_select(1, sel), weight.index_select(0, sel)
+            if alpha > 0:
+                state.memory = u.mul(alpha).index_fill_(1, sel, 0.0)
+            if has_bias and ctx.needs_input_grad[2]:
+                grad_b = u.new_zeros(u.shape[1]).index_copy_(0, sel, g_sel.sum((0, 2, 3)))
             gx, gw, _ = torch.ops.aten.convolution_backward(
                 g_sel, x, w_sel, None, stride, padding, dilation, False, [0, 0], 1,
                 [need_x, need_w, False],
@@ -92,11 +92,17 @@ class MePropConv2dFunction(torch.autograd.Function):
             if need_w:
                 grad_w = weight.new_zeros(weight.shape).index_copy_(0, sel, gw)
             grad_x = gx
-        else:
-            grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-                g, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
-                [need_x, need_w, False],
-            )  # fmt: skip
+            return grad_x, grad_w, grad_b, None, None, None, None, None, None
+        shape = (1, -1, 1, 1) if keep.dim() == 1 else (*keep.shape, 1, 1)
+        g = u * keep.view(shape).to(u.dtype)
+        if alpha > 0:
+            state.memory = (u - g).mul_(alpha)
+        if has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.sum((0, 2, 3))
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+            g, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
+            [need_x, need_w, False],
+        )  # fmt: skip
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 

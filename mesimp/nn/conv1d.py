@@ -67,7 +67,7 @@ class MePropConv1D(MePropCounters, nn.Module):
         return plain
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return meprop_linear(self, x, self.weight.t(), self.bias)
+        return meprop_linear(self, x, self.weight.t(), self.bias, buffered=False)
 
     def extra_repr(self) -> str:
         c = self.meprop_config

@@ -1,23 +1,29 @@
-"""The fused path for a Linear-ReLU stack: one autograd node, and one call per step.
+"""The fused path for chains of Linear layers: one autograd node, and one call per step.
 
-``fused_forward(seq, x)`` runs an ``nn.Sequential`` of ``[Linear, ReLU, ..., Linear]``
-(each Linear plain or ``MePropLinear``) as *one* autograd node, ``torch.ops.mesimp.
-mlp_forward``: a C++ autograd Function whose backward is the whole stack's meProp
-backward, behind ``loss.backward()``; nothing changes for the user. Why: at meProp's
-sizes the backward's own work is a few small GEMMs, and the autograd engine's per-node
-cost (~40 % of ``loss.backward()`` with one node per op, and ~0.1 ms for one Python
-node) is what is left to remove.
+A *chain* is a run of children of an ``nn.Sequential``: ``Linear``, then any number of
+``[ReLU | GELU] [Dropout] Linear``, each Linear plain or ``MePropLinear`` with at least one
+meProp layer in it: a user's MLP, a transformer's FFN (``Linear, GELU, Dropout, Linear``),
+an MLP head, mesimp's own ``MLP``. ``fused_forward(seq, x)`` runs each chain of ``seq``
+as *one* autograd node, ``torch.ops.mesimp.mlp_forward``: a C++ autograd Function whose
+backward is the whole chain's meProp backward, behind ``loss.backward()``; the other
+children run as usual. Why: at meProp's sizes the backward's own work is a few small
+GEMMs, and the autograd engine's per-node cost (~40 % of ``loss.backward()`` with one node
+per op, ~0.1 ms for one Python node) is what is left to remove.
 
-``train_step(model, x, y, optimizer)`` goes further: forward, mean cross-entropy,
-backward and the optimizer's update (``RowSparseAdam``, ``RowSparseAdagrad`` or
-``RowSparseSGD``) in one call (``torch.ops.mesimp.mlp_train_step``), the fastest path
-for mesimp's trainer. Both compute what the per-layer path computes (same selections,
-counters, MSBP memories, masks; gradients within float tolerance, unified selection:
-the same bits; the optimizer step within float32 rounding of torch's, and the same bits
-on both fused paths) and fall back to it whenever they do not apply
-(kernels off or missing, not float32 CPU, the reference's heap selection, autocast,
-dropout, other layer types or subclasses, module hooks): ``fused_forward`` then returns
-None and ``train_step`` runs the ordinary step.
+``meprop_`` makes every ``nn.Sequential`` that holds a chain take this path
+(:func:`fuse_sequentials_`: its class becomes :class:`MePropSequential`, the parametrize
+trick, so identity, children, hooks and ``state_dict`` stay); ``unmeprop`` takes it out.
+
+``train_step(model, x, y, optimizer)`` goes further for a model that *is* one chain:
+forward, mean cross-entropy, backward and the optimizer's update (``RowSparseAdam``,
+``RowSparseAdamW``, ``RowSparseAdagrad`` or ``RowSparseSGD``) in one call
+(``torch.ops.mesimp.mlp_train_step``), the fastest path for mesimp's trainer. Both compute
+what the per-layer path computes (same selections, counters, MSBP memories, masks, dropout
+draws; gradients within float tolerance, unified selection: the same bits; the optimizer
+step within float32 rounding of torch's, and the same bits on both fused paths) and fall
+back to it whenever they do not apply (kernels off or missing, not float32 CPU, the
+reference's heap selection, autocast, other layer types or subclasses, module hooks):
+``fused_forward`` then returns None and ``train_step`` runs the ordinary step.
 """
 
 from __future__ import annotations
@@ -30,19 +36,41 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module
 
-from mesimp.nn import kernels
+from mesimp.nn import grad_buffer, kernels
 from mesimp.nn.arg_cache import same
 from mesimp.nn.linear import MePropLinear
 from mesimp.training.optim import CompiledOptimizer
+
+# the activation codes of kernels.cpp (Act); GELU by its ``approximate``
+_RELU, _GELU = 1, {"none": 2, "tanh": 3}
+
+
+def _act_code(m: nn.Module) -> int | None:
+    """The kernels' code of an activation child, or None if it is not one they run."""
+    if type(m) is nn.ReLU:
+        return _RELU
+    if type(m) is nn.GELU:
+        return _GELU.get(m.approximate)
+    return None
+
+
+def _is_dropout(m: nn.Module) -> bool:
+    return type(m) is nn.Dropout and 0.0 <= m.p < 1.0
+
+
+def _is_linear(m: nn.Module) -> bool:
+    return type(m) in (nn.Linear, MePropLinear)
 
 
 @dataclass
 class _Layer:
     linear: nn.Linear
-    selection: int  # 0 dense (plain Linear, or meProp off), 1 unified, 2 per-example top-k
+    selection: int  # 0 dense (plain Linear, or meProp off), 1 unified, 2 top-k, 3 random
     k: int
     masked: bool
     params: tuple[nn.Parameter, ...] = ()  # weight, then the bias if any
+    act: int = 0  # the activation after it (0: none)
+    dropout: nn.Dropout | None = None  # the dropout after it
 
 
 def _layer(m: nn.Linear, selection: int, k: int, masked: bool) -> _Layer:
@@ -52,65 +80,77 @@ def _layer(m: nn.Linear, selection: int, k: int, masked: bool) -> _Layer:
 
 def _hooked(m: nn.Module) -> bool:
     """Whether ``m`` has module hooks: the fused path never calls a child's forward, so
-    it would skip them; such a stack takes the per-layer path."""
+    it would skip them; a hooked child is never part of a chain."""
     return any((m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks))
 
 
-def plan(seq: nn.Module) -> list[_Layer] | None:
-    """The stack's layers if ``seq`` is a fusable Linear-ReLU chain with meProp in it:
-    exactly ``nn.Linear`` / ``MePropLinear`` and ``nn.ReLU`` (a subclass may have its own
-    forward), none with hooks."""
-    if not isinstance(seq, nn.Sequential):
-        return None
-    mods = list(seq)
-    if len(mods) % 2 == 0:
-        return None
+def _chain_end(mods: list[nn.Module], i: int) -> int:
+    """The end (exclusive) of the chain of Linear layers starting at ``mods[i]``, a Linear:
+    ``Linear ([act] [Dropout] Linear)*``, no child with hooks."""
+    end = j = i + 1
+    while True:
+        t = j
+        if t < len(mods) and _act_code(mods[t]) is not None and not _hooked(mods[t]):
+            t += 1
+        if t < len(mods) and _is_dropout(mods[t]) and not _hooked(mods[t]):
+            t += 1
+        if t < len(mods) and _is_linear(mods[t]) and not _hooked(mods[t]):
+            end = j = t + 1
+            continue
+        return end
+
+
+def _chain_layers(mods: list[nn.Module]) -> list[_Layer] | None:
+    """The layers of one chain ``mods`` (as ``_chain_end`` found it), or None where no
+    layer in it does meProp (nothing to fuse) or one runs the reference's heap."""
     layers: list[_Layer] = []
     meprop = False
-    for i, m in enumerate(mods):
-        if _hooked(m):
-            return None
-        if i % 2 == 1:
-            if type(m) is not nn.ReLU:
-                return None
-            continue
-        if type(m) is MePropLinear:
-            cfg = m.meprop_config
-            masked = m.active_width < m.out_features
-            k = m.k
-            if k == 0 or (k >= m.out_features and not masked):
-                layers.append(_layer(m, 0, 0, masked))
-                continue
-            code = kernels.SELECTION_CODE.get(cfg.backward_selection)
-            if code is None:  # the reference's heap: the Python path
-                return None
-            layers.append(_layer(m, code, k, masked))
-            meprop = True
-        elif type(m) is nn.Linear:
-            layers.append(_layer(m, 0, 0, False))
+    for m in mods:
+        if _is_linear(m):
+            if type(m) is MePropLinear:
+                masked = m.active_width < m.out_features
+                k = m.k
+                if k == 0 or (k >= m.out_features and not masked):
+                    layers.append(_layer(m, 0, 0, masked))
+                    continue
+                code = kernels.SELECTION_CODE.get(m.meprop_config.backward_selection)
+                if code is None:  # the reference's heap: the Python path
+                    return None
+                layers.append(_layer(m, code, k, masked))
+                meprop = True
+            else:
+                layers.append(_layer(m, 0, 0, False))
+        elif _is_dropout(m):
+            layers[-1].dropout = m
         else:
-            return None
+            layers[-1].act = _act_code(m)
     return layers if meprop else None
 
 
 def _flags(layer: _Layer) -> int:
     m = layer.linear
+    act = layer.act << 5
     if not isinstance(m, MePropLinear):
-        return 2 if m.bias is not None else 0
+        return act | (2 if m.bias is not None else 0)
     cfg = m.meprop_config
+    buffered = layer.selection and not cfg.sparse_grad and grad_buffer.of(m.weight) is not None
     return (
-        int(m.counting)
+        act
+        | int(m.counting)
         | (2 if m.bias is not None else 0)
         | (4 if cfg.dense_bias else 0)
         | (8 if cfg.sparse_grad else 0)
+        | (16 if buffered else 0)
     )
 
 
 def _lists(layers: list[_Layer]) -> tuple:
-    """The per-layer arguments of the kernels, read now (counting, memories, masks). An
-    MSBP layer's memory is a tensor the backward repoints (``Tensor.set_``) at its new
-    memory, so ``MePropState.memory`` is up to date after every backward."""
+    """The per-layer arguments of the kernels, read now (counting, memories, masks, dropout,
+    gradient buffers). An MSBP layer's memory is a tensor the backward repoints
+    (``Tensor.set_``) at its new memory, so ``MePropState.memory`` is up to date after
+    every backward; a dense-gradient layer's ``GradBuffer`` tensors are updated in place."""
     masks, memories, hits, refs, ks, sels, alphas, flags = [], [], [], [], [], [], [], []
+    dropouts, buffers = [], []
     for lay in layers:
         m = lay.linear
         mp = isinstance(m, MePropLinear)
@@ -125,61 +165,101 @@ def _lists(layers: list[_Layer]) -> tuple:
         sels.append(lay.selection)
         alphas.append(float(alpha))
         flags.append(_flags(lay))
-    return masks, memories, hits, refs, ks, sels, alphas, flags
+        drop = lay.dropout
+        dropouts.append(float(drop.p) if drop is not None and drop.training else 0.0)
+        if flags[-1] & 16:
+            gb = grad_buffer.of(m.weight)
+            gb.match(m.weight)
+            buffers += [gb.buf, gb.rows, gb.version]
+    return masks, memories, hits, refs, ks, sels, alphas, flags, dropouts, buffers
 
 
 _NO_COUNT = torch.zeros((), dtype=torch.long)  # a dense layer's unused counter slot
 
 
-def _params(layers: list[_Layer]) -> list[nn.Parameter]:
-    return [p for lay in layers for p in lay.params]
-
-
 @dataclass(frozen=True)
 class _Stack:
-    """A fusable stack's kernel arguments: its parameters, then ``_lists``'."""
+    """A chain's kernel arguments: its parameters, then ``_lists``'."""
 
     params: list[nn.Parameter]
     args: tuple
 
 
-_CACHE = "_mesimp_fused_stack"  # where a Sequential keeps (key, _Stack) in its __dict__
+@dataclass(frozen=True)
+class _Chain:
+    """Children ``start:end`` of a Sequential, run as one node."""
+
+    start: int
+    end: int
+    stack: _Stack
 
 
-def _key(seq: nn.Sequential) -> tuple | None:
-    """Everything ``plan`` and ``_lists`` read from ``seq``, as a key
-    (``mesimp.nn.arg_cache``); None where a child has hooks."""
-    key: list = []
+_CACHE = "_mesimp_fused_stack"  # where a Sequential keeps (key, plan) in its __dict__
+
+
+def _key(seq: nn.Sequential) -> tuple:
+    """Everything the plan reads from ``seq``, as a key (``mesimp.nn.arg_cache``)."""
+    key: list = [grad_buffer.is_enabled()]  # whether the layers take their gradient buffers
     for m in seq._modules.values():
-        if _hooked(m):
-            return None
-        key.append(m)
+        key += (m, _hooked(m))
         key.extend(m._parameters.values())
         if type(m) is MePropLinear:
             cfg, state = m.meprop_config, m._state
             key += (m._active, m.out_features, m.hits, m.ref, m._buffers["mask"], cfg, state)
             key.extend(vars(cfg).values())
             key.extend(vars(state).values())
+            gb = m.weight.__dict__.get(grad_buffer.ATTR)
+            key.append(gb)
+            if gb is not None:
+                key.extend(vars(gb).values())
+        elif type(m) is nn.Dropout:
+            key += (m.p, m.training)
+        elif type(m) is nn.GELU:
+            key.append(m.approximate)
     return tuple(key)
 
 
-def _stack(seq: nn.Module) -> _Stack | None:
-    """``seq``'s kernel arguments, or None where it is not a fusable stack. Kept in
-    ``seq`` while its key holds: rebuilding them each call cost ~0.1 ms a step."""
+def _make_plan(seq: nn.Module) -> list[_Chain | int] | None:
+    """``seq``'s children as chains and single children (their indices), or None where no
+    chain does meProp."""
+    mods = list(seq._modules.values())
+    plan: list[_Chain | int] = []
+    i = 0
+    while i < len(mods):
+        end = _chain_end(mods, i) if _is_linear(mods[i]) and not _hooked(mods[i]) else i + 1
+        layers = _chain_layers(mods[i:end]) if end - i > 1 else None
+        if layers is None:
+            plan.extend(range(i, end))
+        else:
+            params = [p for lay in layers for p in lay.params]
+            plan.append(_Chain(i, end, _Stack(params, _lists(layers))))
+        i = end
+    return plan if any(isinstance(c, _Chain) for c in plan) else None
+
+
+def _plan(seq: nn.Module) -> list[_Chain | int] | None:
+    """``seq``'s plan, kept in ``seq`` while its key holds: rebuilding the kernel arguments
+    each call cost ~0.1 ms a step."""
+    if not isinstance(seq, nn.Sequential):
+        return None
     entry = seq.__dict__.get(_CACHE)
     if entry is not None:
-        key = _key(seq)
-        if key is not None and same(entry[0], key):
+        if same(entry[0], _key(seq)):
             return entry[1]
         del seq.__dict__[_CACHE]
-    layers = plan(seq)
-    if layers is None:
+    plan = _make_plan(seq)
+    # the key after _lists, which may give an MSBP layer its memory tensor, a layer its buffer
+    seq.__dict__[_CACHE] = (_key(seq), plan)
+    return plan
+
+
+def _stack(seq: nn.Module) -> _Stack | None:
+    """The kernel arguments of ``seq`` if it is one chain, child for child (what
+    ``train_step`` takes); else None."""
+    plan = _plan(seq)
+    if plan is None or len(plan) != 1 or plan[0].end != len(seq._modules):
         return None
-    stack = _Stack(_params(layers), _lists(layers))
-    key = _key(seq)  # after _lists, which may give an MSBP layer its memory tensor
-    if key is not None:
-        seq.__dict__[_CACHE] = (key, stack)
-    return stack
+    return plan[0].stack
 
 
 @functools.cache
@@ -215,8 +295,9 @@ def _global_module_hooks() -> bool:
 def _applies(x: torch.Tensor) -> bool:
     return (
         torch.is_grad_enabled()
-        and x.dim() == 2
         and kernels.usable(x)
+        and x.dim() >= 1
+        and x.numel() > 0
         and not torch.jit.is_tracing()
         and not torch.compiler.is_compiling()
         and not _onnx_exporting()
@@ -225,14 +306,124 @@ def _applies(x: torch.Tensor) -> bool:
     )
 
 
+def _run_chain(chain: _Chain, x: torch.Tensor, checked: bool = False) -> torch.Tensor | None:
+    """One chain on ``x`` (any leading shape: each row of the flattened input is an
+    example, as for ``MePropLinear``) as one node, or None where it does not apply
+    (``checked``: ``_applies(x)`` is known to hold)."""
+    stack = chain.stack
+    if not ((checked or _applies(x)) and kernels.usable(*stack.params)):
+        return None
+    if x.dim() == 2:
+        return _MLP_FORWARD(x, stack.params, *stack.args)
+    out = _MLP_FORWARD(x.reshape(-1, x.shape[-1]), stack.params, *stack.args)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _mlp_forward(*args: object) -> torch.Tensor:
+    """``torch.ops.mesimp.mlp_forward.default``, looked up once (the packet's overload
+    resolution costs at every call)."""
+    global _MLP_FORWARD
+    _MLP_FORWARD = torch.ops.mesimp.mlp_forward.default
+    return _MLP_FORWARD(*args)
+
+
+_MLP_FORWARD = _mlp_forward
+
+
 def fused_forward(seq: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """``seq(x)`` as one autograd node, or None where the fused path does not apply."""
+    """``seq(x)`` with each chain of ``seq`` as one autograd node, or None where no chain
+    applies to ``x`` (then run ``seq`` as usual)."""
     if not _applies(x):
         return None
-    stack = _stack(seq)
-    if stack is None or not kernels.usable(*stack.params):
+    plan = _plan(seq)
+    if plan is None:
         return None
-    return torch.ops.mesimp.mlp_forward(x, stack.params, *stack.args)
+    if len(plan) == 1:  # the whole of seq is one chain: one node
+        return _run_chain(plan[0], x, checked=True)
+    mods = list(seq._modules.values())
+    for item in plan:
+        if isinstance(item, int):
+            x = mods[item](x)
+            continue
+        out = _run_chain(item, x)
+        if out is None:
+            for m in mods[item.start : item.end]:
+                x = m(x)
+        else:
+            x = out
+    return x
+
+
+class MePropSequential(nn.Sequential):
+    """An ``nn.Sequential`` whose chains of Linear layers with meProp in them run as one
+    fused autograd node each (``fused_forward``); where that does not apply, exactly
+    ``nn.Sequential``. ``meprop_`` sets a Sequential's class to it in place
+    (:func:`fuse_sequentials_`); ``unmeprop`` sets it back. A subclass of ``nn.Sequential``
+    that keeps its forward gets a class made the same way (:func:`fused_class`)."""
+
+    _mesimp_base: type[nn.Sequential] = nn.Sequential
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - Sequential's name
+        out = fused_forward(self, input) if isinstance(input, torch.Tensor) else None
+        return out if out is not None else self._mesimp_base.forward(self, input)
+
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        """Pickle and deepcopy rebuild the fused class from the plain one, so a class made
+        for a subclass (not importable by name) round-trips too."""
+        rv = super().__reduce_ex__(protocol)
+        return (_new_fused, (self._mesimp_base,), *rv[2:])
+
+
+@functools.cache
+def fused_class(base: type[nn.Sequential]) -> type[nn.Sequential]:
+    """The fused class for ``base`` (``nn.Sequential`` or a subclass keeping its forward)."""
+    if base is nn.Sequential:
+        return MePropSequential
+    name = f"MeProp{base.__name__}"
+    return type(name, (MePropSequential, base), {"_mesimp_base": base, "__module__": __name__})
+
+
+def _new_fused(base: type[nn.Sequential]) -> nn.Module:
+    cls = fused_class(base)
+    return cls.__new__(cls)
+
+
+def _fusable_class(m: nn.Module) -> bool:
+    cls = type(m)
+    return (
+        isinstance(m, nn.Sequential)
+        and not issubclass(cls, MePropSequential)
+        and cls.forward is nn.Sequential.forward
+    )
+
+
+def fuse_sequentials_(model: nn.Module) -> nn.Module:
+    """In place: every ``nn.Sequential`` in ``model`` (itself included) with a chain of
+    Linear layers holding a ``MePropLinear`` becomes a :class:`MePropSequential`, so the
+    chain runs fused behind ``loss.backward()``. Subclasses with their own ``forward``
+    (mesimp's ``MLP`` calls ``fused_forward`` itself) are left alone. Returns ``model``."""
+    for m in model.modules():
+        if not _fusable_class(m):
+            continue
+        mods = list(m._modules.values())
+        ends = {i: _chain_end(mods, i) for i, c in enumerate(mods) if _is_linear(c)}
+        if any(end - i > 1 and _has_meprop(mods[i:end]) for i, end in ends.items()):
+            m.__class__ = fused_class(type(m))
+    return model
+
+
+def _has_meprop(mods: list[nn.Module]) -> bool:
+    return any(type(m) is MePropLinear for m in mods)
+
+
+def unfuse_sequentials_(model: nn.Module) -> nn.Module:
+    """In place: undo :func:`fuse_sequentials_` where no ``MePropLinear`` is left among a
+    Sequential's children (plain PyTorch classes again)."""
+    for m in model.modules():
+        if isinstance(m, MePropSequential) and not _has_meprop(list(m._modules.values())):
+            m.__class__ = m._mesimp_base
+            m.__dict__.pop(_CACHE, None)
+    return model
 
 
 FUSED_NODE = "torch::autograd::CppNode<mesimp::StackFunction>"
@@ -267,7 +458,7 @@ def fused_train_step(
     """One compiled step: ``(loss, bad)`` (``bad``: the parameter whose gradient held
     NaN/Inf, checked when ``check_grads``, else None), or None where it does not apply.
     A non-finite loss or gradient leaves parameters and optimizer state untouched."""
-    if not (_applies(x) and y.dtype == torch.long and y.dim() == 1):
+    if not (_applies(x) and x.dim() == 2 and y.dtype == torch.long and y.dim() == 1):
         return None
     stack = _stack(model)
     if stack is None:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mesimp.nn import grad_buffer
 from mesimp.nn.meprop import MePropConfig, MePropLinearFunction, MePropState
 
 __all__ = ["MePropConfig", "MePropCounters", "MePropLinear", "autocast_off", "meprop_linear"]
@@ -116,10 +117,16 @@ def autocast_off(x: torch.Tensor) -> Iterator[torch.dtype | None]:
 
 
 def meprop_linear(
-    layer: MePropCounters, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    layer: MePropCounters,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    buffered: bool = True,
 ) -> torch.Tensor:
-    """``x W^T + b`` (``weight [out, in]``, may be a view) with the layer's meProp backward,
-    counters and mask; any leading shape of ``x``."""
+    """``x W^T + b`` (``weight [out, in]``) with the layer's meProp backward, counters
+    and mask; any leading shape of ``x``. ``buffered``: the weight is the Parameter
+    itself (not a view), so its dense gradient can live in a persistent buffer
+    (``mesimp.nn.grad_buffer``)."""
     out_features, in_features = weight.shape
     masked = layer._active < out_features
     k = layer.k
@@ -129,13 +136,19 @@ def meprop_linear(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
     cfg = layer.meprop_config
+    # the weight's persistent dense gradient (mesimp.nn.grad_buffer), where the backward
+    # hands its gradient straight to the Parameter: not under autocast (the gradient
+    # then goes through the cast to float32) nor with row-sparse gradients
+    gb = None
     with autocast_off(x2) as dtype:  # torch.amp: the GEMMs run in autocast's dtype
         if dtype is not None:
             x2, weight = x2.to(dtype), weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
+        elif not cfg.sparse_grad and buffered:
+            gb = grad_buffer.of(weight)
         out = MePropLinearFunction.apply(
             x2, weight, bias, k, cfg.backward_selection, cfg.msbp_alpha, cfg.sparse_grad,
-            layer._state, masked, cfg.dense_bias,
+            layer._state, masked, cfg.dense_bias, gb,
         )  # fmt: skip
     return out.reshape(*lead, out_features)
 
@@ -190,6 +203,7 @@ class MePropLinear(MePropCounters, nn.Linear):
         lin = nn.Linear(self.in_features, self.out_features, self.bias is not None, device="meta")
         lin.weight = self.weight
         lin.bias = self.bias
+        self.weight.__dict__.pop(grad_buffer.ATTR, None)  # a plain layer's gradients are fresh
         return lin
 
     # -- forward ----------------------------------------------------------------------

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from mesimp.errors import BadInputError
 from mesimp.nn import kernels
+from mesimp.nn.grad_buffer import GradBuffer
 from mesimp.nn.heap_select import heap_topk
 
 SELECTIONS = ("topk", "unified", "random")
@@ -161,15 +162,20 @@ def select(u: torch.Tensor, k: int, selection: str, mask: torch.Tensor | None) -
 
 
 class MePropLinearFunction(torch.autograd.Function):
-    """``y = (x W^T + b) * mask`` with a meProp backward. x is 2-D here."""
+    """``y = (x W^T + b) * mask`` with a meProp backward. x is 2-D here. ``grad_buf``: the
+    weight's ``GradBuffer`` (dense gradients, ``weight`` the layer's own Parameter), or
+    None (a fresh tensor per backward)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, k, selection, alpha, sparse_grad, state, masked, dense_bias):
+    def forward(
+        ctx, x, weight, bias, k, selection, alpha, sparse_grad, state, masked, dense_bias, grad_buf
+    ):
         out = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
         if masked:
             out.mul_(state.mask)
         ctx.save_for_backward(x, weight)
         ctx.meprop = (k, selection, alpha, sparse_grad, state, masked, bias is not None, dense_bias)
+        ctx.grad_buf = grad_buf
         return out
 
     @staticmethod
@@ -248,10 +254,26 @@ class MePropLinearFunction(torch.autograd.Function):
                     check_invariants=False,
                 )
             else:
-                grad_w = weight.new_zeros(weight.shape).index_copy_(0, sel, rows_w)
+                grad_w = _dense_weight_grad(ctx.grad_buf, weight, sel, rows_w)
         if has_bias and dense_bias and ctx.needs_input_grad[2]:
             grad_b = dy.sum(0).mul_(state.mask) if masked else dy.sum(0)  # masked: no gradient
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
+
+
+def _dense_weight_grad(
+    grad_buf: GradBuffer | None, weight: torch.Tensor, rows: torch.Tensor, values: torch.Tensor
+) -> torch.Tensor:
+    """The dense weight gradient, ``values`` in ``rows`` and zero elsewhere: written into the
+    layer's persistent buffer where its rules allow (``mesimp.nn.grad_buffer``), else into a
+    fresh zero-filled tensor. Under ``torch.compile`` always fresh (the rules read storage
+    reference counts and version counters, which a traced graph cannot)."""
+    buf = None
+    if grad_buf is not None and not torch.compiler.is_compiling():
+        buf = grad_buf.take(weight)
+    if buf is None:
+        return weight.new_zeros(weight.shape).index_copy_(0, rows, values)
+    buf.index_copy_(0, rows, values)
+    return grad_buf.commit(rows)
 
 
 def _compiled_backward(ctx, dy, x, weight):
@@ -259,11 +281,15 @@ def _compiled_backward(ctx, dy, x, weight):
     k, selection, alpha, sparse_grad, state, masked, has_bias, dense_bias = ctx.meprop
     memory = state.memory if alpha > 0 else None
     need = ctx.needs_input_grad
+    gb = ctx.grad_buf
+    if gb is not None:
+        gb.match(weight)
     dx, dw, db, memory = torch.ops.mesimp.linear_backward(
         dy, x, weight, state.mask if masked else None, memory, state.hits, state.ref,
         k, kernels.SELECTION_CODE[selection], float(alpha), state.count, has_bias, dense_bias,
         need[0], need[1], has_bias and need[2], sparse_grad,
+        [] if gb is None else [gb.buf, gb.rows, gb.version],
     )  # fmt: skip
     if alpha > 0:
         state.memory = memory
-    return dx, dw, db, None, None, None, None, None, None, None
+    return dx, dw, db, None, None, None, None, None, None, None, None

@@ -22,6 +22,7 @@ from mesimp.errors import BadInputError
 from mesimp.nn.attention import MultiheadAttention
 from mesimp.nn.conv import MePropConv2d
 from mesimp.nn.conv1d import MePropConv1D, is_conv1d
+from mesimp.nn.fused import fuse_sequentials_, unfuse_sequentials_
 from mesimp.nn.linear import MePropCounters, MePropLinear
 from mesimp.nn.lstm import MePropLSTM
 from mesimp.nn.meprop import MePropConfig
@@ -93,7 +94,7 @@ def meprop_(
             raise BadInputError(f"meprop_: cannot convert {name}: {e}") from None
         new.train(mod.training)
         _set(model, name, new)
-    return model
+    return fuse_sequentials_(model)  # chains of Linear layers: one autograd node (fused.py)
 
 
 def _attention_(model: nn.Module, filter_fn: Callable | None) -> None:
@@ -130,4 +131,4 @@ def unmeprop(model: nn.Module, types: tuple[type, ...] = _MEPROP) -> nn.Module:
             continue
         new.train(mod.training)
         _set(model, name, new)
-    return model
+    return unfuse_sequentials_(model)

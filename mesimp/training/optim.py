@@ -9,6 +9,10 @@ present in the gradient have their moments and weights updated (the semantics of
 Adagrad and plain SGD in torch already accept sparse gradients, and for them the
 lazy update is exact; ``RowSparseAdagrad`` and ``RowSparseSGD`` are torch's, with the
 compiled one-call step of ``mesimp.nn.kernels`` where it applies.
+
+``RowSparseAdamW`` is the one-line swap for a stock loop: ``torch.optim.AdamW``'s
+signature, any gradient layout, and a lazy update of the rows whose gradient is not zero,
+which a meProp layer's dense gradient tells it without a scan (``mesimp.nn.grad_buffer``).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 from torch.optim import optimizer as _torch_optimizer
 
 from mesimp.errors import BadInputError
-from mesimp.nn import kernels
+from mesimp.nn import grad_buffer, kernels
 from mesimp.nn.arg_cache import same
 
 OPTIMIZERS = ("adam", "adagrad", "sgd")
@@ -35,6 +39,7 @@ class CompiledOptimizer:
     ``mesimp.nn.fused.train_step`` calls the same kernels with the same arguments."""
 
     KIND: int  # kernels.cpp's Optim enum
+    LAZY = False  # update only the rows whose gradient is not zero (RowSparseAdamW)
 
     def compiled_hyper(self, group: dict) -> list[float] | None:
         """The group's hyperparameters for the kernels, or None where its options are ones
@@ -46,7 +51,7 @@ class CompiledOptimizer:
         raise NotImplementedError
 
     def kernel_args(self, group: dict, params: list[torch.Tensor]) -> tuple | None:
-        """``(state1, state2, steps, hyper)`` for the kernels where ``params`` can take them
+        """``(state1, state2, steps, hyper, lazy)`` for the kernels where ``params`` can take them
         (kernels on, float32 contiguous CPU tensors, options the kernels have); else None.
         The one check for both callers: this optimizer's own step and
         ``mesimp.nn.fused.train_step``. The state lists are kept while the state they
@@ -59,7 +64,7 @@ class CompiledOptimizer:
         cache = self.__dict__.setdefault("_kernel_state", {})
         entry = cache.get(id(group))
         if entry is not None and same(entry[0], self._state_key(group, params)):
-            return (*entry[1], hyper)
+            return (*entry[1], hyper, self.LAZY)
         state = self.compiled_state(params)
         if state is None:
             cache.pop(id(group), None)
@@ -69,7 +74,7 @@ class CompiledOptimizer:
             for gid in [gid for gid in cache if gid not in live]:
                 del cache[gid]
         cache[id(group)] = (self._state_key(group, params), state)  # after: state created
-        return (*state, hyper)
+        return (*state, hyper, self.LAZY)
 
     def _state_key(self, group: dict, params: list[torch.Tensor]) -> tuple:
         """What ``compiled_state`` read: the state dict, each param's state and its
@@ -83,8 +88,10 @@ class CompiledOptimizer:
         return tuple(key)
 
     def compiled_plan(self) -> list[tuple] | None:
-        """Per param group ``(params, grads, state1, state2, steps, hyper)`` for the
-        kernels, or None unless every group can take them (no half-compiled step)."""
+        """Per param group ``(params, grads, hints, state1, state2, steps, hyper, lazy)``
+        for the kernels, or None unless every group can take them (no half-compiled
+        step). A hint is the rows outside which a dense gradient is zero, where a meProp
+        layer's gradient buffer knows them (only a lazy step reads it)."""
         plans = []
         for group in self.param_groups:
             ps = [p for p in group["params"] if p.grad is not None]
@@ -93,7 +100,8 @@ class CompiledOptimizer:
             args = self.kernel_args(group, ps)
             if args is None:
                 return None
-            plans.append((ps, [row_sparse(p.grad) for p in ps], *args))
+            hints = [grad_buffer.known_rows(p) if self.LAZY else None for p in ps]
+            plans.append((ps, [row_sparse(p.grad) for p in ps], hints, *args))
         return plans
 
     def compiled_step(self) -> bool:
@@ -187,22 +195,14 @@ def _unhooked(step):
     return step.__wrapped__ if getattr(step, "hooked", False) else step
 
 
-class RowSparseAdam(CompiledOptimizer, torch.optim.Adam):
-    """Adam with a lazy row-sparse path for sparse COO gradients.
-
-    Dense gradients take the parent's (fused) Adam step unchanged. Sparse gradients
-    (from ``MePropLinear`` with ``sparse_grad=True``) update only their rows. Its
-    ``state_dict`` is the same as ``torch.optim.Adam``'s.
-    """
+class _RowAdam(CompiledOptimizer):
+    """The Adam family's shared parts: state like torch's, and the Python step for
+    row-sparse (or lazily updated) gradients."""
 
     KIND = 0
+    DECOUPLED = False  # AdamW's weight decay (on the weights, not added to the gradient)
 
-    def __init__(
-        self, params: Iterable, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8
-    ) -> None:
-        super().__init__(params, lr=lr, betas=betas, eps=eps, fused=True)
-
-    def param_state(self, p: torch.Tensor) -> dict:
+    def param_state(self, p: torch.Tensor, amsgrad: bool = False) -> dict:
         """``p``'s state, created on first use with the keys and types of torch's Adam
         (so the state_dict stays compatible); the compiled one-call step uses it too."""
         state = self.state[p]
@@ -210,13 +210,11 @@ class RowSparseAdam(CompiledOptimizer, torch.optim.Adam):
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        elif state["step"].device != p.device:  # torch's own Adam keeps it on the CPU
+            state["step"] = state["step"].to(p.device, torch.float32)
+        if amsgrad and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
-
-    def compiled_hyper(self, group: dict) -> list[float] | None:
-        if group["amsgrad"] or group["weight_decay"] or group["maximize"]:
-            return None
-        beta1, beta2 = group["betas"]
-        return [float(group["lr"]), float(beta1), float(beta2), float(group["eps"])]
 
     def compiled_state(self, params: list[torch.Tensor]) -> tuple | None:
         states = [self.param_state(p) for p in params]
@@ -226,71 +224,184 @@ class RowSparseAdam(CompiledOptimizer, torch.optim.Adam):
             [s["step"] for s in states],
         )
 
+    def _python_step(self, group: dict, weight_decay: float) -> None:
+        """One group's step: the rows each gradient names (``_rows``) are gathered from
+        the weight and the moments, stepped by torch's fused Adam(W) kernel
+        (``torch._fused_adam(w)_``, what ``Adam(fused=True)`` runs) and scattered back.
+        Measured: 0.31 -> 0.19 ms per step against a loop of ~10 element-wise ops per
+        sparse param."""
+        amsgrad, maximize = group["amsgrad"], group["maximize"]
+        beta1, beta2 = group["betas"]
+        batches: dict[tuple, list[tuple]] = {}
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.param_state(p, amsgrad)
+            state["step"] += 1  # every param with a gradient, as torch counts
+            g, rows = _rows(p, p.grad, self.LAZY)
+            if rows is not None and rows.numel() == 0:
+                continue
+            tensors = [p, state["exp_avg"], state["exp_avg_sq"]]
+            if amsgrad:
+                tensors.append(state["max_exp_avg_sq"])
+            batch = batches.setdefault((p.device, p.dtype), [])
+            sel = tensors if rows is None else [t.index_select(0, rows) for t in tensors]
+            batch.append((tensors, rows, sel, g, state["step"]))
+        fused = torch._fused_adamw_ if weight_decay and self.DECOUPLED else torch._fused_adam_
+        for batch in batches.values():
+            sel = [b[2] for b in batch]
+            fused(
+                [t[0] for t in sel],
+                [b[3] for b in batch],
+                [t[1] for t in sel],
+                [t[2] for t in sel],
+                [t[3] for t in sel] if amsgrad else [],
+                [b[4] for b in batch],
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=weight_decay,
+                eps=group["eps"],
+                amsgrad=amsgrad,
+                maximize=maximize,
+            )
+            for tensors, rows, picked, *_ in batch:
+                if rows is not None:
+                    for t, r in zip(tensors, picked, strict=True):
+                        t.index_copy_(0, rows, r)
+
+
+def _rows(
+    p: torch.Tensor, grad: torch.Tensor, lazy: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(values, rows)``: the gradient rows a step updates (``rows`` None: all of it,
+    ``values`` then the whole gradient). Row-sparse: the rows it names (lazy: those of
+    them that are not all zero). Dense: all (lazy: the rows not all zero, found among a
+    meProp layer's known rows where its buffer knows them, else by a scan)."""
+    g = row_sparse(grad)
+    if g.is_sparse:
+        rows = g._indices()[0]
+        # autograd drops the coalesced flag; re-sort only if really unsorted
+        if rows.numel() > 1 and not bool((rows[1:] > rows[:-1]).all()):
+            g = g.coalesce()
+            rows = g._indices()[0]
+        values = g._values()
+        if lazy:
+            keep = values.reshape(rows.numel(), -1).ne(0).any(1)
+            rows, values = rows[keep], values[keep]
+        return values, rows
+    if not lazy:
+        return g, None
+    n = p.shape[0] if p.dim() else 1
+    flat = g.reshape(n, -1)
+    hint = grad_buffer.known_rows(p)
+    if hint is None:
+        rows = flat.ne(0).any(1).nonzero().squeeze(1)
+    else:
+        hint = hint.to(g.device)
+        rows = hint[flat.index_select(0, hint).ne(0).any(1)]
+    if rows.numel() == n:
+        return g, None
+    return flat.index_select(0, rows).reshape(rows.numel(), *p.shape[1:]), rows
+
+
+class RowSparseAdam(_RowAdam, torch.optim.Adam):
+    """Adam with a lazy row-sparse path for sparse COO gradients.
+
+    Dense gradients take the parent's (fused) Adam step unchanged. Sparse gradients
+    (from ``MePropLinear`` with ``sparse_grad=True``) update only their rows. Its
+    ``state_dict`` is the same as ``torch.optim.Adam``'s.
+    """
+
+    def __init__(
+        self, params: Iterable, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8
+    ) -> None:
+        super().__init__(params, lr=lr, betas=betas, eps=eps, fused=True)
+
+    def compiled_hyper(self, group: dict) -> list[float] | None:
+        if group["amsgrad"] or group["weight_decay"] or group["maximize"]:
+            return None
+        beta1, beta2 = group["betas"]
+        return [float(group["lr"]), float(beta1), float(beta2), float(group["eps"])]
+
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D401 - same contract as Adam.step
-        """One fused Adam kernel over all dense params *and* the gathered sparse rows.
-
-        For a row-sparse gradient, the rows it names are gathered from the weight and
-        both moments, stepped together with the dense params by ``torch._fused_adam_``
-        (what ``Adam(fused=True)`` runs), and scattered back. Measured: 0.31 -> 0.19 ms
-        per step against a loop of ~10 element-wise ops per sparse param. Where the
-        compiled kernels apply, one call updates each named row in a single pass instead
-        (within float32 rounding of this path: no fused multiply-adds).
-        """
+        """One fused Adam kernel over all dense params *and* the gathered sparse rows
+        (``_RowAdam._python_step``). Where the compiled kernels apply, one call updates
+        each named row in a single pass instead (within float32 rounding of this path:
+        no fused multiply-adds)."""
         loss = closure_loss(closure)
         if self.compiled_step():
             return loss
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            ps, gs, ms, vs, steps = [], [], [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.param_state(p)
-                ps.append(p)
-                gs.append(row_sparse(p.grad))
-                ms.append(state["exp_avg"])
-                vs.append(state["exp_avg_sq"])
-                steps.append(state["step"])
-            if not ps:
-                continue
-            scatter = []
-            for i, g in enumerate(gs):
-                if not g.is_sparse:
-                    continue
-                rows = g._indices()[0]
-                # Autograd drops the coalesced flag; re-sort only if really unsorted.
-                if rows.numel() > 1 and not bool((rows[1:] > rows[:-1]).all()):
-                    g = g.coalesce()
-                    rows = g._indices()[0]
-                p, m, v = ps[i], ms[i], vs[i]
-                pr, mr, vr = (
-                    p.index_select(0, rows),
-                    m.index_select(0, rows),
-                    v.index_select(0, rows),
-                )
-                scatter.append((p, m, v, rows, pr, mr, vr))
-                ps[i], gs[i], ms[i], vs[i] = pr, g._values(), mr, vr
-            torch._foreach_add_(steps, 1)
-            torch._fused_adam_(
-                ps,
-                gs,
-                ms,
-                vs,
-                [],
-                steps,
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                weight_decay=0.0,
-                eps=group["eps"],
-                amsgrad=False,
-                maximize=False,
-            )
-            for p, m, v, rows, pr, mr, vr in scatter:
-                p.index_copy_(0, rows, pr)
-                m.index_copy_(0, rows, mr)
-                v.index_copy_(0, rows, vr)
+            self._python_step(group, 0.0)
+        return loss
+
+
+class RowSparseAdamW(_RowAdam, torch.optim.AdamW):
+    """``torch.optim.AdamW``, same signature and ``state_dict``, with a *lazy* update: only
+    the rows of a parameter whose gradient is not all zero are updated (for a 1-D
+    parameter, a row is an element). The one-line swap for a stock loop over a meProp
+    model: dense gradients (the drop-in default) work, and a meProp layer's buffer tells
+    which rows it wrote, so the step costs O(k·in) per layer, not O(out·in).
+
+    What "lazy" changes against ``torch.optim.AdamW`` (the semantics of
+    ``torch.optim.SparseAdam``, and the papers' "only k rows are modified"): a row with no
+    gradient this step keeps its weights, its moments and its value exactly: its moments
+    do not decay, its momentum does not move it, and weight decay does not shrink it. The
+    step counter (bias correction) is per parameter and counts every step that gave the
+    parameter a gradient. Rows that do have a gradient get AdamW's update (to float32
+    rounding: the compiled step does not fuse multiply-adds).
+
+    A row-sparse (COO) gradient counts the same way: its rows that are not all zero.
+    ``amsgrad``, ``maximize`` and tensor options take the Python step (one fused AdamW
+    kernel on the gathered rows); the rest takes the compiled one-call step where the
+    kernels apply. ``capturable`` and ``differentiable`` are refused (a lazy in-place
+    row update is neither)."""
+
+    LAZY = True
+    DECOUPLED = True
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        if capturable or differentiable:
+            raise BadInputError("RowSparseAdamW: capturable and differentiable are not supported")
+        super().__init__(
+            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+            maximize=maximize, foreach=foreach, fused=fused,
+        )  # fmt: skip
+
+    def compiled_hyper(self, group: dict) -> list[float] | None:
+        if group["amsgrad"] or group["maximize"]:
+            return None
+        beta1, beta2 = group["betas"]
+        hyper = [group["lr"], beta1, beta2, group["eps"], group["weight_decay"]]
+        if any(isinstance(h, torch.Tensor) and h.numel() != 1 for h in hyper):
+            return None
+        return [float(h) for h in hyper]
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D401 - same contract as AdamW.step
+        """The compiled lazy step where every param group takes it, else the Python one
+        (``_RowAdam._python_step``); both update the same rows."""
+        loss = closure_loss(closure)
+        if self.compiled_step():
+            return loss
+        for group in self.param_groups:
+            self._python_step(group, float(group["weight_decay"]))
         return loss
 
 
