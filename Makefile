@@ -9,7 +9,7 @@ STAMP := $(VENV)/.mesimp-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_ARGS ?=
 
-.PHONY: setup data demo demo-tagger test lint bench clean
+.PHONY: setup data demo demo-tagger test lint bench docs docs-serve dist clean
 
 setup: $(STAMP) data
 
@@ -19,8 +19,8 @@ $(STAMP): pyproject.toml setup.py $(wildcard mesimp/csrc/*.cpp mesimp/csrc/*.h)
 	$(BIN)/pip install --quiet torch==2.13.0
 	# No build isolation: setup.py compiles the meProp kernels (mesimp/csrc, ~1 min)
 	# against exactly this torch; a failed compile leaves the pure-Python path.
-	$(BIN)/pip install --quiet 'setuptools>=68' wheel
-	$(BIN)/pip install --quiet --no-build-isolation -e '.[dev,bench]'
+	$(BIN)/pip install --quiet 'setuptools>=77' wheel
+	$(BIN)/pip install --quiet --no-build-isolation -e '.[dev,bench,docs]'
 	touch $(STAMP)
 
 # Fashion-MNIST in IDX format from Debian's dataset-fashion-mnist package.
@@ -74,8 +74,23 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The documentation site (mkdocs.yml, docs/): built with --strict into site/, or served
+# at http://127.0.0.1:8000 with a rebuild on every edit.
+docs: setup
+	$(BIN)/mkdocs build --strict
+
+docs-serve: setup
+	$(BIN)/mkdocs serve
+
+# The sdist and the wheel in dist/, checked by twine. MESIMP_BUILD_KERNELS=0: the wheel
+# carries the kernels' sources, which compile on first use against the user's own torch.
+dist: setup
+	rm -rf dist
+	MESIMP_BUILD_KERNELS=0 $(BIN)/python -m build --no-isolation
+	$(BIN)/twine check --strict dist/*
+
 bench: setup
 	$(BIN)/python -m benchmarks.run   # writes benchmarks/RESULTS.md (~19 min)
 
 clean:
-	rm -rf $(VENV) build *.egg-info mesimp/_C*.so
+	rm -rf $(VENV) build dist site *.egg-info mesimp/_C*.so
