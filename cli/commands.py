@@ -213,7 +213,7 @@ from mesimp.cli.main import IntList, KType, cli, emit_json
     "--epochs 20 --evals-per-epoch 8 (its protocol). With --simplify, the C# meSimp: "
     "per-example top-k through its heap, k fixed (default --k 160), a prune after every "
     "dev check of a simplifying cycle (--prune-rate 0.1, --cycle-epochs 5), Adam's "
-    "moments zeroed at every check of a cycle's last epoch. See README, 'Reference mode'.",
+    "moments zeroed at every check of a cycle's last epoch. See the docs, 'Reference mode'.",
 )
 @click.option("--threads", type=int, default=None, help="torch CPU threads (per process).")
 @click.option(
@@ -483,7 +483,7 @@ def _check_model_options(ctx: click.Context, model: str) -> None:
 
 
 def _train_report(result, as_json):
-    """The one summary of every model family (README: ``train --json``)."""
+    """The one summary of every model family (docs/file-formats.md: ``train --json``)."""
     if as_json:
         # Python callers also get the modules and records; the JSON document is the summary
         emit_json({k: v for k, v in result.items() if k not in PYTHON_ONLY})

@@ -19,7 +19,7 @@ from mesimp.nn import kernels
 
 
 def environment() -> dict[str, Any]:
-    """The ``info --env`` object (its fields are documented in the README's JSON schemas)."""
+    """The ``info --env`` object (its fields: docs/file-formats.md, JSON schemas)."""
     return {
         "mesimp": __version__,
         "python": platform.python_version(),

@@ -86,7 +86,7 @@ def counter_summary(model: nn.Module) -> list[dict[str, Any]]:
 
 
 def model_info(model: nn.Module, ckpt: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The ``info`` JSON object (see README: "info --json schema")."""
+    """The ``info`` JSON object (docs/file-formats.md, "info --json")."""
     metrics = ((ckpt or {}).get("train") or {}).get("metrics") or {}
     return {
         "model": ((ckpt or {}).get("arch") or {}).get("model", type(model).__name__.lower()),
