@@ -77,10 +77,10 @@ lint: setup
 # The documentation site (mkdocs.yml, docs/): built with --strict into site/, or served
 # at http://127.0.0.1:8000 with a rebuild on every edit.
 docs: setup
-	$(BIN)/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 docs-serve: setup
-	$(BIN)/mkdocs serve
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 # The sdist and the wheel in dist/, checked by twine. MESIMP_BUILD_KERNELS=0: the wheel
 # carries the kernels' sources, which compile on first use against the user's own torch.
