@@ -1,7 +1,8 @@
 """Transformers on real text: meSimp inside the Hugging Face Trainer against Torch-Pruning.
 
     python -m benchmarks.transformers_ewt [--quick] [--tasks upos,lm] [--seeds 0,1,2]
-        [--epochs E] [--finetune F] [--k K] [--prune-rate P] [--json FILE] [--markdown FILE]
+        [--epochs E] [--finetune F] [--k K] [--prune-rate P] [--simplify KEY=VALUE,...]
+        [--rows dense,mesimp,...] [--json FILE] [--markdown FILE]
 
 Two tasks on UD English EWT (``mesimp.integrations.hf_ewt``): UPOS tagging with
 ``BertForTokenClassification`` (test accuracy) and causal language modelling with
@@ -32,7 +33,9 @@ thread, the first 200 test sentences: one per run at batch 1, length-bucketed ba
 of 32; ``tp`` and ``scratch`` share ``mesimp``'s graph and are not timed again). A row
 that cannot run records its one-line reason; each graph analysis (the set-up of a
 Trainer run with the Simplifier's, Torch-Pruning's grouping) is given ``--setup-limit``
-seconds.
+seconds. ``--simplify`` sets more ``SimplifyConfig`` fields for both meSimp rows (for
+example ``schedule=cubic,target=0.55,target_epoch=3``: a fixed size in place of the
+prune rate); ``--rows`` runs a subset (``dense`` always runs: the others compare with it).
 """
 
 from __future__ import annotations
@@ -300,12 +303,16 @@ def one_seed(task: EwtTask, seed: int, a: argparse.Namespace) -> dict[str, Any]:
     record("dense", dense, t0)
 
     for key, units in (("mesimp", "all"), ("mesimp-ffn", "ffn")):
+        if key not in a.rows:
+            continue
         t0 = time.perf_counter()
         try:
             model = task.build_model(seed)
             cb = MesimpCallback(
                 mesimp.MePropConfig(k=a.k, selection="unified"),
-                mesimp.SimplifyConfig(prune_rate=a.prune_rate, points_per_epoch=4),
+                mesimp.SimplifyConfig(
+                    **{"prune_rate": a.prune_rate, "points_per_epoch": 4, **a.simplify}
+                ),
                 units=units,
                 example_inputs=task.example_inputs(),
             )
@@ -318,19 +325,24 @@ def one_seed(task: EwtTask, seed: int, a: argparse.Namespace) -> dict[str, Any]:
             rows[key] = {"error": _one_line(err)}
             print(f"  {task.name} seed {seed} {key}: {rows[key]['error']}", file=sys.stderr)
 
-    if "error" in rows["mesimp"]:
+    if "error" in rows.get("mesimp", {"error": ""}):
         for key in ("tp", "scratch"):
             rows[key] = {"error": "no meSimp widths (the mesimp row did not run)"}
     else:
         widths = rows["mesimp"]["widths"]
         t0 = time.perf_counter()
         try:
+            if "tp" not in a.rows:
+                raise RuntimeError("not run (--rows)")
             with time_limit(a.setup_limit, "Torch-Pruning's graph analysis"):
                 pruned, how = best_tp(task, snap.model, widths)
             run(task, pruned, f, seed + 1000, [BestOnDev()], a.setup_limit, lr=a.finetune_lr)
             record("tp", pruned, t0, importance=how)
         except Exception as err:  # Torch-Pruning fails in many ways: record, go on
             rows["tp"] = {"error": _one_line(err)}
+        if "scratch" not in a.rows:
+            rows["scratch"] = {"error": "not run (--rows)"}
+            return _with_speed(task, seed, rows, models)
         t0 = time.perf_counter()
         scratch = copy.deepcopy(models["mesimp"])
         torch.manual_seed(seed)
@@ -338,10 +350,27 @@ def one_seed(task: EwtTask, seed: int, a: argparse.Namespace) -> dict[str, Any]:
         run(task, scratch, e, seed, [BestOnDev()], a.setup_limit)
         record("scratch", scratch, t0)
 
-    speed = ort_speedups(task, models)
-    for key, s in speed.items():
+    return _with_speed(task, seed, rows, models)
+
+
+def _with_speed(
+    task: EwtTask, seed: int, rows: dict[str, dict[str, Any]], models: dict[str, nn.Module]
+) -> dict[str, Any]:
+    for key, s in ort_speedups(task, models).items():
         rows[key].update(s)
     return {"seed": seed, "rows": rows}
+
+
+def _fields(text: str) -> dict[str, Any]:
+    """``KEY=VALUE,...`` as SimplifyConfig fields (numbers parsed, the rest strings)."""
+    out: dict[str, Any] = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def ort_speedups(task: EwtTask, models: dict[str, nn.Module]) -> dict[str, dict[str, float]]:
@@ -433,7 +462,9 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"{cfg['epochs']} epochs per row ({cfg['epochs'] - cfg['finetune']} + "
         f"{cfg['finetune']} fine-tune for mesimp and tp), seeds {cfg['seeds']}, meProp "
-        f"k={cfg['k']} unified, prune rate {cfg['prune_rate']}; CPU: "
+        f"k={cfg['k']} unified, prune rate {cfg['prune_rate']}"
+        + "".join(f", {k}={v}" for k, v in cfg.get("simplify", {}).items())
+        + "; CPU: "
         f"{results['machine'].get('cpu_model')}. Speed-ups: onnxruntime tokens/s over "
         "dense, 1 thread, batch 1 / batch 32 sentences.",
     ]
@@ -455,6 +486,8 @@ def markdown(results: dict[str, Any]) -> str:
         dmacs = s["dense"].get("macs_per_token")
         for key in ROWS:
             r = s[key]
+            if "(--rows)" in r.get("error", "") or r.get("error") == "not run":
+                continue
             if "error" in r:
                 lines.append(f"| {key} | n/a: {r['error']} | | | | | |")
                 continue
@@ -486,11 +519,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=float, default=0.25)
     p.add_argument("--prune-rate", type=float, default=0.05)
     p.add_argument("--finetune-lr", type=float, default=3e-4)
+    p.add_argument(
+        "--simplify",
+        type=_fields,
+        default={},
+        help="more SimplifyConfig fields, KEY=VALUE,... (e.g. schedule=cubic,target=0.55)",
+    )
+    p.add_argument("--rows", default=",".join(ROWS), help=f"a subset of {','.join(ROWS)}")
     p.add_argument("--setup-limit", type=int, default=None, help="seconds (120; quick 30)")
     p.add_argument("--data", default=None, help="the UD English EWT directory")
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None)
     a = p.parse_args(argv)
+    a.rows = a.rows.split(",")
     a.epochs = a.epochs or (3 if a.quick else 6)
     a.finetune = a.finetune or (1 if a.quick else 2)
     a.setup_limit = a.setup_limit or (30 if a.quick else 120)

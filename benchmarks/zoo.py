@@ -1,6 +1,7 @@
 """The model zoo: what meSimp can simplify on the models users bring, beside Torch-Pruning.
 
-    python -m benchmarks.zoo [--models a,b] [--quick] [--timeout S] [--json F] [--markdown F]
+    python -m benchmarks.zoo [--models a,b] [--merge] [--quick] [--timeout S] [--json F]
+        [--markdown F]
 
 Each model (torchvision, timm, Hugging Face transformers; random init, small inputs)
 runs in a fresh process (a hang or a crash costs that model only), twice:
@@ -301,6 +302,9 @@ def main() -> int:
     ap.add_argument("--models", help="comma-separated names (default: all)")
     ap.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
     ap.add_argument("--timeout", type=float, default=240, help="seconds per model")
+    ap.add_argument(
+        "--merge", action="store_true", help="keep the --json file's rows of the other models"
+    )
     ap.add_argument("--json", default="benchmarks/zoo.json")
     ap.add_argument("--markdown", default="benchmarks/ZOO.md")
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -318,6 +322,11 @@ def main() -> int:
         print(_line(row), file=sys.stderr, flush=True)
     from mesimp.files.atomic import atomic_write_text
 
+    if a.merge and Path(a.json).is_file():
+        kept = {r["model"]: r for r in json.loads(Path(a.json).read_text())["rows"]}
+        kept.update({r["model"]: r for r in rows})
+        order = [m[0] for m in MODELS]
+        rows = sorted(kept.values(), key=lambda r: order.index(r["model"]))
     atomic_write_text(a.json, json.dumps({"rows": rows}, indent=1) + "\n")
     atomic_write_text(a.markdown, report(rows))
     print(report(rows))
@@ -362,7 +371,17 @@ def report(rows: list[dict[str, Any]]) -> str:
     ok_t = sum(1 for r in rows if r.get("tp", {}).get("runs"))
     n = len(rows)
     tail = f"\nmesimp verified shrink + ONNX: {ok_m} of {n}; Torch-Pruning runs: {ok_t} of {n}.\n"
-    body = head + "\n".join(lines) + "\n" + tail
+    intro = (
+        "# The model zoo: what meSimp can simplify, beside Torch-Pruning\n\n"
+        "`python -m benchmarks.zoo` (each model and tool in a fresh process, 1 thread, random "
+        "init, small inputs; see the script's docstring). Simplifiable / prunable MACs and "
+        "params: the share of the model's layer MACs and parameters in layers that the "
+        "chosen groups touch. Params left: after masking half the units of every group "
+        "(mesimp, then `shrink` verified in float64 and ONNX parity) or Torch-Pruning's "
+        "50 % recipe. Set-up: tracing, groups and the trial shrink, on a shared 2-core "
+        "machine.\n\n"
+    )
+    body = intro + head + "\n".join(lines) + "\n" + tail
     return body + ("\n" + "\n".join(notes) + "\n" if notes else "")
 
 

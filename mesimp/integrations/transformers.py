@@ -110,10 +110,9 @@ _hf = import_transformers()
 
 
 # -- which units are which ---------------------------------------------------------------
-# The one place that knows how transformer layers map to kinds of units. Today the
-# Simplifier simplifies FFN units (heads and the hidden size are "not removable"); when
-# the group-level units land (heads, hidden size, gated MLPs), only these functions need
-# to follow.
+# The one place that knows how transformer layers map to kinds of units: which layers
+# ``units="ffn"`` swaps, and the names of the Simplifier's groups in the Trainer's logs
+# (the groups themselves come from the dependency graph, mesimp.simplify.groups).
 
 # name fragments of layers whose *output units* are of a kind (HF BERT/RoBERTa/ViT,
 # Llama/Mistral/Qwen, GPT-2 naming)
