@@ -181,6 +181,17 @@ def test_your_model_page_runs(tmp_path, monkeypatch):
     assert isinstance(model, torch.nn.Module)
 
 
+def test_every_benchmark_write_up_is_in_the_site():
+    """The write-ups stay beside their scripts in benchmarks/; the site shows each through
+    a link in docs/benchmarks/ (and its nav in mkdocs.yml)."""
+    nav = (ROOT / "mkdocs.yml").read_text()
+    for md in sorted((ROOT / "benchmarks").glob("*.md")):
+        link = DOCS / "benchmarks" / md.name
+        hint = f"ln -s ../../benchmarks/{md.name} docs/benchmarks/ and add it to mkdocs.yml's nav"
+        assert link.is_symlink() and link.resolve() == md.resolve(), hint
+        assert f"benchmarks/{md.name}" in nav, hint
+
+
 def test_site_builds_strict(site_build):
     proc, site = site_build
     _, stderr = proc.communicate(timeout=300)
