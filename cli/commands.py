@@ -39,7 +39,7 @@ from mesimp.cli.main import IntList, KType, cli, emit_json
     type=click.Path(),
     default=None,
     help="lstm-tagger, parser: held-out CoNLL-U file for model selection "
-    "(default: 10%% of --train, a fixed split).",
+    "(default: 10% of --train, a fixed split).",
 )
 @click.option(
     "--test",
