@@ -191,6 +191,38 @@ from mesimp.cli.main import IntList, KType, cli, emit_json
     help="meSimp: no hidden layer shrinks below this width.",
 )
 @click.option(
+    "--warmup-epochs",
+    type=int,
+    default=0,
+    show_default=True,
+    help="meSimp: no simplification point in the first N epochs (counts from an "
+    "untrained network are noise); cycles start after the warm-up.",
+)
+@click.option(
+    "--schedule",
+    type=click.Choice(["rate", "cubic"]),
+    default="rate",
+    show_default=True,
+    help="meSimp: 'rate' drops units selected less often than --prune-rate (the size "
+    "is whatever results); 'cubic' shrinks every layer gradually to --target of its "
+    "width by --target-epoch (Zhu & Gupta's cubic schedule: each point drops the "
+    "least-selected units), then fine-tunes for the remaining epochs.",
+)
+@click.option(
+    "--target",
+    type=float,
+    default=None,
+    help="meSimp --schedule cubic: the fraction of each layer's units kept at the end "
+    "(0.15: 500 -> 75).",
+)
+@click.option(
+    "--target-epoch",
+    type=int,
+    default=None,
+    help="meSimp --schedule cubic: the target width is reached at the end of epoch N-1; "
+    "no point after it [default: 3/4 of --epochs, rounded up].",
+)
+@click.option(
     "--compact/--no-compact",
     default=True,
     show_default=True,
@@ -297,6 +329,10 @@ def train(
     simplify_per_epoch,
     cycle_epochs,
     min_width,
+    warmup_epochs,
+    schedule,
+    target,
+    target_epoch,
     compact,
     init,
     reference,
@@ -389,6 +425,12 @@ def train(
             points_per_epoch=simplify_per_epoch,
             cycle_epochs=cycle_epochs,
             min_width=min_width,
+            warmup_epochs=warmup_epochs,
+            schedule=schedule,
+            target=target,
+            target_epoch=target_epoch
+            if target_epoch is not None or schedule != "cubic"
+            else -(-3 * epochs // 4),
         )
         if simplify
         else None

@@ -384,6 +384,10 @@ class _Run:
             if self.simplifier is not None:  # its progress is (global step, resets done)
                 self.simplifier.steps = r["global_step"]
                 self.simplifier.resets = r["optimizer_resets"]
+            if isinstance(self.simplifier, Simplifier) and r.get("full_sizes"):
+                # the model was rebuilt at its compacted widths: a cubic target is a
+                # fraction of the widths the run started from
+                self.simplifier.full_sizes.update(r["full_sizes"])
             self.train_time, self.global_step = r["train_time_s"], r["global_step"]
             self.loss_sum = r["loss_sum"]
             self.start_epoch, self.start_step, self.perm = r["epoch"], r["step"], r["perm"]
@@ -660,7 +664,11 @@ class _Run:
                 for name, mod in self.model.named_modules()
                 if isinstance(mod, MePropCounters)
             },
-            # the simplify schedule is a pure function of the global step: no state of its own
+            # the simplify schedule is a pure function of the global step and the groups'
+            # starting widths
+            "full_sizes": self.simplifier.full_sizes
+            if isinstance(self.simplifier, Simplifier)
+            else None,
             "loss_sum": self.loss_sum,
             "records": self.records,
             "best": self.best,

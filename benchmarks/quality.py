@@ -1,0 +1,338 @@
+"""Compression quality at equal size and equal epochs: meSimp against Torch-Pruning and
+dense from scratch (issue 30).
+
+    python -m benchmarks.quality --tasks mlp --seeds 1,2,3 --json quality-s1.json
+    python -m benchmarks.quality --report quality-s1.json quality-s2.json \\
+        --markdown benchmarks/QUALITY.md --plot benchmarks/quality
+
+Task ``mlp``: Fashion-MNIST 784-500-500-10, Adam 1e-3, batch 50, ``--epochs`` (10)
+epochs for every row, test accuracy of the best-on-dev checkpoint (dev = the first
+5,000 training images). Rows, per seed:
+
+* ``dense``: plain backprop at 500-500.
+* ``old``: the previous default, unified k=60, ``--prune-rate 0.01``, 4 points per
+  epoch, cycles of 1 epoch, for epochs - 2; shrink; 2 epochs of plain fine-tuning.
+  ``old_tp`` / ``old_scratch``: Torch-Pruning and dense from scratch at its widths.
+* per ``--targets`` fraction T: ``new@T``, the new recipe (unified k=60, warm-up
+  ``--warmup`` epochs, the cubic schedule to T of each layer by ``--target-epoch``,
+  compaction, the remaining epochs fine-tune in the same run at the target widths);
+  ``tp@T``: dense for ``--target-epoch`` epochs, Torch-Pruning L2 magnitude to the same
+  widths, fine-tuned for the remaining epochs; ``scratch@T``: dense from scratch at the
+  same widths for all the epochs.
+
+Every finished run is written to ``--json`` at once (atomically), and a rerun with the
+same file skips the runs it holds, so an interrupted run continues. ``--report``
+renders the tables (mean ± sd over seeds) and the accuracy-vs-MACs plot from one or
+more such files (e.g. one per process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from benchmarks.mesimp_fmnist import _run
+from benchmarks.suite import tp
+from benchmarks.suite.mlp import _tp_run
+from mesimp.files.atomic import atomic_write_text
+from mesimp.simplify.checkpoint_shrink import shrink_checkpoint
+from mesimp.simplify.rule import SimplifyConfig
+
+HIDDEN, IN, OUT = 500, 784, 10
+
+
+def mlp_macs(widths: list[int]) -> int:
+    """Multiply-accumulates per image of 784-w1-w2-10 (the Linear layers)."""
+    dims = [IN, *widths, OUT]
+    return sum(a * b for a, b in zip(dims, dims[1:], strict=False))
+
+
+class Store:
+    """The runs done so far, one JSON file, rewritten after every run."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.runs: dict[str, Any] = {}
+        if path is not None and path.exists():
+            self.runs = json.loads(path.read_text())["runs"]
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self.runs.get(key)
+
+    def put(self, key: str, run: dict[str, Any]) -> dict[str, Any]:
+        self.runs[key] = run
+        if self.path is not None:
+            atomic_write_text(self.path, json.dumps({"runs": self.runs}, indent=1) + "\n")
+        return run
+
+
+def _result(r: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "test": r["test"],
+        "widths": list(r["widths"]),
+        "macs": mlp_macs(list(r["widths"])),
+        "time_s": r["time"],
+    }
+
+
+def mlp_seed(a: argparse.Namespace, seed: int, store: Store, work: Path) -> None:
+    """Every MLP row of one seed that ``store`` does not hold yet."""
+    common = dict(epochs=a.epochs, seed=seed, batch_size=50, data=None, hidden=HIDDEN)
+    mk = dict(k=60, selection="unified")
+    tpc = {k: v for k, v in common.items() if k != "seed"}
+
+    def once(row: str, fn: Any) -> dict[str, Any]:
+        key = f"mlp/{row}/{seed}"
+        got = store.get(key)
+        if got is None:
+            t = time.perf_counter()
+            got = store.put(key, fn())
+            print(f"{key}: {got['test']:.4f} {got['widths']} "
+                  f"({time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
+        return got
+
+    if "dense" in a.only:
+        once("dense", lambda: _result(_run(work, f"dense-{seed}", **common)))
+
+    def old() -> dict[str, Any]:
+        simp = SimplifyConfig(prune_rate=0.01, points_per_epoch=4, cycle_epochs=1)
+        e1 = a.epochs - 2
+        r = _run(work, f"old-{seed}", **{**common, "epochs": e1}, **mk, simplify=simp)
+        rep = shrink_checkpoint(work / f"old-{seed}.pt", work / f"old-{seed}.small.pt")
+        ft = _run(
+            work,
+            f"old-ft-{seed}",
+            **{**common, "epochs": 2},
+            init=str(work / f"old-{seed}.small.pt"),
+        )
+        return _result(
+            {**ft, "time": r["time"] + ft["time"], "widths": rep["after"]["hidden_sizes"]}
+        )
+
+    budgets = [("old", old, a.epochs - 2)] if "old" in a.only else []
+    for t in a.targets if "new" in a.only else []:
+
+        def new(t: float = t) -> dict[str, Any]:
+            simp = SimplifyConfig(
+                points_per_epoch=4,
+                cycle_epochs=0,
+                warmup_epochs=a.warmup,
+                schedule="cubic",
+                target=t,
+                target_epoch=a.target_epoch,
+            )
+            return _result(_run(work, f"new{t}-{seed}", **common, **mk, simplify=simp))
+
+        budgets.append((f"new@{t}", new, a.target_epoch))
+    for row, fn, dense_epochs in budgets:
+        widths = once(row, fn)["widths"]
+        suffix = row[len("new") :] if row.startswith("new") else ""
+        prefix = "old_" if row == "old" else ""
+        once(
+            f"{prefix}scratch{suffix}",
+            lambda w=widths: _result(_run(work, f"scratch-{seed}", **{**common, "hidden": w})),
+        )
+        if tp.available():
+            s = SimpleNamespace(epochs=a.epochs, finetune_epochs=a.epochs - dense_epochs)
+
+            def tp_row(w: list[int] = widths, s: Any = s) -> dict[str, Any]:
+                r = _tp_run(work, seed, w, tpc, s)
+                if r["status"] != "ok":
+                    raise RuntimeError(f"Torch-Pruning failed: {r['reason']}")
+                return _result({"test": r["test_accuracy"], "widths": w, "time": r["train_time_s"]})
+
+            once(f"{prefix}tp{suffix}", tp_row)
+
+
+# -- the report ----------------------------------------------------------------------------
+def _ms(v: list[float]) -> str:
+    sd = statistics.stdev(v) if len(v) > 1 else 0.0
+    return f"{100 * statistics.mean(v):.2f} ± {100 * sd:.2f}"
+
+
+def rows_of(runs: dict[str, Any], task: str) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for key, r in runs.items():
+        t, row, seed = key.split("/")
+        if t == task:
+            out.setdefault(row, []).append({**r, "seed": int(seed)})
+    return out
+
+
+LABELS = {
+    "dense": "dense 500-500",
+    "old": "meSimp, old default (rate 0.01, 8 ep) + shrink + 2 ep fine-tune",
+    "old_tp": "Torch-Pruning L2 at the old widths (dense 8 ep + 2 ep fine-tune)",
+    "old_scratch": "dense from scratch at the old widths",
+    "new": "meSimp, new recipe (warm-up, cubic to target, fine-tune in the run)",
+    "tp": "Torch-Pruning L2 at the new recipe's widths (dense to the target epoch + fine-tune)",
+    "scratch": "dense from scratch at the new recipe's widths",
+}
+
+
+def _label(row: str) -> str:
+    base, _, t = row.partition("@")
+    return LABELS[base] + (f", target {float(t):.0%}" if t else "")
+
+
+def mlp_table(rows: dict[str, list[dict[str, Any]]]) -> str:
+    dense = rows.get("dense", [])
+    dmacs = dense[0]["macs"] if dense else mlp_macs([HIDDEN, HIDDEN])
+    dense_by_seed = {r["seed"]: r["test"] for r in dense}
+    lines = [
+        "| row | seeds | test acc % (mean ± sd) | Δ vs dense (pt) | widths (per seed) "
+        "| kept % | MACs/image | MAC ÷ |",
+        "|---|---:|---:|---:|---|---:|---:|---:|",
+    ]
+
+    def order(row: str) -> tuple[float, int]:
+        base, _, t = row.partition("@")
+        rank = ["dense", "old", "old_tp", "old_scratch", "new", "tp", "scratch"].index(base)
+        return (-float(t) if t else -9.0, rank)  # the old budget first, then large to small
+
+    for row in sorted(rows, key=order):
+        rs = sorted(rows[row], key=lambda r: r["seed"])
+        acc = [r["test"] for r in rs]
+        delta = [r["test"] - dense_by_seed[r["seed"]] for r in rs if r["seed"] in dense_by_seed]
+        widths = " / ".join("-".join(map(str, r["widths"])) for r in rs)
+        kept = statistics.mean(sum(r["widths"]) / (2 * HIDDEN) for r in rs)
+        macs = statistics.mean(r["macs"] for r in rs)
+        d = f"{100 * statistics.mean(delta):+.2f}" if delta and row != "dense" else "–"
+        lines.append(
+            f"| {_label(row)} | {len(rs)} | {_ms(acc)} | {d} | {widths} | {100 * kept:.1f} "
+            f"| {macs:,.0f} | {dmacs / macs:.1f}× |"
+        )
+    return "\n".join(lines)
+
+
+def verdicts(rows: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Per budget: the new recipe against Torch-Pruning and scratch (means over seeds)."""
+    out = []
+    mean = lambda rs: statistics.mean(r["test"] for r in rs)  # noqa: E731
+    for row in sorted(r for r in rows if r.startswith("new@")):
+        t = row.partition("@")[2]
+        new = mean(rows[row])
+        parts = [f"target {float(t):.0%}: meSimp {100 * new:.2f}"]
+        for peer in ("tp", "scratch"):
+            p = rows.get(f"{peer}@{t}")
+            if p:
+                gap = 100 * (new - mean(p))
+                ok = "**met**" if gap >= 0 else "**not met**"
+                parts.append(f"vs {peer} {100 * mean(p):.2f} ({gap:+.2f} pt: {ok})")
+        out.append("- " + "; ".join(parts))
+    return out
+
+
+def plot(rows: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    """Accuracy against MACs: meSimp's curve beside Torch-Pruning's and scratch's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    series = {
+        "meSimp (new recipe)": ("new", "o-"),
+        "Torch-Pruning L2": ("tp", "s--"),
+        "dense from scratch": ("scratch", "^:"),
+    }
+    for label, (base, style) in series.items():
+        pts = []
+        for row, rs in rows.items():
+            if row.partition("@")[0] == base:
+                accs = [100 * r["test"] for r in rs]
+                pts.append(
+                    (
+                        statistics.mean(r["macs"] for r in rs),
+                        statistics.mean(accs),
+                        statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                    )
+                )
+        if pts:
+            x, y, e = zip(*sorted(pts), strict=True)
+            ax.errorbar(x, y, yerr=e, fmt=style, capsize=3, label=label)
+    for row, marker, label in (
+        ("old", "D", "meSimp old default"),
+        ("old_tp", "x", "TP at old widths"),
+    ):
+        if rows.get(row):
+            rs = rows[row]
+            ax.plot(
+                statistics.mean(r["macs"] for r in rs),
+                100 * statistics.mean(r["test"] for r in rs),
+                marker,
+                label=label,
+            )
+    if rows.get("dense"):
+        d = 100 * statistics.mean(r["test"] for r in rows["dense"])
+        ax.axhline(d, color="grey", lw=0.8, label=f"dense 500-500 ({d:.2f})")
+    ax.set_xscale("log")
+    ax.set_xlabel("MACs per image")
+    ax.set_ylabel("test accuracy %")
+    ax.set_title("Fashion-MNIST MLP: accuracy vs MACs (equal epochs)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(files: list[Path], markdown: Path | None, plot_prefix: Path | None) -> str:
+    runs: dict[str, Any] = {}
+    for f in files:
+        runs.update(json.loads(f.read_text())["runs"])
+    rows = rows_of(runs, "mlp")
+    text = "\n".join([mlp_table(rows), "", *verdicts(rows)])
+    if plot_prefix is not None and rows:
+        plot(rows, plot_prefix.with_name(plot_prefix.name + "_mlp.png"))
+    if markdown is not None:
+        atomic_write_text(markdown, text + "\n")
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tasks", default="mlp", help="comma-separated; implemented: mlp")
+    p.add_argument("--seeds", default="1,2,3")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--targets", default="0.15", help="kept width fractions of the new recipe")
+    p.add_argument("--warmup", type=int, default=1, help="new recipe: warm-up epochs")
+    p.add_argument("--target-epoch", type=int, default=6, help="new recipe: target reached")
+    p.add_argument("--only", default="dense,old,new", help="row families to run (and peers)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", type=Path, default=None, help="runs file (continued if it exists)")
+    p.add_argument("--markdown", type=Path, default=None)
+    p.add_argument("--plot", type=Path, default=None, help="PNG prefix: PREFIX_mlp.png")
+    p.add_argument("--report", type=Path, nargs="*", default=None, help="render these files")
+    p.add_argument("--quick", action="store_true", help="2 epochs, 1 seed: a smoke test")
+    a = p.parse_args(argv)
+    if a.report is not None:
+        print(report(a.report, a.markdown, a.plot))
+        return 0
+    a.targets = [float(t) for t in a.targets.split(",") if t]
+    a.only = set(a.only.split(","))
+    if a.quick:
+        a.epochs, a.warmup, a.target_epoch = 3, 0, 2
+    torch.set_num_threads(a.threads)
+    store = Store(a.json)
+    unknown = set(a.tasks.split(",")) - {"mlp"}
+    if unknown:
+        p.error(f"tasks not implemented: {', '.join(sorted(unknown))}")
+    seeds = [int(s) for s in a.seeds.split(",")][: 1 if a.quick else None]
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in seeds:
+            mlp_seed(a, seed, store, Path(tmp))
+    print(report([a.json], a.markdown, a.plot) if a.json else "")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
