@@ -231,6 +231,29 @@ from mesimp.cli.main import IntList, KType, cli, emit_json
     "active widths; --no-compact keeps them masked until `mesimp shrink`.",
 )
 @click.option(
+    "--distill",
+    "teacher",
+    type=click.Path(),
+    default=None,
+    help="Knowledge distillation: also learn this checkpoint's softened outputs (e.g. "
+    "the dense model of the same task, for a shrunk model's fine-tune); the loss is "
+    "(1 - alpha) * cross-entropy + alpha * T^2 * KL(teacher || model).",
+)
+@click.option(
+    "--distill-alpha",
+    type=float,
+    default=0.5,
+    show_default=True,
+    help="With --distill: the weight of the teacher's term, in (0, 1].",
+)
+@click.option(
+    "--distill-temperature",
+    type=float,
+    default=4.0,
+    show_default=True,
+    help="With --distill: the softmax temperature T of both outputs.",
+)
+@click.option(
     "--init",
     type=click.Path(),
     default=None,
@@ -334,6 +357,9 @@ def train(
     target,
     target_epoch,
     compact,
+    teacher,
+    distill_alpha,
+    distill_temperature,
     init,
     reference,
     threads,
@@ -465,6 +491,9 @@ def train(
         init=init,
         simplify=simp,
         compact=compact,
+        teacher=teacher,
+        distill_alpha=distill_alpha,
+        distill_temperature=distill_temperature,
         threads=threads,
         device=device,
         reference=reference,

@@ -64,6 +64,7 @@ from mesimp.simplify.rule import active_widths
 from mesimp.simplify.simplifier import Simplifier
 from mesimp.training.build import build, load_task, rebuild, restore_meprop
 from mesimp.training.config import CUSTOM, RUNTIME_FIELDS, TrainConfig
+from mesimp.training.distill import kd_loss, load_teacher
 from mesimp.training.distributed import (
     Distributed,
     check_same_masks,
@@ -255,6 +256,11 @@ class _Run:
         # the whole step as one compiled call: mesimp's own cross-entropy step of a
         # Linear-ReLU stack, in one process (each step re-checks that it applies)
         self.one_call = not config.reference and ranks.world == 1 and not self.task.tagging
+        # knowledge distillation: the teacher's outputs join the loss (not in one call)
+        self.teacher = (
+            load_teacher(config.teacher, ranks.device) if config.teacher is not None else None
+        )
+        self.one_call = self.one_call and self.teacher is None
         self.path = "python"  # which path the last step took (train --json reports it)
         self.sparse_layers = any(_kernels_serve(m) for m in self.model.modules())
         self.named_params = list(self.model.named_parameters())
@@ -502,7 +508,10 @@ class _Run:
         self.path = (
             "compiled" if self.sparse_layers and kernels.kernel_name() == "cpp" else "python"
         )
-        loss = self.task.loss(self.forward(x), y, self.reduction)
+        out = self.forward(x)
+        loss = self.task.loss(out, y, self.reduction)
+        if self.teacher is not None:
+            loss = self._distilled(loss, out, x, y)
         loss_value = self._checked_loss(loss, epoch, step)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -510,6 +519,17 @@ class _Run:
             self._check_grad(nonfinite_grad(self.named_params), epoch, step)
         self.optimizer.step()
         self._after_update(loss_value)
+
+    def _distilled(
+        self, loss: torch.Tensor, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
+        """The task loss mixed with the teacher's soft targets (``mesimp.training.distill``)."""
+        assert self.teacher is not None
+        with torch.no_grad():
+            target = self.teacher(x)
+        keep = y != 0 if self.task.tagging else None  # a tagger's padding has no target
+        a, temp = self.config.distill_alpha, self.config.distill_temperature
+        return (1 - a) * loss + a * kd_loss(out, target, temp, keep)
 
     def _compiled_step(self, epoch: int, step: int, x: torch.Tensor, y: torch.Tensor) -> bool:
         """The whole step in one compiled call (``mesimp.nn.fused``) where it applies: the
