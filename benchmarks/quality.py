@@ -13,12 +13,13 @@ epochs for every row, test accuracy of the best-on-dev checkpoint (dev = the fir
 * ``old``: the previous default, unified k=60, ``--prune-rate 0.01``, 4 points per
   epoch, cycles of 1 epoch, for epochs - 2; shrink; 2 epochs of plain fine-tuning.
   ``old_tp`` / ``old_scratch``: Torch-Pruning and dense from scratch at its widths.
-* per ``--targets`` fraction T: ``new@T``, the new recipe (unified k=60, warm-up
-  ``--warmup`` epochs, the cubic schedule to T of each layer by ``--target-epoch``,
-  compaction, the remaining epochs fine-tune in the same run at the target widths);
-  ``tp@T``: dense for ``--target-epoch`` epochs, Torch-Pruning L2 magnitude to the same
-  widths, fine-tuned for the remaining epochs; ``scratch@T``: dense from scratch at the
-  same widths for all the epochs.
+* per ``--targets`` fraction T: ``new@T``, the new recipe: unified k=60, a warm-up of
+  ``--warmup`` epochs (3), then the cubic schedule to T of each layer by
+  ``--target-epoch`` (8), 4 points an epoch, compaction; shrink; plain backprop for the
+  remaining epochs (``--in-run``: meProp goes on in the same run instead). ``tp@T``:
+  dense for ``--target-epoch`` epochs, Torch-Pruning L2 magnitude to the same widths,
+  fine-tuned for the remaining epochs; ``scratch@T``: dense from scratch at the same
+  widths for all the epochs.
 
 Every finished run is written to ``--json`` at once (atomically), and a rerun with the
 same file skips the runs it holds, so an interrupted run continues. ``--report``
@@ -35,15 +36,19 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 from benchmarks.mesimp_fmnist import _run
 from benchmarks.suite import tp
-from benchmarks.suite.mlp import _tp_run
 from mesimp.files.atomic import atomic_write_text
+from mesimp.files.checkpoint import (
+    load_checkpoint,
+    make_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
 from mesimp.simplify.checkpoint_shrink import shrink_checkpoint
 from mesimp.simplify.rule import SimplifyConfig
 
@@ -88,7 +93,6 @@ def mlp_seed(a: argparse.Namespace, seed: int, store: Store, work: Path) -> None
     """Every MLP row of one seed that ``store`` does not hold yet."""
     common = dict(epochs=a.epochs, seed=seed, batch_size=50, data=None, hidden=HIDDEN)
     mk = dict(k=60, selection="unified")
-    tpc = {k: v for k, v in common.items() if k != "seed"}
 
     def once(row: str, fn: Any) -> dict[str, Any]:
         key = f"mlp/{row}/{seed}"
@@ -130,7 +134,17 @@ def mlp_seed(a: argparse.Namespace, seed: int, store: Store, work: Path) -> None
                 target=t,
                 target_epoch=a.target_epoch,
             )
-            return _result(_run(work, f"new{t}-{seed}", **common, **mk, simplify=simp))
+            if a.in_run:  # the fine-tune epochs continue meProp in the same run
+                return _result(_run(work, f"new{t}-{seed}", **common, **mk, simplify=simp))
+            te = a.target_epoch
+            r = _run(work, f"new-{seed}", **{**common, "epochs": te}, **mk, simplify=simp)
+            small = work / f"new-{seed}.small.pt"
+            rep = shrink_checkpoint(work / f"new-{seed}.pt", small)
+            ft = _run(
+                work, f"new-ft-{seed}", **{**common, "epochs": a.epochs - te}, init=str(small)
+            )
+            widths = rep["after"]["hidden_sizes"]
+            return _result({**ft, "time": r["time"] + ft["time"], "widths": widths})
 
         budgets.append((f"new@{t}", new, a.target_epoch))
     for row, fn, dense_epochs in budgets:
@@ -142,15 +156,32 @@ def mlp_seed(a: argparse.Namespace, seed: int, store: Store, work: Path) -> None
             lambda w=widths: _result(_run(work, f"scratch-{seed}", **{**common, "hidden": w})),
         )
         if tp.available():
-            s = SimpleNamespace(epochs=a.epochs, finetune_epochs=a.epochs - dense_epochs)
+            once(
+                f"{prefix}tp{suffix}",
+                lambda w=widths, e=dense_epochs: tp_row(work, seed, w, e, a.epochs, common),
+            )
 
-            def tp_row(w: list[int] = widths, s: Any = s) -> dict[str, Any]:
-                r = _tp_run(work, seed, w, tpc, s)
-                if r["status"] != "ok":
-                    raise RuntimeError(f"Torch-Pruning failed: {r['reason']}")
-                return _result({"test": r["test_accuracy"], "widths": w, "time": r["train_time_s"]})
 
-            once(f"{prefix}tp{suffix}", tp_row)
+def tp_row(
+    work: Path, seed: int, widths: list[int], dense_epochs: int, epochs: int, common: dict
+) -> dict[str, Any]:
+    """Dense for ``dense_epochs`` (one run per seed and length, kept in ``work`` for the
+    other budgets), Torch-Pruning L2 magnitude to ``widths``, fine-tuned to ``epochs``."""
+    base = work / f"tp-base{dense_epochs}-{seed}.pt"
+    t = 0.0
+    if not base.exists():
+        t = _run(work, base.stem, **{**common, "epochs": dense_epochs})["time"]
+    t0 = time.perf_counter()
+    ckpt = load_checkpoint(base)
+    model = tp.prune_mlp_to_widths(model_from_checkpoint(ckpt, meprop=False), widths)
+    pruned = work / f"tp-pruned-{seed}.pt"
+    arch = {**ckpt["arch"], "hidden_sizes": list(widths)}
+    save_checkpoint(pruned, make_checkpoint(model, arch, None, {"pruned_by": "torch-pruning"}))
+    t += time.perf_counter() - t0
+    ft = _run(
+        work, f"tp-ft-{seed}", **{**common, "epochs": epochs - dense_epochs}, init=str(pruned)
+    )
+    return _result({**ft, "time": t + ft["time"], "widths": widths})
 
 
 # -- the report ----------------------------------------------------------------------------
@@ -303,11 +334,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", default="mlp", help="comma-separated; implemented: mlp")
     p.add_argument("--seeds", default="1,2,3")
     p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--targets", default="0.15", help="kept width fractions of the new recipe")
-    p.add_argument("--warmup", type=int, default=1, help="new recipe: warm-up epochs")
-    p.add_argument("--target-epoch", type=int, default=6, help="new recipe: target reached")
+    p.add_argument(
+        "--targets", default="0.1,0.15,0.3", help="kept width fractions of the new recipe"
+    )
+    p.add_argument("--warmup", type=int, default=3, help="new recipe: warm-up epochs")
+    p.add_argument("--target-epoch", type=int, default=8, help="new recipe: target reached")
+    p.add_argument(
+        "--in-run",
+        action="store_true",
+        help="new recipe: fine-tune with meProp in the same run (default: shrink, then "
+        "plain backprop for the remaining epochs, as the old default and `make demo` do)",
+    )
     p.add_argument("--only", default="dense,old,new", help="row families to run (and peers)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--workdir", type=Path, default=None, help="keep the checkpoints here")
     p.add_argument("--json", type=Path, default=None, help="runs file (continued if it exists)")
     p.add_argument("--markdown", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None, help="PNG prefix: PREFIX_mlp.png")
@@ -328,8 +368,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"tasks not implemented: {', '.join(sorted(unknown))}")
     seeds = [int(s) for s in a.seeds.split(",")][: 1 if a.quick else None]
     with tempfile.TemporaryDirectory() as tmp:
+        work = a.workdir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         for seed in seeds:
-            mlp_seed(a, seed, store, Path(tmp))
+            mlp_seed(a, seed, store, work)
     print(report([a.json], a.markdown, a.plot) if a.json else "")
     return 0
 
