@@ -178,10 +178,10 @@ from mesimp.cli.main import IntList, KType, cli, emit_json
 @click.option(
     "--cycle-epochs",
     type=int,
-    default=1,
-    show_default=True,
+    default=None,
     help="meSimp: epochs per cycle; cycles alternate simplifying and plain meProp, "
-    "and the optimizer is reset once at each cycle start (0 = always simplify).",
+    "and the optimizer is reset once at each cycle start (0 = always simplify) "
+    "[default: 1; 0 with --schedule cubic].",
 )
 @click.option(
     "--min-width",

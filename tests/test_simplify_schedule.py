@@ -5,12 +5,14 @@ and the one-line errors for impossible settings."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import read_jsonl
 from torch import nn
 
 import mesimp
@@ -157,3 +159,31 @@ def test_old_configs_load_with_the_papers_schedule():
     new = TrainConfig(k=20, epochs=5, simplify=cubic(warmup_epochs=1))
     assert TrainConfig.from_dict(new.to_dict()).simplify == new.simplify
     assert math.isclose(new.simplify.target, 0.25)
+
+
+def test_cycle_epochs_default_follows_the_schedule():
+    assert SimplifyConfig().cycle_epochs == 1
+    assert cubic().cycle_epochs == 0 and cubic(cycle_epochs=2).cycle_epochs == 2
+    assert SimplifyConfig(schedule="cubic", target=0.5, target_epoch=1).cycle_epochs == 0
+
+
+def test_cli_cubic_run_ends_on_the_target_and_records_the_recipe(tmp_path, tiny_npz):
+    import mesimp.cli.commands  # noqa: F401  (registers the commands)
+    from click.testing import CliRunner
+    from mesimp.cli.main import cli
+
+    out = tmp_path / "m.pt"
+    args = ["train", "--data", tiny_npz, "--dev-size", "100", "--hidden", "40", "--k", "8",
+            "--epochs", "3", "--simplify", "--warmup-epochs", "1", "--schedule", "cubic",
+            "--target", "0.25", "--no-progress", "--json", "-o", out]  # fmt: skip
+    r = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["hidden_sizes"] == [10, 10]  # compacted to round(0.25 * 40)
+    s = doc["config"]["simplify"]
+    assert (s["warmup_epochs"], s["schedule"], s["target"]) == (1, "cubic", 0.25)
+    assert (s["target_epoch"], s["cycle_epochs"]) == (3, 0)  # 3/4 of 3 epochs, rounded up
+    points = [e for e in read_jsonl(tmp_path / "m.metrics.jsonl") if e["event"] == "simplify"]
+    assert points and min(e["epoch"] for e in points) == 1  # nothing in the warm-up
+    bad = CliRunner().invoke(cli, [str(a) for a in [*args[:-3], "--target", "2", "-o", out]])
+    assert bad.exit_code != 0 and "target width fraction in (0, 1]" in bad.output

@@ -48,7 +48,8 @@ class SimplifyConfig:
     fraction of the examples since the previous point. ``points_per_epoch``:
     simplification points per epoch. ``cycle_epochs``: length of a cycle; cycles
     alternate simplifying / plain meProp (0 = every epoch simplifies).
-    ``min_width``: no layer goes below this many units.
+    ``min_width``: no layer goes below this many units. ``cycle_epochs`` defaults to 1
+    with the rate schedule and to 0 with the cubic one.
 
     ``warmup_epochs``: no simplification point in the first N epochs (the counts of an
     untrained network say little: the parser lost 8.8 UAS masking 327 units in epoch
@@ -65,7 +66,7 @@ class SimplifyConfig:
 
     prune_rate: float = 0.01
     points_per_epoch: int = 4
-    cycle_epochs: int = 1
+    cycle_epochs: int | None = None  # None: 1 with the rate schedule, 0 with the cubic one
     min_width: int = 1
     warmup_epochs: int = 0
     schedule: str = "rate"
@@ -73,6 +74,8 @@ class SimplifyConfig:
     target_epoch: int | None = None  # cubic: the target is reached by this epoch's start
 
     def __post_init__(self) -> None:
+        if self.cycle_epochs is None:  # a cubic schedule prunes at every point to its end
+            self.cycle_epochs = 0 if self.schedule == "cubic" else 1
         check_prune_rate(self.prune_rate)
         if self.points_per_epoch < 1:
             raise BadInputError(
