@@ -13,7 +13,8 @@ epochs for every row, test accuracy of the best-on-dev checkpoint (dev = the fir
 * ``old``: the previous default, unified k=60, ``--prune-rate 0.01``, 4 points per
   epoch, cycles of 1 epoch, for epochs - 2; shrink; 2 epochs of plain fine-tuning.
   ``old_tp`` / ``old_scratch``: Torch-Pruning and dense from scratch at its widths.
-* per ``--targets`` fraction T: ``new@T``, the new recipe: unified k=60, a warm-up of
+* per ``--targets`` fraction T: ``new@T``, the new recipe: unified top-k with k = the
+  target width (``--k``: 50, 75, 150 for 10, 15, 30 %), a warm-up of
   ``--warmup`` epochs (3), then the cubic schedule to T of each layer by
   ``--target-epoch`` (8), 4 points an epoch, compaction; shrink; plain backprop for the
   remaining epochs (``--in-run``: meProp goes on in the same run instead). ``tp@T``:
@@ -126,6 +127,10 @@ def mlp_seed(a: argparse.Namespace, seed: int, store: Store, work: Path) -> None
     for t in a.targets if "new" in a.only else []:
 
         def new(t: float = t) -> dict[str, Any]:
+            # meProp's k: the target width by default, so the last points and the
+            # fine-tune see (nearly) dense gradients (k=60 at a 150-unit target lost 0.6 pt)
+            k = round(t * HIDDEN) if a.k == "target" else int(a.k)
+            mk = dict(k=k, selection="unified")
             simp = SimplifyConfig(
                 points_per_epoch=4,
                 cycle_epochs=0,
@@ -204,8 +209,9 @@ LABELS = {
     "old": "meSimp, old default (rate 0.01, 8 ep) + shrink + 2 ep fine-tune",
     "old_tp": "Torch-Pruning L2 at the old widths (dense 8 ep + 2 ep fine-tune)",
     "old_scratch": "dense from scratch at the old widths",
-    "new": "meSimp, new recipe (warm-up, cubic to target, fine-tune in the run)",
-    "tp": "Torch-Pruning L2 at the new recipe's widths (dense to the target epoch + fine-tune)",
+    "new": "meSimp, new recipe (warm-up 3 ep, cubic to the target by epoch 8, shrink, "
+    "2 ep fine-tune)",
+    "tp": "Torch-Pruning L2 at the new recipe's widths (dense 8 ep + 2 ep fine-tune)",
     "scratch": "dense from scratch at the new recipe's widths",
 }
 
@@ -316,6 +322,38 @@ def plot(rows: dict[str, list[dict[str, Any]]], path: Path) -> None:
     plt.close(fig)
 
 
+# -- the paper tasks (one seed each: recorded runs, see QUALITY.md) -------------------------
+def paper_macs(task: str, width: int) -> int:
+    """MACs per parser configuration / per tagged token of the hidden part and output."""
+    if task == "parser":  # 48 features x 50-d embeddings -> h -> 103 transitions
+        return 48 * 50 * width + width * 103
+    # BiLSTM tagger: two directions of 4 gates over (160 inputs + h), Linear 2h -> 18 tags
+    return 2 * 4 * width * (160 + width) + 2 * width * 18
+
+
+def paper_plot(task: str, doc: dict[str, Any], path: Path) -> None:
+    """The recorded rows of a paper task: its metric against MACs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for row in doc["rows"]:
+        x = paper_macs(task, row["width"])
+        ax.plot(
+            x, row["score"], row.get("marker", "o"), label=f"{row['label']} ({row['score']:.2f})"
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("MACs per " + ("parser configuration" if task == "parser" else "token"))
+    ax.set_ylabel(doc["metric"])
+    ax.set_title(f"{doc['title']} (one seed, equal epochs)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def report(files: list[Path], markdown: Path | None, plot_prefix: Path | None) -> str:
     runs: dict[str, Any] = {}
     for f in files:
@@ -324,6 +362,10 @@ def report(files: list[Path], markdown: Path | None, plot_prefix: Path | None) -
     text = "\n".join([mlp_table(rows), "", *verdicts(rows)])
     if plot_prefix is not None and rows:
         plot(rows, plot_prefix.with_name(plot_prefix.name + "_mlp.png"))
+    paper = Path(__file__).with_name("quality_paper.json")
+    if plot_prefix is not None and paper.exists():
+        for task, doc in json.loads(paper.read_text()).items():
+            paper_plot(task, doc, plot_prefix.with_name(f"{plot_prefix.name}_{task}.png"))
     if markdown is not None:
         atomic_write_text(markdown, text + "\n")
     return text
@@ -346,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         "plain backprop for the remaining epochs, as the old default and `make demo` do)",
     )
     p.add_argument("--only", default="dense,old,new", help="row families to run (and peers)")
+    p.add_argument("--k", default="target", help="new recipe's k: an int, or 'target' (width)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workdir", type=Path, default=None, help="keep the checkpoints here")
     p.add_argument("--json", type=Path, default=None, help="runs file (continued if it exists)")
