@@ -187,3 +187,35 @@ def test_cli_cubic_run_ends_on_the_target_and_records_the_recipe(tmp_path, tiny_
     assert points and min(e["epoch"] for e in points) == 1  # nothing in the warm-up
     bad = CliRunner().invoke(cli, [str(a) for a in [*args[:-3], "--target", "2", "-o", out]])
     assert bad.exit_code != 0 and "target width fraction in (0, 1]" in bad.output
+
+
+def test_recipe_is_the_cli_default_and_prune_rate_selects_the_papers_rule(tmp_path, tiny_npz):
+    import mesimp.cli.commands  # noqa: F401  (registers the commands)
+    from click.testing import CliRunner
+    from mesimp.cli.main import cli
+
+    r = SimplifyConfig.recipe(10)
+    assert (r.schedule, r.target, r.warmup_epochs, r.target_epoch, r.cycle_epochs) == (
+        "cubic", 0.15, 3, 8, 0,
+    )  # fmt: skip
+    assert (
+        SimplifyConfig.recipe(1).warmup_epochs == 0 and SimplifyConfig.recipe(1).target_epoch == 1
+    )
+    with pytest.raises(BadInputError, match="needs the run's epochs"):
+        SimplifyConfig.recipe(0)
+    base = ["train", "--data", tiny_npz, "--dev-size", "100", "--hidden", "40", "--k", "8",
+            "--epochs", "2", "--simplify", "--no-progress", "--json"]  # fmt: skip
+
+    def run(*extra: object) -> dict:
+        args = [*base, *extra, "-o", tmp_path / "m.pt"]
+        got = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+        assert got.exit_code == 0, got.output
+        return json.loads(got.stdout)["config"]["simplify"]
+
+    assert run() == SimplifyConfig.recipe(2).to_dict()  # the CLI default is the API's recipe
+    assert run("--target", "0.5")["target"] == 0.5
+    papers = run("--prune-rate", "0.05")
+    assert (papers["schedule"], papers["prune_rate"], papers["cycle_epochs"]) == ("rate", 0.05, 1)
+    args = [*base, "--prune-rate", "0.05", "--schedule", "cubic", "-o", tmp_path / "x.pt"]
+    bad = CliRunner().invoke(cli, [str(a) for a in args])
+    assert bad.exit_code != 0 and "--prune-rate is the rate schedule's threshold" in bad.output

@@ -38,6 +38,7 @@ from mesimp.nn.linear import MePropLinear
 from mesimp.nn.lstm import MePropLSTM
 
 SCHEDULES = ("rate", "cubic")
+RECIPE_TARGET = 0.15  # SimplifyConfig.recipe's kept fraction: 500 -> 75, the papers' ~9x
 
 
 @dataclass
@@ -114,6 +115,24 @@ class SimplifyConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def recipe(cls, epochs: int, target: float = RECIPE_TARGET, **overrides: Any) -> SimplifyConfig:
+        """The recipe ``mesimp train --simplify`` uses by default (measured in
+        benchmarks/QUALITY.md): a warm-up of 30 % of the epochs, then the cubic schedule
+        to ``target`` of every group's width by 80 % of them (cycles off), so the last
+        20 % fine-tune at the final size. Give meProp a k near the target width (e.g.
+        ``k=75`` for 500 -> 75): the last points and the fine-tune then see nearly dense
+        gradients. ``overrides`` replace any field (``warmup_epochs=1``, ...)."""
+        if _not_int(epochs) or epochs < 1:
+            raise BadInputError(f"the recipe needs the run's epochs (>= 1), got {epochs!r}")
+        fields = dict(
+            schedule="cubic",
+            target=target,
+            warmup_epochs=3 * epochs // 10,
+            target_epoch=math.ceil(0.8 * epochs),
+        )
+        return cls(**{**fields, **overrides})
 
 
 def _not_int(v: object) -> bool:
