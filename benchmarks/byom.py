@@ -173,19 +173,30 @@ def reinit(model: nn.Module) -> nn.Module:
     return model
 
 
-def tp_prune(dense: nn.Module, widths: dict[str, int], x: torch.Tensor) -> nn.Module:
+def tp_prune(
+    dense: nn.Module, widths: dict[str, int], x: torch.Tensor
+) -> tuple[nn.Module, list[str]]:
     """Torch-Pruning L2 magnitude: in each named layer keep the ``widths[name]`` units
-    with the largest weight norm, pruning the coupled group with the dependency graph."""
+    with the largest weight norm, pruning the coupled group with the dependency graph.
+
+    A group named ``module:kind`` (``...self_attention:heads``) counts whole heads, which
+    Torch-Pruning's dependency graph does not prune (its attention pruner cuts the
+    embedding channels): such groups are left at full width and returned as skipped,
+    so the row says that its model keeps every head."""
     model = copy.deepcopy(dense)
     dg = trace(model, x[:2])
     modules = dict(model.named_modules())
+    skipped = []
     for name, keep in widths.items():
+        if ":" in name:
+            skipped.append(name)
+            continue
         layer = modules[name]
         norms = layer.weight.detach().flatten(1).norm(dim=1)
         drop = torch.argsort(norms)[: len(norms) - keep].tolist()
         prune_out = dg.get_pruner_of_module(layer).prune_out_channels
         dg.get_pruning_group(layer, prune_out, idxs=drop).prune()
-    return model
+    return model, skipped
 
 
 # -- one seed ------------------------------------------------------------------------------
@@ -227,9 +238,10 @@ def one_seed(
     rows["scratch"] = {"acc": accuracy(scratch, data), "time_s": time.perf_counter() - t}
 
     t = time.perf_counter()
-    pruned = tp_prune(snapshot, widths, data["x_train"])
+    pruned, skipped = tp_prune(snapshot, widths, data["x_train"])
     train(pruned, data, finetune, seed + 1000)
     rows["tp"] = {"acc": accuracy(pruned, data), "time_s": time.perf_counter() - t}
+    rows["tp"]["skipped_groups"] = skipped  # kept at full width (heads)
 
     for key, m in (("dense", dense), ("mesimp", small), ("scratch", scratch), ("tp", pruned)):
         rows[key]["params"] = sum(p.numel() for p in m.parameters())
