@@ -219,3 +219,15 @@ def test_recipe_is_the_cli_default_and_prune_rate_selects_the_papers_rule(tmp_pa
     args = [*base, "--prune-rate", "0.05", "--schedule", "cubic", "-o", tmp_path / "x.pt"]
     bad = CliRunner().invoke(cli, [str(a) for a in args])
     assert bad.exit_code != 0 and "--prune-rate is the rate schedule's threshold" in bad.output
+
+
+def test_simplifier_without_a_config_runs_the_recipe():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 40), nn.ReLU(), nn.Linear(40, 3))
+    mesimp.meprop_(model, mesimp.MePropConfig(k=6, selection="unified"))
+    simp = mesimp.Simplifier(model, steps_per_epoch=2, epochs=10)
+    assert simp.config == SimplifyConfig.recipe(10)
+    with pytest.raises(BadInputError, match="needs epochs="):
+        mesimp.Simplifier(model, steps_per_epoch=2)
+    with pytest.raises(BadInputError, match="not a point of the cubic schedule"):
+        simp.simplify()  # step 0 is no point: the cubic schedule needs step()

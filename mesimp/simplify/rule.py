@@ -295,7 +295,13 @@ class SimplifySchedule:
 
     def point_number(self, epoch: int, step_in_epoch: int) -> tuple[int, int]:
         """The cubic schedule's ``(i, n)`` at a point: this is point i of n."""
-        return self.order[(epoch, step_in_epoch)], len(self.order)
+        i = self.order.get((epoch, step_in_epoch))
+        if i is None:
+            raise BadInputError(
+                f"epoch {epoch} step {step_in_epoch} is not a point of the cubic schedule: "
+                "it simplifies at its points (call Simplifier.step() after every update)"
+            )
+        return i, len(self.order)
 
 
 def unit_norms(layer: nn.Module) -> torch.Tensor:

@@ -8,6 +8,11 @@
             opt.zero_grad(); loss.backward(); opt.step()
             simp.step()
 
+Without a config it runs ``SimplifyConfig.recipe(epochs)`` (warm-up, the cubic schedule
+to 15 % of every group by 80 % of ``epochs``: the default of ``mesimp train
+--simplify``, measured in benchmarks/QUALITY.md); give a ``SimplifyConfig`` for the
+papers' rule or another target.
+
 It runs the schedule of ``SimplifySchedule`` exactly as mesimp's own trainers do (they
 use this object): at each simplification point the meSimp rule masks units and the
 counters restart; when the next epoch starts a new cycle, the optimizer's state
@@ -77,7 +82,7 @@ class Simplifier:
     def __init__(
         self,
         model: nn.Module,
-        config: SimplifyConfig,
+        config: SimplifyConfig | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         *,
         steps_per_epoch: int,
@@ -86,6 +91,12 @@ class Simplifier:
         layers: Sequence[str] | None = None,
         compact: bool = False,
     ) -> None:
+        if config is None:  # the default: the measured recipe, sized by the run's length
+            if epochs is None:
+                raise BadInputError(
+                    "Simplifier's default recipe needs epochs= (or give a SimplifyConfig)"
+                )
+            config = SimplifyConfig.recipe(epochs)
         if not isinstance(config, SimplifyConfig):
             raise BadInputError(f"config must be a SimplifyConfig, got {type(config).__name__}")
         if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int):
