@@ -13,8 +13,8 @@ epochs for every row, test accuracy of the best-on-dev checkpoint (dev = the fir
 * ``old``: the previous default, unified k=60, ``--prune-rate 0.01``, 4 points per
   epoch, cycles of 1 epoch, for epochs - 2; shrink; 2 epochs of plain fine-tuning.
   ``old_tp`` / ``old_scratch``: Torch-Pruning and dense from scratch at its widths.
-* per ``--targets`` fraction T: ``new@T``, the new recipe: unified top-k with k = the
-  target width (``--k``: 50, 75, 150 for 10, 15, 30 %), a warm-up of
+* per ``--targets`` fraction T: ``new@T``, the new recipe: unified top-k with
+  k = max(60, the target width) (``--k``: 60, 75, 150 for 10, 15, 30 %), a warm-up of
   ``--warmup`` epochs (3), then the cubic schedule to T of each layer by
   ``--target-epoch`` (8), 4 points an epoch, compaction; shrink; plain backprop for the
   remaining epochs (``--in-run``: meProp goes on in the same run instead). ``tp@T``:
@@ -127,9 +127,10 @@ def mlp_seed(a: argparse.Namespace, seed: int, store: Store, work: Path) -> None
     for t in a.targets if "new" in a.only else []:
 
         def new(t: float = t) -> dict[str, Any]:
-            # meProp's k: the target width by default, so the last points and the
-            # fine-tune see (nearly) dense gradients (k=60 at a 150-unit target lost 0.6 pt)
-            k = round(t * HIDDEN) if a.k == "target" else int(a.k)
+            # meProp's k: max(60, the target width), so the last points see (nearly)
+            # dense gradients (k=60 at a 150-unit target lost 0.6 pt; k=50 at a 50-unit
+            # one lost 0.3 pt against k=60: QUALITY.md's k ablation)
+            k = max(60, round(t * HIDDEN)) if a.k == "target" else int(a.k)
             mk = dict(k=k, selection="unified")
             simp = SimplifyConfig(
                 points_per_epoch=4,
@@ -209,8 +210,8 @@ LABELS = {
     "old": "meSimp, old default (rate 0.01, 8 ep) + shrink + 2 ep fine-tune",
     "old_tp": "Torch-Pruning L2 at the old widths (dense 8 ep + 2 ep fine-tune)",
     "old_scratch": "dense from scratch at the old widths",
-    "new": "meSimp, new recipe (warm-up 3 ep, cubic to the target by epoch 8, shrink, "
-    "2 ep fine-tune)",
+    "new": "meSimp, new recipe (k = max(60, target width); warm-up 3 ep, cubic to the "
+    "target by epoch 8, shrink, 2 ep fine-tune)",
     "tp": "Torch-Pruning L2 at the new recipe's widths (dense 8 ep + 2 ep fine-tune)",
     "scratch": "dense from scratch at the new recipe's widths",
 }
@@ -327,8 +328,8 @@ def paper_macs(task: str, width: int) -> int:
     """MACs per parser configuration / per tagged token of the hidden part and output."""
     if task == "parser":  # 48 features x 50-d embeddings -> h -> 103 transitions
         return 48 * 50 * width + width * 103
-    # BiLSTM tagger: two directions of 4 gates over (160 inputs + h), Linear 2h -> 18 tags
-    return 2 * 4 * width * (160 + width) + 2 * width * 18
+    # BiLSTM tagger: two directions of 4 gates over (160 inputs + h), Linear 2h -> 19 tags
+    return 2 * 4 * width * (160 + width) + 2 * width * 19
 
 
 def paper_plot(task: str, doc: dict[str, Any], path: Path) -> None:
@@ -388,7 +389,9 @@ def main(argv: list[str] | None = None) -> int:
         "plain backprop for the remaining epochs, as the old default and `make demo` do)",
     )
     p.add_argument("--only", default="dense,old,new", help="row families to run (and peers)")
-    p.add_argument("--k", default="target", help="new recipe's k: an int, or 'target' (width)")
+    p.add_argument(
+        "--k", default="target", help="new recipe's k: an int, or 'target': max(60, target width)"
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workdir", type=Path, default=None, help="keep the checkpoints here")
     p.add_argument("--json", type=Path, default=None, help="runs file (continued if it exists)")
