@@ -22,6 +22,12 @@ epochs for every row, test accuracy of the best-on-dev checkpoint (dev = the fir
   fine-tuned for the remaining epochs; ``scratch@T``: dense from scratch at the same
   widths for all the epochs.
 
+Tasks ``parser`` and ``tagger`` (full UD EWT; PARSER.md's and TAGGER.md's protocols, 3
+epochs in all): ``new``, ``SimplifyConfig.recipe(1, target)`` for one epoch (parser:
+per-example top-150 to 30 %; tagger: unified top-60 to 12 %), shrink, 2 epochs plain;
+``scratch``, the same widths from scratch for 3 epochs. Their dense baselines are the
+write-ups' (same protocol and seed 1).
+
 Every finished run is written to ``--json`` at once (atomically), and a rerun with the
 same file skips the runs it holds, so an interrupted run continues. ``--report``
 renders the tables (mean ± sd over seeds) and the accuracy-vs-MACs plot from one or
@@ -188,6 +194,57 @@ def tp_row(
         work, f"tp-ft-{seed}", **{**common, "epochs": epochs - dense_epochs}, init=str(pruned)
     )
     return _result({**ft, "time": t + ft["time"], "widths": widths})
+
+
+# -- the paper tasks: the recipe and dense from scratch at its widths, per seed --------------
+EWT = Path(__file__).resolve().parents[2] / "shared" / "data" / "ud-english-ewt"
+PARSER = dict(model="parser", emb_dim=50, batch_size=256, lr=1e-3, layers=1, hidden=500)
+PAPER_TASKS = {  # task -> (base config, meProp, target, metric)
+    "parser": (PARSER, dict(k=150, selection="topk"), 0.3, "test_uas"),
+    "tagger": ({}, dict(k=60, selection="unified"), 0.12, "test_accuracy"),
+}
+
+
+def paper_seed(a: argparse.Namespace, task: str, seed: int, store: Store, work: Path) -> None:
+    """``new``: ``SimplifyConfig.recipe(1, target)`` for one epoch with meProp's
+    k = max(60, target width), shrink, 2 epochs plain; ``scratch``: the target widths
+    from scratch, 3 epochs (QUALITY.md's protocols, from PARSER.md and TAGGER.md)."""
+    from benchmarks.tagger_paper import PROTOCOL
+    from mesimp import TrainConfig, train
+
+    base, mk, target, metric = PAPER_TASKS[task]
+    files = {
+        "train_file": str(EWT / ("en_ewt-ud-dev.conllu" if a.quick else "en_ewt-ud-train.conllu")),
+        "dev_file": None if a.quick else str(EWT / "en_ewt-ud-dev.conllu"),
+        "test_file": str(EWT / "en_ewt-ud-test.conllu"),
+    }
+    common = {**(PROTOCOL if task == "tagger" else base), **files, "seed": seed}
+    common.update(threads=1, save_every=0)
+
+    def run(name: str, **kw: Any) -> dict[str, Any]:
+        cfg = TrainConfig(**{**common, **kw, "output": str(work / f"{task}-{name}-{seed}.pt")})
+        r = train(cfg, progress=False, log=lambda m: None)
+        return {"test": r["best"][metric], "widths": r["hidden_sizes"], "time_s": r["train_time_s"]}
+
+    def new() -> dict[str, Any]:
+        simp = SimplifyConfig.recipe(1, target=target)
+        first = run("new", epochs=1, simplify=simp, **mk)
+        pre, small = (work / f"{task}-{n}-{seed}.pt" for n in ("new", "small"))
+        shrink_checkpoint(pre, small)
+        ft = run("ft", epochs=2, init=str(small))
+        return {**ft, "time_s": first["time_s"] + ft["time_s"]}
+
+    for row, fn in (("new", new), ("scratch", None)):
+        key = f"{task}/{row}/{seed}"
+        if store.get(key) is not None:
+            continue
+        if fn is None:
+            widths = store.get(f"{task}/new/{seed}")["widths"]
+            got = run("scratch", epochs=3, hidden=widths if len(widths) > 1 else widths[0])
+        else:
+            got = fn()
+        store.put(key, got)
+        print(f"{key}: {got['test']:.4f} {got['widths']}", file=sys.stderr, flush=True)
 
 
 # -- the report ----------------------------------------------------------------------------
@@ -360,7 +417,15 @@ def report(files: list[Path], markdown: Path | None, plot_prefix: Path | None) -
     for f in files:
         runs.update(json.loads(f.read_text())["runs"])
     rows = rows_of(runs, "mlp")
-    text = "\n".join([mlp_table(rows), "", *verdicts(rows)])
+    text = "\n".join([mlp_table(rows), "", *verdicts(rows)]) if rows else ""
+    for task in PAPER_TASKS:
+        prow = rows_of(runs, task)
+        if prow:
+            text += f"\n\n| {task} row | seeds | test % (mean ± sd) | widths |\n"
+            text += "|---|---:|---:|---|\n"
+            for row, rs in prow.items():
+                widths = " / ".join("-".join(map(str, r["widths"])) for r in rs)
+                text += f"| {row} | {len(rs)} | {_ms([r['test'] for r in rs])} | {widths} |\n"
     if plot_prefix is not None and rows:
         plot(rows, plot_prefix.with_name(plot_prefix.name + "_mlp.png"))
     paper = Path(__file__).with_name("quality_paper.json")
@@ -374,7 +439,12 @@ def report(files: list[Path], markdown: Path | None, plot_prefix: Path | None) -
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tasks", default="mlp", help="comma-separated; implemented: mlp")
+    p.add_argument(
+        "--tasks",
+        default="mlp",
+        help="comma-separated: mlp (every row), parser, tagger (the recipe and scratch; "
+        "full EWT, minutes per run; --quick trains on the dev file)",
+    )
     p.add_argument("--seeds", default="1,2,3")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument(
@@ -409,15 +479,20 @@ def main(argv: list[str] | None = None) -> int:
         a.epochs, a.warmup, a.target_epoch = 3, 0, 2
     torch.set_num_threads(a.threads)
     store = Store(a.json)
-    unknown = set(a.tasks.split(",")) - {"mlp"}
+    tasks = a.tasks.split(",")
+    unknown = set(tasks) - {"mlp", *PAPER_TASKS}
     if unknown:
-        p.error(f"tasks not implemented: {', '.join(sorted(unknown))}")
+        p.error(f"unknown tasks: {', '.join(sorted(unknown))} (mlp, parser, tagger)")
     seeds = [int(s) for s in a.seeds.split(",")][: 1 if a.quick else None]
     with tempfile.TemporaryDirectory() as tmp:
         work = a.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         for seed in seeds:
-            mlp_seed(a, seed, store, work)
+            for task in tasks:
+                if task == "mlp":
+                    mlp_seed(a, seed, store, work)
+                else:
+                    paper_seed(a, task, seed, store, work)
     print(report([a.json], a.markdown, a.plot) if a.json else "")
     return 0
 
