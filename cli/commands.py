@@ -197,7 +197,7 @@ from mesimp.cli.main import IntList, KType, cli, emit_json
     default=None,
     help="meSimp: no simplification point in the first N epochs (counts from an "
     "untrained network are noise); cycles start after the warm-up "
-    "[default: 30%% of --epochs, rounded down; 0 with --schedule rate].",
+    "[default: 30% of --epochs, rounded down; 0 with --schedule rate].",
 )
 @click.option(
     "--schedule",
@@ -221,7 +221,7 @@ from mesimp.cli.main import IntList, KType, cli, emit_json
     type=int,
     default=None,
     help="meSimp --schedule cubic: the target width is reached at the end of epoch N-1; "
-    "no point after it [default: 80%% of --epochs, rounded up].",
+    "no point after it [default: 80% of --epochs, rounded up].",
 )
 @click.option(
     "--compact/--no-compact",
