@@ -405,7 +405,7 @@ def paper_plot(task: str, doc: dict[str, Any], path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("MACs per " + ("parser configuration" if task == "parser" else "token"))
     ax.set_ylabel(doc["metric"])
-    ax.set_title(f"{doc['title']} (one seed, equal epochs)")
+    ax.set_title(f"{doc['title']} (equal epochs)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
