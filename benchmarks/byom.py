@@ -44,6 +44,7 @@ from mesimp.data import find_image_data, load_idx
 from mesimp.deploy.bench import bench
 from mesimp.files.atomic import atomic_write_text
 from mesimp.simplify.tracing import trace
+from mesimp.simplify.width_attrs import refresh_width_attributes
 
 BATCH = 64
 LR = 1e-3
@@ -173,19 +174,31 @@ def reinit(model: nn.Module) -> nn.Module:
     return model
 
 
-def tp_prune(dense: nn.Module, widths: dict[str, int], x: torch.Tensor) -> nn.Module:
+def tp_prune(
+    dense: nn.Module, widths: dict[str, int], x: torch.Tensor
+) -> tuple[nn.Module, list[str]]:
     """Torch-Pruning L2 magnitude: in each named layer keep the ``widths[name]`` units
-    with the largest weight norm, pruning the coupled group with the dependency graph."""
+    with the largest weight norm, pruning the coupled group with the dependency graph.
+
+    A group named ``module:kind`` (``...self_attention:heads``) counts whole heads, which
+    Torch-Pruning's dependency graph does not prune (its attention pruner cuts the
+    embedding channels): such groups are left at full width and returned as skipped,
+    so the row says that its model keeps every head."""
     model = copy.deepcopy(dense)
     dg = trace(model, x[:2])
     modules = dict(model.named_modules())
+    skipped = []
     for name, keep in widths.items():
+        if ":" in name:
+            skipped.append(name)
+            continue
         layer = modules[name]
         norms = layer.weight.detach().flatten(1).norm(dim=1)
         drop = torch.argsort(norms)[: len(norms) - keep].tolist()
         prune_out = dg.get_pruner_of_module(layer).prune_out_channels
         dg.get_pruning_group(layer, prune_out, idxs=drop).prune()
-    return model
+    refresh_width_attributes(model)  # e.g. the ViT's hidden_dim, read in its forward
+    return model, skipped
 
 
 # -- one seed ------------------------------------------------------------------------------
@@ -227,13 +240,20 @@ def one_seed(
     rows["scratch"] = {"acc": accuracy(scratch, data), "time_s": time.perf_counter() - t}
 
     t = time.perf_counter()
-    pruned = tp_prune(snapshot, widths, data["x_train"])
-    train(pruned, data, finetune, seed + 1000)
-    rows["tp"] = {"acc": accuracy(pruned, data), "time_s": time.perf_counter() - t}
+    pruned, skipped = tp_prune(snapshot, widths, data["x_train"])
+    try:  # Torch-Pruning's model may not run (an embedding width that the heads do not divide)
+        with torch.no_grad():
+            pruned.eval()(x0)
+    except (RuntimeError, AssertionError) as e:  # the outcome is the row's result
+        rows["tp"] = {"acc": float("nan"), "error": f"{type(e).__name__}: {e}"[:200]}
+    else:
+        train(pruned, data, finetune, seed + 1000)
+        rows["tp"] = {"acc": accuracy(pruned, data), "time_s": time.perf_counter() - t}
+    rows["tp"]["skipped_groups"] = skipped  # kept at full width (heads)
 
     for key, m in (("dense", dense), ("mesimp", small), ("scratch", scratch), ("tp", pruned)):
         rows[key]["params"] = sum(p.numel() for p in m.parameters())
-        rows[key]["macs"] = count_macs(m, x0)
+        rows[key]["macs"] = count_macs(m, x0) if key != "tp" or "error" not in rows[key] else 0
     speed = ort_speedups(dense, small, x0)
     return {"rows": rows, "widths": widths, "simplifier_widths": simp.widths, "speedup": speed}
 
@@ -268,6 +288,10 @@ def report(name: str, runs: list[dict], epochs: int, finetune: int, n_train: int
         "tp": f"Torch-Pruning L2, same widths ({epochs - finetune} ep dense + {finetune} ep)",
     }
     for key, label in labels.items():
+        errors = [r["rows"][key]["error"] for r in runs if "error" in r["rows"][key]]
+        if errors:
+            lines.append(f"| {label} | **failed**: {errors[0]} | | | | |")
+            continue
         accs = [r["rows"][key]["acc"] for r in runs]
         params = statistics.mean(r["rows"][key]["params"] for r in runs)
         macs = statistics.mean(r["rows"][key]["macs"] for r in runs)

@@ -165,8 +165,9 @@ from mesimp.cli.main import IntList, KType, cli, emit_json
     type=float,
     default=0.01,
     show_default=True,
-    help="meSimp: drop a neuron selected in fewer than this fraction of examples "
-    "since the last simplification point.",
+    help="meSimp --schedule rate (given alone, it selects that schedule): drop a neuron "
+    "selected in fewer than this fraction of examples since the last simplification "
+    "point.",
 )
 @click.option(
     "--simplify-per-epoch",
@@ -178,10 +179,10 @@ from mesimp.cli.main import IntList, KType, cli, emit_json
 @click.option(
     "--cycle-epochs",
     type=int,
-    default=1,
-    show_default=True,
+    default=None,
     help="meSimp: epochs per cycle; cycles alternate simplifying and plain meProp, "
-    "and the optimizer is reset once at each cycle start (0 = always simplify).",
+    "and the optimizer is reset once at each cycle start (0 = always simplify) "
+    "[default: 1; 0 with --schedule cubic].",
 )
 @click.option(
     "--min-width",
@@ -191,12 +192,67 @@ from mesimp.cli.main import IntList, KType, cli, emit_json
     help="meSimp: no hidden layer shrinks below this width.",
 )
 @click.option(
+    "--warmup-epochs",
+    type=int,
+    default=None,
+    help="meSimp: no simplification point in the first N epochs (counts from an "
+    "untrained network are noise); cycles start after the warm-up "
+    "[default: 30% of --epochs, rounded down; 0 with --schedule rate].",
+)
+@click.option(
+    "--schedule",
+    type=click.Choice(["rate", "cubic"]),
+    default=None,
+    help="meSimp: 'cubic' (the default) shrinks every layer gradually to --target of "
+    "its width by --target-epoch (Zhu & Gupta's cubic schedule: each point drops the "
+    "least-selected units), then fine-tunes for the remaining epochs; 'rate' is the "
+    "papers' rule: drop units selected less often than --prune-rate, the size is "
+    "whatever results [default: cubic; rate when --prune-rate is given].",
+)
+@click.option(
+    "--target",
+    type=float,
+    default=None,
+    help="meSimp --schedule cubic: the fraction of each layer's units kept at the end "
+    "(0.15: 500 -> 75); give --k near the target width (--k 75) [default: 0.15].",
+)
+@click.option(
+    "--target-epoch",
+    type=int,
+    default=None,
+    help="meSimp --schedule cubic: the target width is reached at the end of epoch N-1; "
+    "no point after it [default: 80% of --epochs, rounded up].",
+)
+@click.option(
     "--compact/--no-compact",
     default=True,
     show_default=True,
     help="meSimp: remove masked units from the training model at every simplification "
     "point (weights, optimizer state, counters), so the rest of the run trains at the "
     "active widths; --no-compact keeps them masked until `mesimp shrink`.",
+)
+@click.option(
+    "--distill",
+    "teacher",
+    type=click.Path(),
+    default=None,
+    help="Knowledge distillation: also learn this checkpoint's softened outputs (e.g. "
+    "the dense model of the same task, for a shrunk model's fine-tune); the loss is "
+    "(1 - alpha) * cross-entropy + alpha * T^2 * KL(teacher || model).",
+)
+@click.option(
+    "--distill-alpha",
+    type=float,
+    default=0.5,
+    show_default=True,
+    help="With --distill: the weight of the teacher's term, in (0, 1].",
+)
+@click.option(
+    "--distill-temperature",
+    type=float,
+    default=4.0,
+    show_default=True,
+    help="With --distill: the softmax temperature T of both outputs.",
 )
 @click.option(
     "--init",
@@ -297,7 +353,14 @@ def train(
     simplify_per_epoch,
     cycle_epochs,
     min_width,
+    warmup_epochs,
+    schedule,
+    target,
+    target_epoch,
     compact,
+    teacher,
+    distill_alpha,
+    distill_temperature,
     init,
     reference,
     threads,
@@ -321,7 +384,8 @@ def train(
       mesimp train                       # dense baseline, 784-500-500-10, 5 epochs
       mesimp train --k 20 -o models/k20.pt
       mesimp train --k 20 --selection unified --msbp 0.8
-      mesimp train --k 60 --simplify --prune-rate 0.01 --epochs 6   # meSimp
+      mesimp train --k 75 --simplify --epochs 10   # meSimp: 500 -> 75 per layer
+      mesimp train --k 60 --simplify --prune-rate 0.01 --epochs 6   # the papers' rule
       mesimp train --resume models/mlp.last.pt   # after Ctrl-C, SIGTERM or a crash
       mesimp train --nproc 2 --k 60 --simplify   # 2 processes (torchrun), batch 2 x 50
 
@@ -333,6 +397,7 @@ def train(
           --epochs 10 --lr 3e-3
       mesimp train --model lstm-rows --hidden 128 --k 10 --epochs 3
     """
+    from mesimp.errors import BadInputError
     from mesimp.simplify.rule import SimplifyConfig
     from mesimp.training.config import TrainConfig
     from mesimp.training.distributed import is_main_process, relaunch
@@ -383,16 +448,36 @@ def train(
         if is_main_process():
             _train_report(result, as_json)
         return
-    simp = (
-        SimplifyConfig(
-            prune_rate=prune_rate,
+    simp = None
+    if simplify:
+        options = dict(
             points_per_epoch=simplify_per_epoch,
             cycle_epochs=cycle_epochs,
             min_width=min_width,
+            target_epoch=target_epoch,
         )
-        if simplify
-        else None
-    )
+        given = {n for n in ctx.params if ctx.get_parameter_source(n) == _COMMANDLINE}
+        if schedule is None:
+            schedule = "rate" if reference or "prune_rate" in given else "cubic"
+        if schedule == "rate":  # the papers' rule
+            simp = SimplifyConfig(
+                prune_rate=prune_rate,
+                warmup_epochs=warmup_epochs or 0,
+                target=target,
+                **options,
+            )
+        elif "prune_rate" in given:
+            raise BadInputError(
+                "--prune-rate is the rate schedule's threshold: drop it, or add --schedule rate"
+            )
+        else:  # the default: warm-up, cubic schedule to --target (SimplifyConfig.recipe)
+            if warmup_epochs is not None:
+                options["warmup_epochs"] = warmup_epochs
+            simp = SimplifyConfig.recipe(
+                epochs,
+                target=0.15 if target is None else target,
+                **{k: v for k, v in options.items() if v is not None},
+            )
     config = TrainConfig(
         model=model,
         data=data,
@@ -423,6 +508,9 @@ def train(
         init=init,
         simplify=simp,
         compact=compact,
+        teacher=teacher,
+        distill_alpha=distill_alpha,
+        distill_temperature=distill_temperature,
         threads=threads,
         device=device,
         reference=reference,

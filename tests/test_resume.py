@@ -160,6 +160,19 @@ CASES = {
     ),
     "dense-dropout-adagrad": dict(k=0, dropout=0.2, optimizer="adagrad", lr=0.01),
     "topk-dense-update": dict(k=8, selection="topk", sparse_update=False),
+    # the cubic schedule on a compacted run: resumed, the model is rebuilt at its
+    # compacted widths, and the target must stay a fraction of the starting ones
+    "unified-cubic-warmup": dict(
+        k=8,
+        simplify=SimplifyConfig(
+            points_per_epoch=2,
+            cycle_epochs=0,
+            warmup_epochs=1,
+            schedule="cubic",
+            target=0.25,
+            target_epoch=3,
+        ),
+    ),
 }
 # SIGTERM at this global step of the first process, then a crash at this step of the
 # resumed one (10 steps an epoch; simplify points at steps 4, 7, 10 or 5, 10)
@@ -169,6 +182,7 @@ FAULTS = {
     "random-mesimp": (13, 11),  # epoch 2 step 3 / epoch 3 step 4
     "dense-dropout-adagrad": (1, 6),  # the very first step / epoch 1 step 7
     "topk-dense-update": (19, 2),  # epoch 2 step 9 / the first step of epoch 3
+    "unified-cubic-warmup": (16, 6),  # after the first cubic point (15) / epoch 3 step 2
 }
 
 

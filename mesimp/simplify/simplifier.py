@@ -8,6 +8,11 @@
             opt.zero_grad(); loss.backward(); opt.step()
             simp.step()
 
+Without a config it runs ``SimplifyConfig.recipe(epochs)`` (warm-up, the cubic schedule
+to 15 % of every group by 80 % of ``epochs``: the default of ``mesimp train
+--simplify``, measured in benchmarks/QUALITY.md); give a ``SimplifyConfig`` for the
+papers' rule or another target.
+
 It runs the schedule of ``SimplifySchedule`` exactly as mesimp's own trainers do (they
 use this object): at each simplification point the meSimp rule masks units and the
 counters restart; when the next epoch starts a new cycle, the optimizer's state
@@ -57,11 +62,13 @@ from mesimp.simplify.masking import apply_keeps, group_keeps, install, sync
 from mesimp.simplify.rule import (
     SimplifyConfig,
     SimplifySchedule,
+    cubic_width,
+    keep_best,
     keep_with_min_width,
     prunable_layers,
     unit_keep_rule,
 )
-from mesimp.simplify.unit_scores import group_layers, unit_counts
+from mesimp.simplify.unit_scores import group_layers, unit_counts, unit_norms
 from mesimp.training.optim import reset_optimizer_state
 
 __all__ = ["Simplifier"]
@@ -75,7 +82,7 @@ class Simplifier:
     def __init__(
         self,
         model: nn.Module,
-        config: SimplifyConfig,
+        config: SimplifyConfig | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         *,
         steps_per_epoch: int,
@@ -84,6 +91,12 @@ class Simplifier:
         layers: Sequence[str] | None = None,
         compact: bool = False,
     ) -> None:
+        if config is None:  # the default: the measured recipe, sized by the run's length
+            if epochs is None:
+                raise BadInputError(
+                    "Simplifier's default recipe needs epochs= (or give a SimplifyConfig)"
+                )
+            config = SimplifyConfig.recipe(epochs)
         if not isinstance(config, SimplifyConfig):
             raise BadInputError(f"config must be a SimplifyConfig, got {type(config).__name__}")
         if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int):
@@ -108,6 +121,8 @@ class Simplifier:
         self.skipped: dict[str, str] = {}  # group name -> why it is not simplified
         self.all_groups: list[UnitGroup] = []  # every group (the masks' AND runs over all)
         self.groups = self._choose_groups(model, example_inputs, layers)
+        # each group's width before any simplification: what a cubic target is a fraction of
+        self.full_sizes = {g.name: g.size for g in self.groups}
         self.layers = self._counting_layers()
         if not self.groups:
             raise BadInputError(
@@ -200,13 +215,28 @@ class Simplifier:
 
     def simplify(self) -> list[int]:
         """One simplification point: the rule on every group's unit counts, one mask per
-        unit for all its members; the counters restart. Returns the widths."""
+        unit for all its members; the counters restart. Returns the widths.
+
+        The ``rate`` schedule masks the units counted below ``prune_rate``; the
+        ``cubic`` one keeps, per group, the schedule's number of units with the highest
+        selection rate (hits / reference count; ties: the larger weight norm), at the
+        point that the step count says (``step()`` calls it at a point)."""
         c = self.config
+        cubic = None
+        if c.schedule == "cubic":
+            epoch, done = divmod(max(self.steps, 1) - 1, self.steps_per_epoch)
+            cubic = self.schedule.point_number(epoch, done + 1)
         for g in self.groups:
             hits, ref = unit_counts(self.model, g)
+            active = group_keeps(self.model, g)
+            if cubic is not None:
+                assert c.target is not None  # SimplifyConfig checked it
+                want = cubic_width(self.full_sizes[g.name], c.target, *cubic, c.min_width)
+                rate = hits.double() / ref.clamp(min=1).double()
+                apply_keeps(self.model, g, keep_best(active, rate, unit_norms(self.model, g), want))
+                continue
             if int(ref.sum()) == 0:
                 continue
-            active = group_keeps(self.model, g)
             keep = unit_keep_rule(hits, ref, c.prune_rate)
             apply_keeps(self.model, g, keep_with_min_width(hits, active, keep, c.min_width))
         sync(self.model, self.all_groups)
@@ -269,6 +299,7 @@ class Simplifier:
             "resets": self.resets,
             "layers": {n: layer.meprop_state() for n, layer in self.layers.items()},
             "compacted": {n: list(k) for n, k in self.compacted.items()},
+            "full_sizes": dict(self.full_sizes),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -278,6 +309,7 @@ class Simplifier:
         try:
             if state["version"] != STATE_VERSION:
                 raise BadInputError(f"Simplifier state version {state['version']} is unknown")
+            self.full_sizes.update(state.get("full_sizes") or {})  # absent before issue 30
             self._replay(state.get("compacted") or {})
             if state["steps_per_epoch"] != self.steps_per_epoch:
                 raise BadInputError(

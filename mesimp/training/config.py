@@ -71,6 +71,11 @@ class TrainConfig:
     # meSimp: remove masked units from the training model at every simplification point
     # (mesimp.simplify.compact), so the rest of the run trains at the active widths
     compact: bool = True
+    # knowledge distillation (mesimp.training.distill): a checkpoint of the same task whose
+    # softened outputs the model also learns, with this weight and temperature
+    teacher: str | None = None
+    distill_alpha: float = 0.5
+    distill_temperature: float = 4.0
     threads: int | None = None
     device: str = "auto"  # auto (CUDA when available), cpu or cuda
     extra: dict[str, Any] = field(default_factory=dict)
@@ -122,9 +127,31 @@ class TrainConfig:
             )
         if self.simplify is not None and self.k == 0:
             raise BadInputError("--simplify needs meProp counts: set --k > 0 (e.g. --k 60)")
+        if self.simplify is not None:
+            self._check_simplify_epochs(self.simplify)
+        if not 0.0 < self.distill_alpha <= 1.0:
+            raise BadInputError(f"--distill-alpha must be in (0, 1], got {self.distill_alpha}")
+        if not self.distill_temperature > 0:
+            raise BadInputError(
+                f"--distill-temperature must be > 0, got {self.distill_temperature}"
+            )
+        if self.teacher is not None and (self.reference or self.model == "parser"):
+            raise BadInputError("--distill: not with --reference or --model parser")
         if self.reference:
             self._check_reference()
             self.compact = False  # the C# meSimp masks (mesimp.simplify.reference_schedule)
+
+    def _check_simplify_epochs(self, s: SimplifyConfig) -> None:
+        """A warm-up or a cubic target past the run's end would never simplify."""
+        if s.warmup_epochs >= self.epochs:
+            raise BadInputError(
+                f"--warmup-epochs {s.warmup_epochs} leaves no epoch of the {self.epochs} "
+                "to simplify in"
+            )
+        if s.target_epoch is not None and s.target_epoch > self.epochs:
+            raise BadInputError(
+                f"--target-epoch {s.target_epoch} is after the run's {self.epochs} epochs"
+            )
 
     def _check_reference(self) -> None:
         """The reference is the C# MNIST MLP trained with its own Adam."""
@@ -138,6 +165,10 @@ class TrainConfig:
                 raise BadInputError(
                     "--reference --simplify is the C# meSimp: per-example top-k with an int "
                     "--k (e.g. --k 160 --selection topk), no --msbp"
+                )
+            if s.warmup_epochs or s.schedule != "rate":
+                raise BadInputError(
+                    "--reference --simplify is the C# meSimp: no --warmup-epochs, --schedule rate"
                 )
             if s.cycle_epochs < 1:
                 raise BadInputError("--reference --simplify needs --cycle-epochs >= 1")

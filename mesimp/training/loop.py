@@ -64,6 +64,7 @@ from mesimp.simplify.rule import active_widths
 from mesimp.simplify.simplifier import Simplifier
 from mesimp.training.build import build, load_task, rebuild, restore_meprop
 from mesimp.training.config import CUSTOM, RUNTIME_FIELDS, TrainConfig
+from mesimp.training.distill import kd_loss, load_teacher
 from mesimp.training.distributed import (
     Distributed,
     check_same_masks,
@@ -255,6 +256,11 @@ class _Run:
         # the whole step as one compiled call: mesimp's own cross-entropy step of a
         # Linear-ReLU stack, in one process (each step re-checks that it applies)
         self.one_call = not config.reference and ranks.world == 1 and not self.task.tagging
+        # knowledge distillation: the teacher's outputs join the loss (not in one call)
+        self.teacher = (
+            load_teacher(config.teacher, ranks.device) if config.teacher is not None else None
+        )
+        self.one_call = self.one_call and self.teacher is None
         self.path = "python"  # which path the last step took (train --json reports it)
         self.sparse_layers = any(_kernels_serve(m) for m in self.model.modules())
         self.named_params = list(self.model.named_parameters())
@@ -384,6 +390,10 @@ class _Run:
             if self.simplifier is not None:  # its progress is (global step, resets done)
                 self.simplifier.steps = r["global_step"]
                 self.simplifier.resets = r["optimizer_resets"]
+            if isinstance(self.simplifier, Simplifier) and r.get("full_sizes"):
+                # the model was rebuilt at its compacted widths: a cubic target is a
+                # fraction of the widths the run started from
+                self.simplifier.full_sizes.update(r["full_sizes"])
             self.train_time, self.global_step = r["train_time_s"], r["global_step"]
             self.loss_sum = r["loss_sum"]
             self.start_epoch, self.start_step, self.perm = r["epoch"], r["step"], r["perm"]
@@ -498,7 +508,10 @@ class _Run:
         self.path = (
             "compiled" if self.sparse_layers and kernels.kernel_name() == "cpp" else "python"
         )
-        loss = self.task.loss(self.forward(x), y, self.reduction)
+        out = self.forward(x)
+        loss = self.task.loss(out, y, self.reduction)
+        if self.teacher is not None:
+            loss = self._distilled(loss, out, x, y)
         loss_value = self._checked_loss(loss, epoch, step)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -506,6 +519,17 @@ class _Run:
             self._check_grad(nonfinite_grad(self.named_params), epoch, step)
         self.optimizer.step()
         self._after_update(loss_value)
+
+    def _distilled(
+        self, loss: torch.Tensor, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
+        """The task loss mixed with the teacher's soft targets (``mesimp.training.distill``)."""
+        assert self.teacher is not None
+        with torch.no_grad():
+            target = self.teacher(x)
+        keep = y != 0 if self.task.tagging else None  # a tagger's padding has no target
+        a, temp = self.config.distill_alpha, self.config.distill_temperature
+        return (1 - a) * loss + a * kd_loss(out, target, temp, keep)
 
     def _compiled_step(self, epoch: int, step: int, x: torch.Tensor, y: torch.Tensor) -> bool:
         """The whole step in one compiled call (``mesimp.nn.fused``) where it applies: the
@@ -660,7 +684,11 @@ class _Run:
                 for name, mod in self.model.named_modules()
                 if isinstance(mod, MePropCounters)
             },
-            # the simplify schedule is a pure function of the global step: no state of its own
+            # the simplify schedule is a pure function of the global step and the groups'
+            # starting widths
+            "full_sizes": self.simplifier.full_sizes
+            if isinstance(self.simplifier, Simplifier)
+            else None,
             "loss_sum": self.loss_sum,
             "records": self.records,
             "best": self.best,

@@ -74,6 +74,10 @@ _SIMPLIFY_OPTIONS = {
     "simplify_per_epoch": "points_per_epoch",
     "cycle_epochs": "cycle_epochs",
     "min_width": "min_width",
+    "warmup_epochs": "warmup_epochs",
+    "schedule": "schedule",
+    "target": "target",
+    "target_epoch": "target_epoch",
 }
 
 
