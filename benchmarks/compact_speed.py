@@ -1,7 +1,7 @@
 """What compaction buys: a whole meSimp run against a dense run of the same epochs.
 
     python -m benchmarks.compact_speed [--families mlp,cnn,tagger,parser] [--rounds 2]
-        [--quick] [--json F] [--markdown F]
+        [--quick] [--merge] [--json F] [--markdown F]
 
 Per family, the variants train through the public ``mesimp.train`` (what ``mesimp
 train`` runs), one thread, the same seed and epochs, interleaved round by round (the
@@ -65,6 +65,8 @@ def family_config(family: str, quick: bool) -> dict[str, Any]:
     return dict(
         model="parser",
         **files,
+        hidden=500,
+        layers=1,
         k=20,
         emb_dim=50,
         batch_size=256,
@@ -129,7 +131,8 @@ def report(results: dict[str, Any]) -> str:
     for family, r in results["families"].items():
         v = r["variants"]
         dense_epoch = statistics.median(v["dense"]["epoch_times_s"])
-        lines.append(f"\n### {family} ({r['epochs']} epochs, 1 thread)\n")
+        load = f", load {r['load_before']:.1f} before" if "load_before" in r else ""
+        lines.append(f"\n### {family} ({r['epochs']} epochs, 1 thread{load})\n")
         lines.append(
             "| variant | s per epoch | total s | total ÷ dense | test acc | final widths |"
         )
@@ -158,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--families", default="mlp,cnn,tagger,parser")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="fewer epochs (a smoke run)")
+    p.add_argument("--merge", action="store_true", help="keep the --json file's other families")
     p.add_argument("--json", default="benchmarks/compact_speed.json")
     p.add_argument("--markdown", default="benchmarks/COMPACT.md")
     a = p.parse_args(argv)
@@ -165,14 +169,15 @@ def main(argv: list[str] | None = None) -> int:
     if any(f in ("tagger", "parser") for f in families) and not EWT.is_dir():
         families = [f for f in families if f not in ("tagger", "parser")]
         print(f"no {EWT}: the tagger and the parser are skipped", file=sys.stderr)
-    results = {
-        "cpu_model": cpu_model(),
-        "load_before": os.getloadavg()[0],
-        "families": {f: bench_family(f, a.rounds, a.quick) for f in families},
-    }
-    text = report(results)
-    atomic_write_text(a.json, json.dumps(results, indent=1) + "\n")
-    atomic_write_text(a.markdown, "# Compaction: meSimp's training cost\n" + text)
+    results: dict[str, Any] = {"cpu_model": cpu_model(), "families": {}}
+    if a.merge and Path(a.json).is_file():
+        results["families"] = json.loads(Path(a.json).read_text())["families"]
+    for f in families:  # written after every family: a run that stops keeps what it has
+        load = os.getloadavg()[0]
+        results["families"][f] = {**bench_family(f, a.rounds, a.quick), "load_before": load}
+        text = report(results)
+        atomic_write_text(a.json, json.dumps(results, indent=1) + "\n")
+        atomic_write_text(a.markdown, "# Compaction: meSimp's training cost\n" + text)
     print(text)
     return 0
 
