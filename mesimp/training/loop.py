@@ -7,7 +7,7 @@ model comes from ``mesimp.training.build``, meProp lives in the layers and meSim
 ``Simplifier``. Deterministic for a seed on CPU: the data order comes from its own
 seeded generator, and random-k draws from the seeded global RNG.
 
-Crash safety (see README, "Resume and crash safety"):
+Crash safety (docs/resume.md, "Resume and crash safety"):
 
 * every ``save_every`` steps, at every evaluation and on SIGINT/SIGTERM the loop
   writes a *resume checkpoint* ``RUN.last.pt`` next to ``RUN.pt`` (atomically), and
@@ -736,7 +736,7 @@ class _Run:
         return self.simplifier.resets if self.simplifier is not None else 0
 
     def _summary(self) -> dict[str, Any]:
-        """The README's ``train --json`` document, the same for every model family."""
+        """The ``train --json`` document (docs/file-formats.md), the same for every model family."""
         best = self.best or self.last_eval
         return {
             "model": self.arch["model"],
