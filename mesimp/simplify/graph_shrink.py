@@ -28,7 +28,7 @@ from mesimp.nn.swap import meprop_layers, unmeprop
 from mesimp.simplify.attention import prune_heads
 from mesimp.simplify.groups import UnitGroup, find_groups, member_module
 from mesimp.simplify.masking import apply_keeps, group_keeps, install, strip, sync
-from mesimp.simplify.tracing import TracingError, deadline, run_model, trace
+from mesimp.simplify.tracing import TracingError, cast_floats, deadline, run_model, trace
 from mesimp.simplify.unit_scores import group_layers
 from mesimp.simplify.width_attrs import refresh_width_attributes
 
@@ -271,7 +271,7 @@ def max_output_diff(a: nn.Module, b: nn.Module, example_inputs: Any) -> float:
     for m in (a, b):
         m64 = copy.deepcopy(m).double().eval()
         with torch.no_grad():
-            outs.append(flatten_outputs(run_model(m64, _to_double(example_inputs))))
+            outs.append(flatten_outputs(run_model(m64, cast_floats(example_inputs, torch.float64))))
     if len(outs[0]) != len(outs[1]):
         return float("inf")
     worst = 0.0
@@ -281,16 +281,6 @@ def max_output_diff(a: nn.Module, b: nn.Module, example_inputs: Any) -> float:
         if x.numel():
             worst = max(worst, float((x - y).abs().max()))
     return worst
-
-
-def _to_double(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.double() if x.is_floating_point() else x
-    if isinstance(x, dict):
-        return {k: _to_double(v) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return type(x)(_to_double(v) for v in x)
-    return x
 
 
 def flatten_outputs(out: Any) -> list[torch.Tensor]:

@@ -24,7 +24,7 @@ from mesimp.errors import BadInputError, MesimpError
 from mesimp.simplify.attention import AttentionPruner, head_layout
 from mesimp.simplify.leaves import Conv1DPruner, NormPruner, is_conv1d, is_rms_norm, opaque_leaves
 
-__all__ = ["TracingError", "deadline", "leaf_pruners", "run_model", "trace", "tp"]
+__all__ = ["TracingError", "cast_floats", "deadline", "leaf_pruners", "run_model", "trace", "tp"]
 
 # how long reading one model's groups may take before it counts as a tracer that loops
 DEADLINE_S = 120
@@ -93,7 +93,7 @@ def trace(plain: nn.Module, example_inputs: Any) -> Any:
     dtype = next((p.dtype for p in plain.parameters() if p.is_floating_point()), None)
     if dtype is not None and dtype != torch.float32:
         plain.float()
-        example_inputs = _to_float32(example_inputs)
+        example_inputs = cast_floats(example_inputs, torch.float32)
     plain.eval()  # tracing must not move BatchNorm's running statistics
     try:
         try:
@@ -129,13 +129,15 @@ def trace(plain: nn.Module, example_inputs: Any) -> Any:
             plain.to(dtype)
 
 
-def _to_float32(x: Any) -> Any:
+def cast_floats(x: Any, dtype: torch.dtype) -> Any:
+    """``x`` (a tensor, or dicts / tuples / lists of them) with its floating-point tensors
+    in ``dtype``; integer tensors (token ids) and other values as they are."""
     if isinstance(x, torch.Tensor):
-        return x.float() if x.is_floating_point() else x
+        return x.to(dtype) if x.is_floating_point() else x
     if isinstance(x, dict):
-        return {k: _to_float32(v) for k, v in x.items()}
+        return {k: cast_floats(v, dtype) for k, v in x.items()}
     if isinstance(x, (tuple, list)):
-        return type(x)(_to_float32(v) for v in x)
+        return type(x)(cast_floats(v, dtype) for v in x)
     return x
 
 
