@@ -97,8 +97,7 @@ def shrink(
         for g in groups:
             if g.removable:
                 apply_keeps(masked, g, round_group(masked, g, round_to))
-        sync(masked, groups)
-        plain, dg, groups = plain_groups(masked, example_inputs)
+        sync(masked, groups)  # the graph and the groups stay: masks do not change them
     keeps = masked_groups(masked, dg, groups)
     prune_groups(plain, dg, groups, keeps)
     plain.train(model.training)

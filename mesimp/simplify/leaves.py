@@ -60,14 +60,6 @@ def is_rms_norm(module: nn.Module) -> bool:
     return "rmsnorm" in name and (w is None or (isinstance(w, torch.Tensor) and w.dim() == 1))
 
 
-def rms_eps(module: nn.Module) -> float:
-    for attr in ("eps", "variance_epsilon", "epsilon"):
-        v = getattr(module, attr, None)
-        if isinstance(v, (int, float)):
-            return float(v)
-    return float(torch.finfo(torch.float32).eps)  # nn.RMSNorm's default (eps=None)
-
-
 class LeafPruner:
     """What Torch-Pruning's ``DependencyGraph`` calls on a customized layer: the two
     pruning functions and the two widths (it also sets ``pruning_dim``). Duck-typed, so

@@ -320,10 +320,15 @@ class _Run:
         self.last_saved: tuple[int, int] | None = None  # (epoch, step) in RUN.last.pt
         if rckpt is not None:
             self._restore(rckpt)
-        if ranks.world > 1:
-            cuda = ranks.device.type == "cuda"
+        self._wrap_ddp()
+
+    def _wrap_ddp(self) -> None:
+        """Several ranks: the forward goes through a DDP wrapper of the model (built
+        again after a compaction changed the parameters)."""
+        if self.ranks.world > 1:
+            cuda = self.ranks.device.type == "cuda"
             self.forward = DistributedDataParallel(
-                self.model, device_ids=[ranks.device.index] if cuda else None
+                self.model, device_ids=[self.ranks.device.index] if cuda else None
             )
 
     # ---------------------------------------------------------------- building
@@ -367,11 +372,7 @@ class _Run:
             self.arch = arch_at_widths(self.arch, self.model)
             if hasattr(self.model, "config"):  # the built-in model's own record of its sizes
                 self.model.config = arch_from_dict(self.arch)
-        if self.ranks.world > 1:
-            cuda = self.ranks.device.type == "cuda"
-            self.forward = DistributedDataParallel(
-                self.model, device_ids=[self.ranks.device.index] if cuda else None
-            )
+        self._wrap_ddp()
 
     def _cost(self) -> dict[str, int]:
         """Parameters and MACs per example (per token, per row) of the model now."""
