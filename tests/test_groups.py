@@ -260,6 +260,34 @@ def test_multihead_attention_computes_what_torch_computes(batch_first):
     assert isinstance(ours.to_torch(), nn.MultiheadAttention)
 
 
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_self_attention_counts_in_its_meprop_in_projection(batch_first):
+    """torch's default layout (``batch_first=False``) too: self-attention takes the one
+    in-projection GEMM, so the swapped meProp layer selects and counts; and torch's
+    ``TransformerEncoderLayer`` runs in eval mode (its fast-path check reads the module)."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=batch_first)
+    model = nn.Sequential(layer)
+    meprop_(model, MePropConfig(k=0.5, selection="unified"))
+    in_proj = layer.self_attn.in_proj
+    assert isinstance(in_proj, MePropLinear)
+    x = torch.randn(3, 5, 16)
+    model(x).sum().backward()
+    assert int(in_proj.ref) == 15 and int(in_proj.hits.sum()) > 0
+    with torch.no_grad():
+        assert model.eval()(x).shape == x.shape
+
+
+def test_layer_macs_count_meprop_conv1d_layers():
+    from mesimp.models.macs import layer_macs
+
+    model = gm.tiny_gpt2()
+    x = {"input_ids": torch.randint(0, 50, (2, 6))}
+    before = layer_macs(model, x)
+    meprop_(model, MePropConfig(k=0.5, selection="unified"))
+    assert layer_macs(model, x) == before
+
+
 def test_meprop_conv1d_is_meprop_linear_on_the_transposed_weight():
     gpt2 = gm.tiny_gpt2()
     conv = gpt2.transformer.h[0].mlp.c_fc  # HF Conv1D: weight [32, 128]

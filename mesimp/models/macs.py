@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mesimp.nn.conv1d import is_conv1d
+from mesimp.nn.conv1d import MePropConv1D, is_conv1d
 
 __all__ = ["layer_macs"]
 
@@ -49,7 +49,8 @@ def layer_macs(model: nn.Module, example_inputs: Any) -> dict[str, int]:
 
 
 def _counted(m: nn.Module) -> bool:
-    return isinstance(m, (nn.Linear, *_CONVS, nn.LSTM)) or is_conv1d(m) or _lstm_like(m)
+    layers = (nn.Linear, *_CONVS, nn.LSTM, MePropConv1D)
+    return isinstance(m, layers) or is_conv1d(m) or _lstm_like(m)
 
 
 def _lstm_like(m: nn.Module) -> bool:
@@ -68,7 +69,7 @@ def _macs(mod: nn.Module, inp: tuple, out: Any) -> int:
         return out.numel() * per_out
     if isinstance(mod, nn.Linear):
         return out.numel() * mod.in_features
-    if is_conv1d(mod):
+    if is_conv1d(mod) or isinstance(mod, MePropConv1D):  # weight [in, out]
         return out.numel() * int(mod.weight.shape[0])
     if isinstance(mod, nn.LSTM) or _lstm_like(mod):
         steps = out.numel() // (

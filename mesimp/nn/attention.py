@@ -30,6 +30,10 @@ __all__ = ["MultiheadAttention"]
 class MultiheadAttention(nn.Module):
     """Multi-head attention with an ``nn.Linear`` in-projection (see the module doc)."""
 
+    # read by torch's TransformerEncoderLayer fast-path check: False keeps it off (its
+    # fused kernel reads in_proj_weight, which this module does not have)
+    _qkv_same_embed_dim = False
+
     def __init__(
         self,
         embed_dim: int,
@@ -116,6 +120,7 @@ class MultiheadAttention(nn.Module):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self_attn = query is key and key is value  # before the reshapes make three tensors
         unbatched = query.dim() == 2
         if unbatched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
@@ -123,6 +128,8 @@ class MultiheadAttention(nn.Module):
                 key_padding_mask = key_padding_mask.unsqueeze(0)
         if not self.batch_first or unbatched:  # [L, N, E] -> [N, L, E]
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        if self_attn:
+            key = value = query  # the same reshapes of one tensor: the one-GEMM path
         q, k, v = self._project(query, key, value)
         n, length, s = q.shape[0], q.shape[1], k.shape[1]
         h, d = self.num_heads, self.head_dim
