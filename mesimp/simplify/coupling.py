@@ -36,7 +36,7 @@ from mesimp.nn.swap import meprop_layers
 from mesimp.simplify.graph_shrink import plain_groups, shrink
 from mesimp.simplify.groups import UnitGroup
 from mesimp.simplify.masking import apply_keeps, install, sync
-from mesimp.simplify.tracing import TracingError, run_model
+from mesimp.simplify.tracing import TracingError, reached_names, run_model
 from mesimp.simplify.unit_scores import group_layers
 
 __all__ = [
@@ -76,7 +76,7 @@ def couple(model: nn.Module, example_inputs: Any, trial: bool = True) -> Couplin
     """The groups of ``model`` (traced on a plain copy) and the ones meSimp simplifies,
     checked by a trial shrink unless ``trial`` is False; ``model`` is not touched."""
     plain, dg, groups = plain_groups(model, example_inputs)
-    reached = {n for n, m in plain.named_modules() if m in dg.module2node}
+    reached = reached_names(dg)
     skipped: dict[str, str] = {}
     chosen = []
     for g in groups:

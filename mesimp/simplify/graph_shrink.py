@@ -28,7 +28,14 @@ from mesimp.nn.swap import meprop_layers, unmeprop
 from mesimp.simplify.attention import prune_heads
 from mesimp.simplify.groups import UnitGroup, find_groups, member_module
 from mesimp.simplify.masking import apply_keeps, group_keeps, install, strip, sync
-from mesimp.simplify.tracing import TracingError, cast_floats, deadline, run_model, trace
+from mesimp.simplify.tracing import (
+    TracingError,
+    cast_floats,
+    deadline,
+    reached_names,
+    run_model,
+    trace,
+)
 from mesimp.simplify.unit_scores import group_layers
 from mesimp.simplify.width_attrs import refresh_width_attributes
 
@@ -133,11 +140,10 @@ def masked_groups(masked: nn.Module, dg: Any, groups: list[UnitGroup]) -> dict[s
                 "group's units in all its writers: Simplifier or masking.apply_keeps)"
             )
     covered = {m.name for g in groups for m in g.writers()}
-    modules = dict(masked.named_modules())
+    reached = reached_names(dg)  # dg traced the plain copy: its modules, the same names
     for name, layer in meprop_layers(masked):
         if layer.active_width == layer.mask.numel() or name in covered:
             continue
-        reached = {n for n, mod in modules.items() if mod in dg.module2node} if dg else set()
         if name not in reached and name.rpartition(".")[0] not in reached:
             raise TracingError(
                 f"the tracer did not reach {name} on the example inputs (data-dependent "

@@ -24,7 +24,16 @@ from mesimp.errors import BadInputError, MesimpError
 from mesimp.simplify.attention import AttentionPruner, head_layout
 from mesimp.simplify.leaves import Conv1DPruner, NormPruner, is_conv1d, is_rms_norm, opaque_leaves
 
-__all__ = ["TracingError", "cast_floats", "deadline", "leaf_pruners", "run_model", "trace", "tp"]
+__all__ = [
+    "TracingError",
+    "cast_floats",
+    "deadline",
+    "leaf_pruners",
+    "reached_names",
+    "run_model",
+    "trace",
+    "tp",
+]
 
 # how long reading one model's groups may take before it counts as a tracer that loops
 DEADLINE_S = 120
@@ -127,6 +136,14 @@ def trace(plain: nn.Module, example_inputs: Any) -> Any:
         plain.train(training)
         if dtype is not None and dtype != torch.float32:
             plain.to(dtype)
+
+
+def reached_names(dg: Any) -> set[str]:
+    """Names of the modules the trace reached (as named in the traced model, which a
+    meProp model shares with its plain copy); empty without a graph."""
+    if dg is None:
+        return set()
+    return {dg._module2name[m] for m in dg.module2node if m in dg._module2name}
 
 
 def cast_floats(x: Any, dtype: torch.dtype) -> Any:
