@@ -54,6 +54,8 @@ def compact_(
 ) -> Compaction | None:
     """Remove the masked units of ``model`` in place (``None`` if none is masked); the
     optimizer, if given, is rebound to the new parameters with its state sliced."""
+    if all(layer.active_width == layer.mask.numel() for _, layer in meprop_layers(model)):
+        return None  # nothing masked (a point that dropped nothing): no trace needed
     plain, dg, groups = plain_groups(model, example_inputs)
     keeps = masked_groups(model, dg, groups)
     if not keeps:
