@@ -81,11 +81,11 @@ def replay_(
     example_inputs: Any,
     compacted: dict[str, list[int]],
     optimizer: torch.optim.Optimizer | None = None,
-) -> bool:
+) -> Compaction | None:
     """Compact a meProp model built at full width as a run did: ``compacted`` maps a
     group name to its units still in the model, as indices of its original width (what
     ``Simplifier.compacted`` records). Groups already at those widths are left; returns
-    whether anything was removed."""
+    what was removed (``None``: nothing)."""
     from mesimp.errors import BadInputError
     from mesimp.simplify.masking import apply_keeps
 
@@ -102,7 +102,7 @@ def replay_(
         keep[torch.tensor(kept, dtype=torch.long)] = True
         apply_keeps(model, g, keep)
         todo = True
-    return todo and compact_(model, example_inputs, optimizer) is not None
+    return compact_(model, example_inputs, optimizer) if todo else None
 
 
 def _transplant(model: nn.Module, plain: nn.Module, done: Compaction) -> None:

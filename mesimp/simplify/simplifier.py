@@ -339,8 +339,9 @@ class Simplifier:
             )
         from mesimp.simplify.compact import replay_
 
-        if replay_(self.model, self.example_inputs, compacted, self.optimizer):
-            self._regroup()
+        done = replay_(self.model, self.example_inputs, compacted, self.optimizer)
+        if done is not None:
+            self._regroup(done.groups)  # read off the pruned graph: no second trace
         self.compacted = {n: list(k) for n, k in compacted.items()}
 
 
